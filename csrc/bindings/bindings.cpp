@@ -1,0 +1,40 @@
+// The _C module: build information and the kernel entry points. Bindings only
+// convert; every check on tensors happens in python/fusedopt/_kernels.py.
+#include <pybind11/stl.h>
+
+#include "../common/chunk_table.h"
+#include "../cpu/simd.h"
+#include "../cpu/thread_pool.h"
+#include "../cuda/cuda_api.h"
+#include "bind_util.h"
+
+namespace fusedopt::bind {
+void register_optim(py::module_& m);
+}
+
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  using namespace fusedopt;
+  m.def("cuda_compiled", &cuda::compiled);
+  m.def("cuda_available", &cuda::available);
+  m.def("cuda_device_count", &cuda::device_count);
+  m.def("cuda_archs", &cuda::archs);
+  m.def("simd_level", [] { return std::string(cpu::simd_level_name()); });
+  m.def("num_threads", &cpu::num_threads);
+  m.def("set_num_threads", &cpu::set_num_threads);
+  m.def(
+      "build_chunk_table",
+      [](const std::vector<int64_t>& numels, int64_t chunk, int max_rows, int max_blocks) {
+        py::list out;
+        for (const LaunchPlan& p : build_chunk_table(numels.data(), static_cast<int64_t>(numels.size()),
+                                                     chunk, max_rows, max_blocks)) {
+          py::list blocks;
+          for (const BlockEntry& b : p.blocks) blocks.append(py::make_tuple(b.row, b.chunk));
+          std::vector<bool> last(p.row_is_last.begin(), p.row_is_last.end());
+          out.append(py::make_tuple(p.rows, last, blocks));
+        }
+        return out;
+      },
+      "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
+  bind::register_optim(m);
+}

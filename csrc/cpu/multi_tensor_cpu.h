@@ -1,0 +1,49 @@
+// How the CPU drivers share one call's work among threads: the elements of all
+// rows are laid end to end and cut into fixed-size chunks (independent of the
+// thread count, so reductions over chunks stay deterministic). A chunk may span
+// several small tensors or be one slice of a large one.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../ops/tensor_row.h"
+#include "thread_pool.h"
+
+namespace fusedopt::cpu {
+
+constexpr int64_t kCpuChunkElements = 32768;
+
+// Offsets of each row in the concatenated element space; size n_rows + 1.
+inline std::vector<int64_t> row_offsets(const TensorRow* rows, int64_t n_rows) {
+  std::vector<int64_t> off(static_cast<size_t>(n_rows) + 1, 0);
+  for (int64_t r = 0; r < n_rows; ++r) off[r + 1] = off[r] + rows[r].numel;
+  return off;
+}
+
+inline int64_t num_chunks(const std::vector<int64_t>& offsets, int64_t chunk) {
+  return (offsets.back() + chunk - 1) / chunk;
+}
+
+// Calls fn(chunk_index, row, begin, end) for every non-empty piece of every
+// chunk: elements [begin, end) of row `row`. Chunks run in parallel; the
+// pieces of one chunk run in row order on one thread.
+template <class Fn>
+void for_each_piece(const std::vector<int64_t>& offsets, int64_t chunk, Fn&& fn) {
+  const int64_t total = offsets.back();
+  parallel_for(num_chunks(offsets, chunk), [&](int64_t c) {
+    int64_t start = c * chunk;
+    const int64_t stop = std::min(start + chunk, total);
+    int64_t row = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
+    while (start < stop) {
+      const int64_t take = std::min(stop, offsets[row + 1]);
+      if (take > start) fn(c, row, start - offsets[row], take - offsets[row]);
+      start = take;
+      ++row;
+    }
+  });
+}
+
+template <class T> inline T* col(const TensorRow& r, int c) { return reinterpret_cast<T*>(r.ptr[c]); }
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,110 @@
+// Compiled once per SIMD level with FUSEDOPT_SIMD_NS set by CMake. The loops
+// are plain scalar code over restrict pointers; the compiler vectorizes them
+// for the level's instruction set.
+#include <vector>
+
+#include "../ops/dispatch.h"
+#include "multi_tensor_cpu.h"
+#include "optim_cpu.h"
+
+namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
+namespace {
+
+template <class P, class S, bool kAmsgrad, bool kMaster, class C>
+void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C>& s) {
+  P* __restrict__ p = col<P>(r, kAdamParam);
+  const P* __restrict__ g = col<P>(r, kAdamGrad);
+  S* __restrict__ m = col<S>(r, kAdamExpAvg);
+  S* __restrict__ v = col<S>(r, kAdamExpAvgSq);
+  S* __restrict__ vmax = col<S>(r, kAdamMaxExpAvgSq);
+  float* __restrict__ master = col<float>(r, kAdamMaster);
+  for (int64_t i = b; i < e; ++i) {
+    C pv = kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]);
+    C mv = load_as<S, C>(m[i]), vv = load_as<S, C>(v[i]);
+    C vmaxv = kAmsgrad ? load_as<S, C>(vmax[i]) : C(0);
+    adam_element<C>(pv, load_as<P, C>(g[i]), mv, vv, vmaxv, s);
+    if (kMaster) master[i] = static_cast<float>(pv);
+    store_as(p[i], pv);
+    store_as(m[i], mv);
+    store_as(v[i], vv);
+    if (kAmsgrad) store_as(vmax[i], vmaxv);
+  }
+}
+
+template <class P, class S, bool kMaster, class C>
+void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C>& s) {
+  P* __restrict__ p = col<P>(r, kSgdParam);
+  const P* __restrict__ g = col<P>(r, kSgdGrad);
+  S* __restrict__ buf = col<S>(r, kSgdMomentumBuffer);
+  float* __restrict__ master = col<float>(r, kSgdMaster);
+  const bool first = r.flags & kRowFirstStep;
+  for (int64_t i = b; i < e; ++i) {
+    C pv = kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]);
+    C bv = s.has_momentum && !first ? load_as<S, C>(buf[i]) : C(0);
+    sgd_element<C>(pv, load_as<P, C>(g[i]), bv, first, s);
+    if (kMaster) master[i] = static_cast<float>(pv);
+    store_as(p[i], pv);
+    if (s.has_momentum) store_as(buf[i], bv);
+  }
+}
+
+bool any_master(const OptimCall& call, int column) {
+  for (int64_t r = 0; r < call.n_rows; ++r)
+    if (call.rows[r].ptr[column]) return true;
+  return false;
+}
+
+}  // namespace
+
+void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
+  if (step_is_skipped(call)) return;
+  const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    using C = typename ComputeOf<P>::type;
+    // Advance every step counter once, and derive the per-tensor scalars
+    // (consecutive tensors usually share a step, so pow() runs rarely).
+    std::vector<AdamScalars<C>> scalars(static_cast<size_t>(call.n_rows));
+    double last_step = -1.0;
+    AdamScalars<C> cached{};
+    for (int64_t r = 0; r < call.n_rows; ++r) {
+      float* step = col<float>(call.rows[r], kAdamStep);
+      *step += 1.0f;
+      if (*step != last_step) cached = adam_scalars<C>(h, last_step = *step, lr, divisor);
+      scalars[r] = cached;
+    }
+    const bool amsgrad = h.flags & kAdamAmsgrad;
+    const bool master = any_master(call, kAdamMaster);
+    for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+                   [&](int64_t, int64_t r, int64_t b, int64_t e) {
+      const TensorRow& row = call.rows[r];
+      if (amsgrad) {
+        master ? adam_piece<P, S, true, true>(row, b, e, scalars[r])
+               : adam_piece<P, S, true, false>(row, b, e, scalars[r]);
+      } else {
+        master ? adam_piece<P, S, false, true>(row, b, e, scalars[r])
+               : adam_piece<P, S, false, false>(row, b, e, scalars[r]);
+      }
+    });
+  });
+}
+
+void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
+  if (step_is_skipped(call)) return;
+  const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    using C = typename ComputeOf<P>::type;
+    const SgdScalars<C> s = sgd_scalars<C>(h, lr, divisor);
+    const bool master = any_master(call, kSgdMaster);
+    for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+                   [&](int64_t, int64_t r, int64_t b, int64_t e) {
+      master ? sgd_piece<P, S, true>(call.rows[r], b, e, s)
+             : sgd_piece<P, S, false>(call.rows[r], b, e, s);
+    });
+  });
+}
+
+}  // namespace fusedopt::cpu::FUSEDOPT_SIMD_NS

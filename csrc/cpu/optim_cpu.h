@@ -1,0 +1,19 @@
+// CPU drivers of the elementwise optimizers. Each is built once per SIMD level
+// (see simd.h); the unqualified functions dispatch to the best level.
+#pragma once
+#include "../ops/adam.h"
+#include "../ops/sgd.h"
+#include "simd.h"
+
+#define FO_OPTIM_CPU_DECLS                                      \
+  void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);  \
+  void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+FO_DECLARE_PER_SIMD(FO_OPTIM_CPU_DECLS)
+
+namespace fusedopt::cpu {
+FO_OPTIM_CPU_DECLS
+// True when an AMP found_inf flag says to skip this step entirely.
+inline bool step_is_skipped(const OptimCall& call) { return call.found_inf && *call.found_inf != 0.0f; }
+inline double effective_lr(const OptimCall& call, double lr) { return call.lr_ptr ? *call.lr_ptr : lr; }
+inline double grad_divisor(const OptimCall& call) { return call.grad_scale ? *call.grad_scale : 1.0; }
+}  // namespace fusedopt::cpu

@@ -1,0 +1,19 @@
+// Entry points of the CUDA drivers. When CUDA is not compiled these are
+// defined in cuda_stub.cpp and throw, and available() is false.
+#pragma once
+#include <string>
+
+#include "../ops/adam.h"
+#include "../ops/sgd.h"
+
+namespace fusedopt::cuda {
+
+bool compiled();
+bool available();        // compiled, a driver is present and a device is visible
+int device_count();
+std::string archs();     // e.g. "80;86;89;90;100;120"
+
+void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);
+void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+
+}  // namespace fusedopt::cuda

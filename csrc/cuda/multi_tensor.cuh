@@ -1,0 +1,141 @@
+// Multi-tensor apply on CUDA. The host cuts the rows of a call into launches
+// (common/chunk_table.h); each launch carries its rows and its block table in
+// the kernel's parameter space (up to 32 KB from CUDA 12.1), so a launch needs
+// no device allocation and no copy, and is safe to capture in a CUDA graph.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../common/chunk_table.h"
+#include "../ops/common.h"
+#include "../ops/tensor_row.h"
+
+namespace fusedopt::cuda {
+
+constexpr int64_t kChunkElements = 65536;
+constexpr int kThreads = 512;
+constexpr int kMaxLaunchRows = 240;
+constexpr int kMaxLaunchBlocks = 1536;
+
+struct LaunchTable {
+  TensorRow rows[kMaxLaunchRows];
+  BlockEntry blocks[kMaxLaunchBlocks];
+};
+// 256 bytes stay free for the functor (hyperparameters and scalar pointers).
+static_assert(sizeof(LaunchTable) + 256 <= 32764, "launch table must fit the kernel parameter space");
+
+struct PlannedLaunch {
+  LaunchTable table;
+  int n_blocks;
+  int n_rows;
+  std::vector<uint8_t> row_is_last;
+};
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("fusedopt CUDA ") + what + ": " + cudaGetErrorString(e));
+}
+
+// Makes `device` current for the scope of a call and restores the caller's.
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous), "cudaGetDevice");
+    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+};
+
+inline std::vector<PlannedLaunch> plan_launches(const TensorRow* rows, int64_t n_rows,
+                                                int64_t chunk = kChunkElements) {
+  std::vector<int64_t> numels(static_cast<size_t>(n_rows));
+  for (int64_t r = 0; r < n_rows; ++r) numels[r] = rows[r].numel;
+  std::vector<PlannedLaunch> launches;
+  for (const LaunchPlan& p : build_chunk_table(numels.data(), n_rows, chunk, kMaxLaunchRows, kMaxLaunchBlocks)) {
+    launches.emplace_back();
+    PlannedLaunch& L = launches.back();
+    L.table = LaunchTable{};
+    for (size_t i = 0; i < p.rows.size(); ++i) L.table.rows[i] = rows[p.rows[i]];
+    for (size_t i = 0; i < p.blocks.size(); ++i) L.table.blocks[i] = p.blocks[i];
+    L.n_blocks = static_cast<int>(p.blocks.size());
+    L.n_rows = static_cast<int>(p.rows.size());
+    L.row_is_last = p.row_is_last;
+  }
+  return launches;
+}
+
+template <class T> __device__ __forceinline__ T* col(const TensorRow& r, int c) {
+  return reinterpret_cast<T*>(r.ptr[c]);
+}
+
+// V consecutive elements moved as one aligned packet (16 bytes, or two 16-byte
+// loads for fp32 state next to 16-bit params).
+template <class T, int V>
+struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Packet { T v[V]; };
+
+template <int V, class T, class C>
+__device__ __forceinline__ void load_elems(const T* base, int64_t i, C (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = load_as<T, C>(base[i]);
+  } else {
+    const Packet<T, V> pk = *reinterpret_cast<const Packet<T, V>*>(base + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = load_as<T, C>(pk.v[k]);
+  }
+}
+
+template <int V, class T, class C>
+__device__ __forceinline__ void store_elems(T* base, int64_t i, const C (&in)[V]) {
+  if constexpr (V == 1) {
+    store_as(base[i], in[0]);
+  } else {
+    Packet<T, V> pk;
+#pragma unroll
+    for (int k = 0; k < V; ++k) store_as(pk.v[k], in[k]);
+    *reinterpret_cast<Packet<T, V>*>(base + i) = pk;
+  }
+}
+
+// One block per table entry: the block walks its chunk with V-wide packets
+// when the row is 16-byte aligned, one element per thread otherwise.
+// F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars).
+template <class F>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
+  if (f.skip()) return;
+  const BlockEntry be = t.blocks[blockIdx.x];
+  const TensorRow& row = t.rows[be.row];
+  const auto s = f.prepare(row);
+  const int64_t begin = static_cast<int64_t>(be.chunk) * kChunkElements;
+  const int64_t end = begin + kChunkElements < row.numel ? begin + kChunkElements : row.numel;
+  int64_t scalar_from = begin;
+  if (row.flags & kRowAligned16) {
+    constexpr int V = F::kVec;
+    const int64_t vec_end = begin + (end - begin) / V * V;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(blockDim.x) * V)
+      f.template apply<V>(row, i, s);
+    scalar_from = vec_end;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) f.template apply<1>(row, i, s);
+}
+
+template <class F>
+void launch_elementwise(const TensorRow* rows, int64_t n_rows, cudaStream_t stream, const F& f) {
+  for (const PlannedLaunch& L : plan_launches(rows, n_rows))
+    elementwise_kernel<F><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+// Per-tensor step counters are advanced after all chunks of the step ran, in
+// a separate launch: chunks of one tensor may sit in different launches.
+constexpr int kMaxStepsPerLaunch = 4000;
+struct StepTable { float* steps[kMaxStepsPerLaunch]; };
+
+void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const float* found_inf,
+                   cudaStream_t stream);
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,122 @@
+// CUDA drivers of SGD and Adam: functors over the shared per-element math
+// (ops/sgd.h, ops/adam.h) run by the generic multi-tensor kernel.
+#include "../ops/dispatch.h"
+#include "cuda_api.h"
+#include "multi_tensor.cuh"
+
+namespace fusedopt::cuda {
+namespace {
+
+// Scalars every optimizer functor reads from device memory.
+struct DeviceScalars {
+  const float* lr_ptr;
+  const float* grad_scale;
+  const float* found_inf;
+  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
+  __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
+  __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
+};
+
+DeviceScalars device_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
+
+template <class P, class S>
+struct AdamFunctor {
+  using C = typename ComputeOf<P>::type;
+  static constexpr int kVec = 16 / sizeof(P);
+  AdamHyper h;
+  DeviceScalars d;
+  __device__ bool skip() const { return d.skip(); }
+  __device__ AdamScalars<C> prepare(const TensorRow& r) const {
+    const double step = static_cast<double>(*col<float>(r, kAdamStep)) + 1.0;
+    return adam_scalars<C>(h, step, d.lr(h.lr), d.divisor());
+  }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const AdamScalars<C>& s) const {
+    C p[V], g[V], m[V], v[V], vmax[V];
+    const bool master = r.ptr[kAdamMaster] != 0;
+    if (master) load_elems<V>(col<float>(r, kAdamMaster), i, p);
+    else load_elems<V>(col<P>(r, kAdamParam), i, p);
+    load_elems<V>(col<P>(r, kAdamGrad), i, g);
+    load_elems<V>(col<S>(r, kAdamExpAvg), i, m);
+    load_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
+    if (s.amsgrad) load_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
+#pragma unroll
+    for (int k = 0; k < V; ++k) adam_element<C>(p[k], g[k], m[k], v[k], vmax[k], s);
+    if (master) store_elems<V>(col<float>(r, kAdamMaster), i, p);
+    store_elems<V>(col<P>(r, kAdamParam), i, p);
+    store_elems<V>(col<S>(r, kAdamExpAvg), i, m);
+    store_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
+    if (s.amsgrad) store_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
+  }
+};
+
+template <class P, class S>
+struct SgdFunctor {
+  using C = typename ComputeOf<P>::type;
+  static constexpr int kVec = 16 / sizeof(P);
+  SgdHyper h;
+  DeviceScalars d;
+  __device__ bool skip() const { return d.skip(); }
+  __device__ SgdScalars<C> prepare(const TensorRow&) const { return sgd_scalars<C>(h, d.lr(h.lr), d.divisor()); }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const SgdScalars<C>& s) const {
+    C p[V], g[V], buf[V];
+    const bool master = r.ptr[kSgdMaster] != 0;
+    const bool first = r.flags & kRowFirstStep;
+    if (master) load_elems<V>(col<float>(r, kSgdMaster), i, p);
+    else load_elems<V>(col<P>(r, kSgdParam), i, p);
+    load_elems<V>(col<P>(r, kSgdGrad), i, g);
+    if (s.has_momentum && !first) load_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) sgd_element<C>(p[k], g[k], buf[k], first, s);
+    if (master) store_elems<V>(col<float>(r, kSgdMaster), i, p);
+    store_elems<V>(col<P>(r, kSgdParam), i, p);
+    if (s.has_momentum) store_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
+  }
+};
+
+__global__ void advance_steps_kernel(const __grid_constant__ StepTable t, int n, const float* found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n && !(found_inf && *found_inf != 0.0f)) *t.steps[i] += 1.0f;
+}
+
+}  // namespace
+
+void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const float* found_inf,
+                   cudaStream_t stream) {
+  StepTable t{};
+  int n = 0;
+  auto flush = [&] {
+    if (n) advance_steps_kernel<<<(n + 255) / 256, 256, 0, stream>>>(t, n, found_inf);
+    n = 0;
+  };
+  for (int64_t r = 0; r < n_rows; ++r) {
+    t.steps[n++] = reinterpret_cast<float*>(rows[r].ptr[step_column]);
+    if (n == kMaxStepsPerLaunch) flush();
+  }
+  flush();
+  check(cudaGetLastError(), "advance_steps launch");
+}
+
+void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
+  DeviceGuard guard(call.device);
+  auto stream = static_cast<cudaStream_t>(call.stream);
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    launch_elementwise(call.rows, call.n_rows, stream, AdamFunctor<P, S>{h, device_scalars(call)});
+  });
+  advance_steps(call.rows, call.n_rows, kAdamStep, call.found_inf, stream);
+}
+
+void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
+  DeviceGuard guard(call.device);
+  auto stream = static_cast<cudaStream_t>(call.stream);
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    launch_elementwise(call.rows, call.n_rows, stream, SgdFunctor<P, S>{h, device_scalars(call)});
+  });
+}
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,37 @@
+// One row per tensor of a multi-tensor call: the pointers of the tensors that
+// belong to one parameter (param, grad, states...), its element count and
+// per-tensor flags. Python builds these rows (python/fusedopt/_kernels.py);
+// each op header names the meaning of its columns.
+#pragma once
+#include <cstdint>
+
+namespace fusedopt {
+
+constexpr int kRowPointers = 8;
+
+struct TensorRow {
+  int64_t ptr[kRowPointers];  // 0 where a column is unused
+  int64_t numel;
+  int64_t flags;
+};
+static_assert(sizeof(TensorRow) == 80, "rows are shared with Python as int64[n, 10]");
+
+enum RowFlag : int64_t {
+  kRowFirstStep = 1,    // SGD/LARS: momentum buffer is initialised from this step's update
+  kRowAligned16 = 2,    // every pointer of the row is 16-byte aligned (CUDA vector path)
+};
+
+// What every multi-tensor optimizer call shares besides its hyperparameters.
+struct OptimCall {
+  const TensorRow* rows;
+  int64_t n_rows;
+  int param_dtype;          // DType of params and grads
+  int state_dtype;          // DType of moment/momentum states
+  int device;               // -1: CPU, else CUDA ordinal
+  const float* lr_ptr;      // optional device/host scalar overriding the float lr
+  const float* grad_scale;  // optional: grads are divided by *grad_scale (AMP)
+  const float* found_inf;   // optional: when *found_inf != 0 nothing is written
+  void* stream;             // cudaStream_t on CUDA, unused on CPU
+};
+
+}  // namespace fusedopt

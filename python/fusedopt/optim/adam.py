@@ -1,0 +1,121 @@
+"""Fused Adam and AdamW: drop-ins for torch.optim.Adam and torch.optim.AdamW."""
+from __future__ import annotations
+
+import torch
+
+from .. import _kernels
+from .base import FusedOptimizer, check_float
+from .sgd import device_lr, lr_value
+
+# csrc/ops/adam.h AdamFlag
+_AMSGRAD, _MAXIMIZE, _DECOUPLED, _EPS_INSIDE = 1, 2, 4, 8
+
+
+class Adam(FusedOptimizer):
+    r"""Adam, the same arguments, numbers and state_dict as ``torch.optim.Adam``.
+
+    For each param p with grad g (after AMP unscaling), at step t:
+
+    .. math::
+        g &\leftarrow -g \text{ if maximize} \\
+        g &\leftarrow g + \lambda p \quad\text{(Adam, } \lambda \ne 0\text{)};\qquad
+        p \leftarrow p(1 - \gamma\lambda) \quad\text{(AdamW / decoupled\_weight\_decay)} \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat v &= \max(\hat v_{t-1}, v) \text{ if amsgrad else } v \\
+        p &\leftarrow p - \frac{\gamma}{1-\beta_1^t}\, \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+        \quad\text{or, with eps\_inside\_sqrt, } \frac{m}{\sqrt{\hat v/(1-\beta_2^t) + \epsilon}}
+
+    Args:
+        params: iterable of parameters or dicts defining param groups.
+        lr (float or Tensor): :math:`\gamma` (default 1e-3).
+        betas (tuple): :math:`(\beta_1, \beta_2)`, each in [0, 1) (default (0.9, 0.999)).
+        eps (float): :math:`\epsilon` > 0 (default 1e-8).
+        weight_decay (float): :math:`\lambda` (default 0).
+        amsgrad (bool): keep the running maximum of v (state ``max_exp_avg_sq``).
+        maximize (bool): maximize the objective.
+        decoupled_weight_decay (bool): AdamW-style decay (as in torch.optim.Adam).
+        eps_inside_sqrt (bool): the denominator :math:`\sqrt{\hat v_{corr} + \epsilon}` of the
+            course notes instead of torch's :math:`\sqrt{\hat v_{corr}} + \epsilon` (default False).
+        foreach, fused, capturable: accepted for compatibility.
+
+    State per param: ``step`` (fp32 scalar tensor on the param's device), ``exp_avg``,
+    ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``: fp32 for fp32/fp16/bf16
+    params (the math runs in fp32), fp64 for fp64 params.
+
+    Each step is one ``_C`` call per (device, dtype) batch of a group; on CUDA the
+    step counters live on the device, so step() never waits for the GPU.
+    """
+
+    _decoupled_default = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=None, eps_inside_sqrt=False):
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, capturable=capturable, differentiable=differentiable,
+                        decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt)
+        super().__init__(params, defaults)
+
+    def check_hyperparameters(self, group, gi):
+        check_float(group, "lr", group["lr"], gi=gi)
+        check_float(group, "eps", group["eps"], low=0.0, low_inclusive=False, gi=gi)
+        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"param_groups[{gi}]['betas'] must be a pair (beta1, beta2); got {betas!r}")
+        check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
+        check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
+
+    def required_state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def new_state(self, group, p):
+        dtype = self.state_dtype(group, p)
+        st = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
+        }
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        return st
+
+    def check_state(self, group, p, st, name):
+        super().check_state(group, p, st, name)
+        if "step" not in st:
+            raise ValueError(f"state of {name} has no 'step'")
+
+    def fill_table(self, table, group, states):
+        cols = {2: "exp_avg", 3: "exp_avg_sq", 5: "step"}
+        if group["amsgrad"]:
+            cols[4] = "max_exp_avg_sq"
+        for c, key in cols.items():
+            table.set_column(c, [st[key] for st in states])
+        sizes = [[st[key].element_size() if key != "step" else 4 for st in states] for key in cols.values()]
+        table.check_no_overlap([0, *cols], [[table.params[0].element_size()] * len(states), *sizes])
+
+    def launch(self, table, group, grad_scale, found_inf):
+        lr, lr_tensor = lr_value(group)
+        flags = ((_AMSGRAD if group["amsgrad"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
+                 | (_DECOUPLED if group["decoupled_weight_decay"] else 0)
+                 | (_EPS_INSIDE if group["eps_inside_sqrt"] else 0))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        _kernels.multi_tensor_adam(
+            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=device_lr(lr_tensor, table.device),
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], flags=flags,
+            grad_scale=grad_scale, found_inf=found_inf)
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (default weight_decay=1e-2), as ``torch.optim.AdamW``."""
+
+    _decoupled_default = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 eps_inside_sqrt=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, decoupled_weight_decay=True,
+                         eps_inside_sqrt=eps_inside_sqrt)
