@@ -11,7 +11,7 @@ namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
 template <class P, class S, bool kAmsgrad, bool kMaster, class C>
-void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C>& s) {
+void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s) {
   P* __restrict__ p = col<P>(r, kAdamParam);
   const P* __restrict__ g = col<P>(r, kAdamGrad);
   S* __restrict__ m = col<S>(r, kAdamExpAvg);
@@ -32,19 +32,19 @@ void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C>& 
 }
 
 template <class P, class S, bool kMaster, class C>
-void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C>& s) {
+void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C> s) {
   P* __restrict__ p = col<P>(r, kSgdParam);
   const P* __restrict__ g = col<P>(r, kSgdGrad);
   S* __restrict__ buf = col<S>(r, kSgdMomentumBuffer);
   float* __restrict__ master = col<float>(r, kSgdMaster);
-  const bool first = r.flags & kRowFirstStep;
+  const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
   for (int64_t i = b; i < e; ++i) {
     C pv = kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]);
-    C bv = s.has_momentum && !first ? load_as<S, C>(buf[i]) : C(0);
+    C bv = buf ? load_as<S, C>(buf[i]) : C(0);
     sgd_element<C>(pv, load_as<P, C>(g[i]), bv, first, s);
     if (kMaster) master[i] = static_cast<float>(pv);
     store_as(p[i], pv);
-    if (s.has_momentum) store_as(buf[i], bv);
+    if (buf) store_as(buf[i], bv);
   }
 }
 

@@ -29,7 +29,8 @@ template <class C> struct AdamScalars {
   C bc2;            // 1 - beta2^t
   C bc2_sqrt;
   C inv_scale_div;  // grad divisor (AMP scale) or 1
-  bool amsgrad, maximize, decoupled, eps_inside, has_wd;
+  // Options as 0/1 in the compute type: selects on them vectorize (bools do not).
+  C amsgrad, maximize, coupled_wd, eps_inside;
 };
 
 // `step` is the already incremented count t; `lr` the effective learning rate.
@@ -43,16 +44,17 @@ FO_HD AdamScalars<C> adam_scalars(const AdamHyper& h, double step, double lr, do
   s.one_minus_beta2 = static_cast<C>(1.0 - h.beta2);
   s.eps = static_cast<C>(h.eps);
   s.weight_decay = static_cast<C>(h.weight_decay);
-  s.decay_factor = static_cast<C>(1.0 - lr * h.weight_decay);
+  const bool decoupled = h.flags & kAdamDecoupled;
+  // 1 exactly when no decoupled decay applies, so p * decay_factor == p.
+  s.decay_factor = static_cast<C>(decoupled && h.weight_decay != 0.0 ? 1.0 - lr * h.weight_decay : 1.0);
   s.neg_step_size = static_cast<C>(-(lr / bc1));
   s.bc2 = static_cast<C>(bc2);
   s.bc2_sqrt = static_cast<C>(sqrt(bc2));
   s.inv_scale_div = static_cast<C>(grad_scale);
-  s.amsgrad = h.flags & kAdamAmsgrad;
-  s.maximize = h.flags & kAdamMaximize;
-  s.decoupled = h.flags & kAdamDecoupled;
-  s.eps_inside = h.flags & kAdamEpsInsideSqrt;
-  s.has_wd = h.weight_decay != 0.0;
+  s.amsgrad = (h.flags & kAdamAmsgrad) ? C(1) : C(0);
+  s.maximize = (h.flags & kAdamMaximize) ? C(1) : C(0);
+  s.coupled_wd = (!decoupled && h.weight_decay != 0.0) ? C(1) : C(0);
+  s.eps_inside = (h.flags & kAdamEpsInsideSqrt) ? C(1) : C(0);
   return s;
 }
 
@@ -62,24 +64,22 @@ template <class C> FO_HD C lerp(C a, C b, C w) {
 }
 
 // One element. p, m, v, vmax are read-modify-write; g is the raw grad.
+// Options are selects, not branches, so the CPU loops vectorize; a disabled
+// option selects the untouched value, which keeps results exact.
 template <class C>
 FO_HD void adam_element(C& p, C g, C& m, C& v, C& vmax, const AdamScalars<C>& s) {
   g = g / s.inv_scale_div;
-  if (s.maximize) g = -g;
-  if (s.has_wd) {
-    if (s.decoupled) p = p * s.decay_factor;
-    else g = g + s.weight_decay * p;
-  }
+  g = s.maximize != C(0) ? -g : g;
+  g = s.coupled_wd != C(0) ? g + s.weight_decay * p : g;
+  p = p * s.decay_factor;  // exactly 1 unless decoupled decay is on
   m = lerp(m, g, s.beta1_weight);
   v = v * s.beta2;
   v = v + s.one_minus_beta2 * g * g;
-  C second = v;
-  if (s.amsgrad) {
-    vmax = vmax > v ? vmax : v;
-    if (v != v) vmax = v;  // torch.maximum propagates NaN
-    second = vmax;
-  }
-  C denom = s.eps_inside ? sqrt(second / s.bc2 + s.eps) : sqrt(second) / s.bc2_sqrt + s.eps;
+  // torch.maximum: the larger value, NaN if either is NaN.
+  const C mx = ((vmax > v) | (vmax != vmax)) ? vmax : v;
+  vmax = s.amsgrad != C(0) ? mx : vmax;
+  const C second = s.amsgrad != C(0) ? vmax : v;
+  const C denom = s.eps_inside != C(0) ? fo_sqrt(second / s.bc2 + s.eps) : fo_sqrt(second) / s.bc2_sqrt + s.eps;
   p = p + s.neg_step_size * m / denom;
 }
 

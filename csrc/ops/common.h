@@ -2,6 +2,7 @@
 // the float <-> fp16/bf16 conversions every kernel uses for loads and stores.
 #pragma once
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #if defined(__CUDACC__)
@@ -84,6 +85,11 @@ template <class T> struct StoreFrom { template <class C> FO_HD static T conv(C v
 template <> struct StoreFrom<Half> { template <class C> FO_HD static Half conv(C v) { return Half{float_to_half_bits(static_cast<float>(v))}; } };
 template <> struct StoreFrom<BFloat16> { template <class C> FO_HD static BFloat16 conv(C v) { return BFloat16{float_to_bf16_bits(static_cast<float>(v))}; } };
 template <class T, class C> FO_HD void store_as(T& dst, C v) { dst = StoreFrom<T>::template conv<C>(v); }
+
+// sqrt in the compute type (an unqualified sqrt(float) may resolve to the
+// double overload, which is slower and rounds differently from torch).
+FO_HD float fo_sqrt(float x) { return sqrtf(x); }
+FO_HD double fo_sqrt(double x) { return sqrt(x); }
 
 // Element type -> compute type: fp64 params compute in fp64, all else in fp32.
 template <class P> struct ComputeOf { using type = float; };

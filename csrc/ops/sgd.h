@@ -16,7 +16,7 @@ struct SgdHyper {
 
 template <class C> struct SgdScalars {
   C neg_lr, momentum, one_minus_dampening, weight_decay, grad_divisor;
-  bool nesterov, maximize, has_wd, has_momentum;
+  C nesterov, maximize, has_wd, has_momentum;  // 0/1: selects on them vectorize
 };
 
 template <class C>
@@ -27,29 +27,32 @@ FO_HD SgdScalars<C> sgd_scalars(const SgdHyper& h, double lr, double grad_scale)
   s.one_minus_dampening = static_cast<C>(1.0 - h.dampening);
   s.weight_decay = static_cast<C>(h.weight_decay);
   s.grad_divisor = static_cast<C>(grad_scale);
-  s.nesterov = h.flags & kSgdNesterov;
-  s.maximize = h.flags & kSgdMaximize;
-  s.has_wd = h.weight_decay != 0.0;
-  s.has_momentum = h.momentum != 0.0;
+  s.nesterov = (h.flags & kSgdNesterov) ? C(1) : C(0);
+  s.maximize = (h.flags & kSgdMaximize) ? C(1) : C(0);
+  s.has_wd = (h.weight_decay != 0.0) ? C(1) : C(0);
+  s.has_momentum = (h.momentum != 0.0) ? C(1) : C(0);
   return s;
 }
 
 // Momentum buffer update shared by SGD and LARS: on the first step the buffer
 // is a copy of the update (torch clones the grad), afterwards an EMA-like sum.
-// Returns the direction the param moves along.
+// Returns the direction the param moves along. Selects, not branches, so the
+// CPU loops vectorize.
 template <class C>
-FO_HD C momentum_direction(C d, C& buf, bool first, C momentum, C one_minus_dampening,
-                           bool nesterov) {
-  buf = first ? d : buf * momentum + one_minus_dampening * d;
-  return nesterov ? d + momentum * buf : buf;
+FO_HD C momentum_direction(C d, C& buf, C first, C momentum, C one_minus_dampening, C nesterov) {
+  buf = first != C(0) ? d : buf * momentum + one_minus_dampening * d;
+  return nesterov != C(0) ? d + momentum * buf : buf;
 }
 
 template <class C>
-FO_HD void sgd_element(C& p, C g, C& buf, bool first, const SgdScalars<C>& s) {
+FO_HD void sgd_element(C& p, C g, C& buf, C first, const SgdScalars<C>& s) {
   g = g / s.grad_divisor;
-  if (s.maximize) g = -g;
-  if (s.has_wd) g = g + s.weight_decay * p;
-  if (s.has_momentum) g = momentum_direction(g, buf, first, s.momentum, s.one_minus_dampening, s.nesterov);
+  g = s.maximize != C(0) ? -g : g;
+  g = s.has_wd != C(0) ? g + s.weight_decay * p : g;
+  C b = buf;
+  const C dir = momentum_direction(g, b, first, s.momentum, s.one_minus_dampening, s.nesterov);
+  buf = s.has_momentum != C(0) ? b : buf;
+  g = s.has_momentum != C(0) ? dir : g;
   p = p + s.neg_lr * g;
 }
 

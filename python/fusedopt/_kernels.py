@@ -142,18 +142,18 @@ class RowTable:
             i = int(np.argmax(clash))
             raise ValueError(f"grad of {self.names[i]} shares memory with its parameter or optimizer state")
 
-    def check_no_overlap(self, columns: Sequence[int], element_sizes: Sequence[Sequence[int]]) -> None:
-        """No two written tensors of the table share a byte (params and states)."""
+    def check_no_overlap(self, columns: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
+        """No two tensors the kernel writes (params and states, given per column) share a byte."""
         starts, ends, owners = [], [], []
-        numel = self.rows[:, NUMEL_COLUMN]
-        for c, sizes in zip(columns, element_sizes):
-            ptr = self.rows[:, c]
-            nb = numel * np.asarray(sizes, dtype=np.int64)
-            keep = (ptr != 0) & (nb > 0)
-            starts.append(ptr[keep])
-            ends.append(ptr[keep] + nb[keep])
-            owners.append(np.nonzero(keep)[0])
-        s, e, o = np.concatenate(starts), np.concatenate(ends), np.concatenate(owners)
+        for tensors in columns:
+            for row, t in enumerate(tensors):
+                if t is not None and t.numel() > 0:
+                    starts.append(t.data_ptr())
+                    ends.append(t.data_ptr() + t.numel() * t.element_size())
+                    owners.append(row)
+        if not starts:
+            return
+        s, e, o = np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(owners)
         order = np.argsort(s, kind="stable")
         s, e, o = s[order], e[order], o[order]
         bad = np.nonzero(s[1:] < np.maximum.accumulate(e)[:-1])[0]

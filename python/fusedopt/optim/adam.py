@@ -93,8 +93,7 @@ class Adam(FusedOptimizer):
             cols[4] = "max_exp_avg_sq"
         for c, key in cols.items():
             table.set_column(c, [st[key] for st in states])
-        sizes = [[st[key].element_size() if key != "step" else 4 for st in states] for key in cols.values()]
-        table.check_no_overlap([0, *cols], [[table.params[0].element_size()] * len(states), *sizes])
+        table.check_no_overlap([table.params, *([st[key] for st in states] for key in cols.values())])
 
     def launch(self, table, group, grad_scale, found_inf):
         lr, lr_tensor = lr_value(group)

@@ -92,10 +92,9 @@ class SGD(FusedOptimizer):
                                                              dtype=self.state_dtype(group, table.params[len(bufs)]))
                 bufs.append(st["momentum_buffer"])
             table.set_column(2, bufs)
-            table.check_no_overlap([0, 2], [[table.params[0].element_size()] * len(bufs),
-                                            [b.element_size() for b in bufs]])
+            table.check_no_overlap([table.params, bufs])
         else:
-            table.check_no_overlap([0], [[table.params[0].element_size()] * len(table.params)])
+            table.check_no_overlap([table.params])
         pending_first = [not self.state.get(p) for p in table.params]
         table.set_flag(_kernels.ROW_FIRST_STEP, pending_first)
 
