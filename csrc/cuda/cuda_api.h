@@ -4,6 +4,7 @@
 #include <string>
 
 #include "../ops/adam.h"
+#include "../ops/lanczos.h"
 #include "../ops/sgd.h"
 
 namespace fusedopt::cuda {
@@ -15,5 +16,9 @@ std::string archs();     // e.g. "80;86;89;90;100;120"
 
 void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+
+int64_t lanczos_chunk_elements();  // elements per block; the workspace needs one partial per chunk and row
+void lanczos_dots(const LanczosCall& call);
+void lanczos_orthogonalize(const LanczosCall& call);
 
 }  // namespace fusedopt::cuda

@@ -1,0 +1,15 @@
+"""Hessian spectrum of PyTorch models: Lanczos eigenvalues, trace, density, analysis.
+
+- :class:`HessianOperator`: Hessian-vector products of a model's loss (double backward).
+- :func:`eigsh`: thick-restart Lanczos, scipy-like (k, which, tol, ncv, v0).
+- :func:`trace`: Hutchinson estimate; :func:`density`: stochastic Lanczos quadrature.
+- :func:`analyze`: minimum / saddle / maximum, condition number, minimum ratio, escape direction.
+"""
+from .analysis import KIND_THRESHOLD, HessianReport, analyze
+from .hvp import HessianOperator
+from .lanczos import EigshResult, eigsh
+from .operator import MatrixOperator
+from .stochastic import DensityResult, TraceResult, density, trace
+
+__all__ = ["HessianOperator", "MatrixOperator", "eigsh", "EigshResult", "trace", "TraceResult", "density",
+           "DensityResult", "analyze", "HessianReport", "KIND_THRESHOLD"]

@@ -1,0 +1,276 @@
+"""Thick-restart Lanczos (Wu & Simon, 2000) with full reorthogonalization.
+
+:func:`eigsh` finds a few extreme eigenpairs of a symmetric operator with few
+matrix-vector products (matvecs); for a Hessian a matvec is a Hessian-vector
+product (HVP), which dominates the cost.
+
+How it works. The basis ``V`` holds at most ``ncv`` orthonormal vectors (one
+row each; memory ~``ncv`` vectors plus a transient of the kept ones at a
+restart). Each step applies the operator to the newest vector, then
+orthogonalizes the result against *every* kept vector, twice ("twice is
+enough", Giraud et al.), with the fused kernels of ``fusedopt._kernels``
+(dots in one pass over ``V``, then ``w -= V^T h`` fused with ``||w||``, fp64
+accumulation). The coefficients form the projected matrix ``T = V^T A V``.
+Full reorthogonalization is what prevents the "ghost" copies of converged
+eigenvalues that plain Lanczos produces.
+
+When the basis is full, the method restarts *thickly*: it keeps the Ritz
+vectors of the wanted end(s) of the spectrum plus some neighbours (about
+``k + (ncv - k) / 2``), for which ``T`` becomes diagonal plus one coupling row
+to the residual vector, and goes on from the residual. No information about
+the wanted eigenvectors is thrown away, which keeps the matvec count low.
+
+Host synchronization: the vector work runs on the operator's device with no
+host sync per basis vector; once per iteration (= per matvec) the driver
+copies the ~``ncv`` new coefficients to the host to solve the small
+tridiagonal/arrowhead eigenproblem, test convergence and pick the restart.
+
+Convergence: a Ritz pair ``(theta, x)`` has residual ``||A x - theta x|| =
+beta * |u_last|`` (exact in exact arithmetic; with full reorthogonalization
+it is accurate to rounding). It counts as converged when that residual is at
+most ``tol * max(|theta|, eps * ||T||)``, i.e. relative to the eigenvalue, with
+a floor at the operator's rounding level so that (near-)zero eigenvalues can
+converge. Values that are not converged when ``max_matvecs`` runs out are
+still returned, flagged in ``converged`` and announced by a warning.
+
+Multiplicity: a Krylov space from one start vector sees one direction of each
+eigenspace; copies of an exactly repeated eigenvalue appear only as rounding
+noise builds up after the first copy converged, so (as with scipy/ARPACK) a
+copy can be missed. ``multiplicity_check=True`` costs extra matvecs and
+closes that gap: once the wanted pairs converge it locks them, continues
+from a fresh random vector orthogonal to them, and stops only when the next
+candidate (rank k + 1) has converged too, so a missed copy shows up as a
+wanted value. The same fresh start is used when the Krylov space becomes
+invariant.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import _kernels
+from .operator import apply, as_operator, basis_dtype
+
+WHICH = ("LA", "SA", "LM", "BE")
+
+
+@dataclass
+class EigshResult:
+    """Result of :func:`eigsh`.
+
+    eigenvalues:  (k,) float64 CPU tensor, ascending (as scipy returns them).
+    eigenvectors: (n, k) tensor on the operator's device; column i goes with eigenvalues[i].
+    residuals:    (k,) float64, ``||A x_i - lambda_i x_i||``.
+    converged:    (k,) bool, residual <= tol * max(|lambda|, eps * ||T||).
+    num_matvecs:  operator applications used.
+    num_restarts: thick restarts done.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    num_matvecs: int
+    num_restarts: int
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+def _ranking(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of the Ritz values, most wanted first."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")
+    # BE: alternate ends, high end first (so an odd k takes one more from the top, like scipy)
+    asc = np.argsort(theta, kind="stable")
+    out, lo, hi = [], 0, len(asc) - 1
+    while lo <= hi:
+        out.append(asc[hi]); hi -= 1
+        if lo <= hi:
+            out.append(asc[lo]); lo += 1
+    return np.asarray(out, dtype=np.int64)
+
+
+def _validate(op, k, which, tol, ncv, max_matvecs, v0):
+    op = as_operator(op)
+    n = op.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}] (the operator size); got {k!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}; got {which!r}")
+    if not isinstance(tol, (int, float)) or not tol > 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a positive finite number; got {tol!r}")
+    if ncv is None:
+        ncv = min(n, max(2 * k + 1, 20))
+    elif isinstance(ncv, bool) or not isinstance(ncv, int) or not (k < ncv <= n or ncv == n >= k):
+        raise ValueError(f"ncv must be an int with k < ncv <= n (k={k}, n={n}); got {ncv!r}")
+    if max_matvecs is None:
+        max_matvecs = max(100 * ncv, 10 * n) if n <= 10_000 else 100 * ncv
+    elif isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1:
+        raise ValueError(f"max_matvecs must be a positive int; got {max_matvecs!r}")
+    if v0 is not None:
+        if not isinstance(v0, torch.Tensor) or v0.numel() != n:
+            raise ValueError(f"v0 must be a tensor of {n} elements; got "
+                             f"{list(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+        if not torch.isfinite(v0).all() or not bool(v0.abs().sum() > 0):
+            raise ValueError("v0 must be finite and nonzero")
+    return op, n, ncv, max_matvecs
+
+
+def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[int] = None,
+          max_matvecs: Optional[int] = None, v0: Optional[torch.Tensor] = None,
+          generator: Optional[torch.Generator] = None, multiplicity_check: bool = False) -> EigshResult:
+    """``k`` eigenpairs of the symmetric operator ``op`` by thick-restart Lanczos.
+
+    Args:
+        op: a square tensor or an object with ``.shape``, ``.dtype``, ``.device``, ``.matvec``.
+        k: number of eigenpairs.
+        which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude,
+            "BE" both ends (half from each; one more from the top when k is odd).
+        tol: relative residual: converged when ``||A x - l x|| <= tol * max(|l|, eps ||T||)``.
+        ncv: basis size (memory ~ncv vectors); default ``min(n, max(2k + 1, 20))``.
+        max_matvecs: cap on operator applications; default ``max(100 ncv, 10 n)`` (``100 ncv`` for n > 10^4).
+        v0: start vector (warm start, e.g. last step's top eigenvector); random normal by default.
+        generator: torch.Generator for the random start / refresh vectors (CPU generator).
+        multiplicity_check: verify that no copy of a repeated eigenvalue was missed (see module doc).
+
+    Returns:
+        :class:`EigshResult`. Unconverged pairs are flagged and a RuntimeWarning is issued.
+
+    Raises:
+        FloatingPointError: the operator returned a non-finite vector.
+    """
+    op, n, ncv, max_matvecs = _validate(op, k, which, tol, ncv, max_matvecs, v0)
+    dtype = basis_dtype(op.dtype)
+    dev = op.device
+    eps = float(torch.finfo(dtype).eps)
+    V = torch.empty(ncv, n, dtype=dtype, device=dev)
+    T = np.zeros((ncv, ncv))
+
+    def random_vector() -> torch.Tensor:
+        return torch.randn(n, dtype=dtype, generator=generator).to(dev)
+
+    def orthonormal_into(row: int, x: torch.Tensor) -> bool:
+        """V[row] = x orthogonalized against V[:row], normalized; False if x lies in their span."""
+        x = x.to(device=dev, dtype=dtype).contiguous().clone()
+        nrm0 = float(x.norm())
+        for _ in range(2):
+            h = _kernels.lanczos_dots(V, row, x)
+            nrm = _kernels.lanczos_orthogonalize(V, row, x, h)
+        nrm = float(nrm)
+        if not nrm > 1e3 * eps * nrm0:
+            return False
+        V[row].copy_(x / nrm)
+        return True
+
+    orthonormal_into(0, v0.reshape(-1) if v0 is not None else random_vector())
+    m, matvecs, restarts = 1, 0, 0
+    theta = U = res = None
+    wanted = np.zeros(0, dtype=np.int64)
+    checking = False  # True after the multiplicity check's fresh start
+    while True:
+        w = apply(op, V[m - 1])
+        matvecs += 1
+        # Two passes of classical Gram-Schmidt against the whole kept basis.
+        h1 = _kernels.lanczos_dots(V, m, w)
+        _kernels.lanczos_orthogonalize(V, m, w, h1)
+        h2 = _kernels.lanczos_dots(V, m, w)
+        beta_t = _kernels.lanczos_orthogonalize(V, m, w, h2)
+        coeffs = torch.cat([h1 + h2, beta_t]).cpu().numpy()  # the one host sync of this iteration
+        if not np.isfinite(coeffs).all():
+            raise FloatingPointError(
+                f"op.matvec returned a non-finite vector (matvec {matvecs}); the operator (e.g. the loss "
+                "or its Hessian at these parameters) is not finite")
+        h, beta = coeffs[:m], float(coeffs[m])
+        T[m - 1, :m] = h
+        T[:m, m - 1] = h
+        theta, U = np.linalg.eigh(T[:m, :m])
+        anorm = float(np.abs(theta).max())
+        res = beta * np.abs(U[m - 1, :])
+        invariant = beta <= 10 * eps * max(anorm, 1e-300) * math.sqrt(n)
+        if invariant:
+            res[:] = 0.0 if beta == 0 else np.minimum(res, beta)
+        order = _ranking(theta, which)
+        wanted = order[:k]
+        conv = res <= tol * np.maximum(np.abs(theta), eps * anorm)
+        need = order[:k + 1] if checking else wanted
+        done = len(wanted) == k and conv[need].all()
+        if m == n or matvecs >= max_matvecs:  # whole space spanned (T exact) or out of budget
+            break
+        if done and multiplicity_check and not checking and m < n:
+            # Lock the converged wanted vectors (their couplings are below tol) and go on from
+            # a fresh random vector orthogonal to them.
+            checking = True
+            m = _restart(V, T, theta, U, order, k, k + 1, m, 0.0, None, dtype) - 1
+            restarts += 1
+            invariant = True
+        elif done:
+            break
+        if invariant:
+            # Krylov space invariant: continue from a random vector orthogonal to the basis.
+            if m == ncv:
+                m = _restart(V, T, theta, U, order, k, ncv, m, 0.0, None, dtype)
+                restarts += 1
+                m -= 1  # _restart reserved V[m-1] for the residual; there is none
+            T[m, :] = 0.0
+            T[:, m] = 0.0
+            for _ in range(3):
+                if orthonormal_into(m, random_vector()):
+                    break
+            else:
+                break
+            m += 1
+            continue
+        if m == ncv:
+            m = _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype)
+            restarts += 1
+        else:
+            V[m].copy_(w / beta_t.to(dtype))
+            T[m, m - 1] = T[m - 1, m] = beta
+            m += 1
+
+    # Ritz vectors of the wanted values, eigenvalues ascending.
+    pick = wanted[np.argsort(theta[wanted], kind="stable")]
+    Y = torch.from_numpy(np.ascontiguousarray(U[:, pick])).to(device=dev, dtype=dtype)
+    vectors = V[:m].T @ Y
+    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    conv = res <= tol * np.maximum(np.abs(theta), eps * float(np.abs(theta).max()))
+    result = EigshResult(
+        eigenvalues=torch.from_numpy(theta[pick].copy()),
+        eigenvectors=vectors,
+        residuals=torch.from_numpy(res[pick].copy()),
+        converged=torch.from_numpy(conv[pick].copy()),
+        num_matvecs=matvecs,
+        num_restarts=restarts,
+    )
+    if len(pick) < k or not result.all_converged:
+        warnings.warn(
+            f"eigsh: {int((~result.converged).sum()) + k - len(pick)} of {k} eigenpairs did not converge to "
+            f"tol={tol} within max_matvecs={max_matvecs}; see result.converged and result.residuals",
+            RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype) -> int:
+    """Thick restart: keep the most wanted Ritz vectors, then the residual. Returns the new m."""
+    p = max(k, min(ncv - 1, k + (ncv - k) // 2))
+    p = min(p, m - 1) if m > 1 else 1
+    keep = np.sort(order[:p])
+    Y = torch.from_numpy(np.ascontiguousarray(U[:, keep])).to(device=V.device, dtype=dtype)
+    V[:p].copy_(Y.T @ V[:m])  # transient p x n
+    T[:, :] = 0.0
+    T[np.arange(p), np.arange(p)] = theta[keep]
+    T[p, :p] = T[:p, p] = beta * U[m - 1, keep]
+    if w is not None:
+        V[p].copy_(w / beta)
+    return p + 1
