@@ -4,6 +4,9 @@
 #include <string>
 
 #include "../ops/adam.h"
+#include "../ops/lamb.h"
+#include "../ops/lars.h"
+#include "../ops/norms.h"
 #include "../ops/sgd.h"
 
 namespace fusedopt::cuda {
@@ -15,5 +18,14 @@ std::string archs();     // e.g. "80;86;89;90;100;120"
 
 void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+
+// Per-tensor norms, LARS, LAMB (large_batch_cuda.cu). `workspace` holds
+// reduction_workspace_elems(rows, K) doubles: K = 1 for norms, 2 for LARS,
+// 2 (+1 when clipping grads) for LAMB.
+int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int quantities);
+void multi_tensor_norms(const NormsCall& call);
+void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* workspace);
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
+                       double* workspace);
 
 }  // namespace fusedopt::cuda

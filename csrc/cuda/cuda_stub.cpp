@@ -13,4 +13,8 @@ int device_count() { return 0; }
 std::string archs() { return ""; }
 void multi_tensor_sgd(const OptimCall&, const SgdHyper&) { missing(); }
 void multi_tensor_adam(const OptimCall&, const AdamHyper&) { missing(); }
+int64_t reduction_workspace_elems(const TensorRow*, int64_t, int) { missing(); }
+void multi_tensor_norms(const NormsCall&) { missing(); }
+void multi_tensor_lars(const OptimCall&, const LarsHyper&, double*) { missing(); }
+void multi_tensor_lamb(const OptimCall&, const LambHyper&, const float*, int64_t, double*) { missing(); }
 }  // namespace fusedopt::cuda
