@@ -102,12 +102,12 @@ def conv_overhead():
         torch.nn.Conv2d(2 * c, 2 * c, 3, padding=1), torch.nn.Tanh(),
         torch.nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), torch.nn.Tanh(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4 * c, 10))
-    X, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    X, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     op = Timed(HessianOperator(model, torch.nn.functional.cross_entropy, (X, y)))
     t = time.perf_counter()
     r = eigsh(op, k=5, tol=1e-3, max_matvecs=40)
     total = time.perf_counter() - t
-    return {"model": f"5-layer tanh conv net, {op.shape[0]} params, batch 16x3x16x16", "hvps": r.num_matvecs,
+    return {"model": f"5-layer tanh conv net, {op.shape[0]} params, batch 32x3x32x32", "hvps": r.num_matvecs,
             "seconds": total, "hvp_seconds": op.seconds, "fraction_outside_hvp": (total - op.seconds) / total}
 
 

@@ -11,6 +11,7 @@
 namespace fusedopt::bind {
 void register_optim(py::module_& m);
 void register_lanczos(py::module_& m);
+void register_large_batch(py::module_& m);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -39,4 +40,5 @@ PYBIND11_MODULE(_C, m) {
       "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
   bind::register_optim(m);
   bind::register_lanczos(m);
+  bind::register_large_batch(m);
 }

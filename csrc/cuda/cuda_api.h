@@ -5,6 +5,9 @@
 
 #include "../ops/adam.h"
 #include "../ops/lanczos.h"
+#include "../ops/lamb.h"
+#include "../ops/lars.h"
+#include "../ops/norms.h"
 #include "../ops/sgd.h"
 
 namespace fusedopt::cuda {
@@ -20,5 +23,13 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
 int64_t lanczos_chunk_elements();  // elements per block; the workspace needs one partial per chunk and row
 void lanczos_dots(const LanczosCall& call);
 void lanczos_orthogonalize(const LanczosCall& call);
+// Per-tensor norms, LARS, LAMB (large_batch_cuda.cu). `workspace` holds
+// reduction_workspace_elems(rows, K) doubles: K = 1 for norms, 2 for LARS,
+// 2 (+1 when clipping grads) for LAMB.
+int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int quantities);
+void multi_tensor_norms(const NormsCall& call);
+void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* workspace);
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
+                       double* workspace);
 
 }  // namespace fusedopt::cuda

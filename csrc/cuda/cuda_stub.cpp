@@ -16,4 +16,8 @@ void multi_tensor_adam(const OptimCall&, const AdamHyper&) { missing(); }
 int64_t lanczos_chunk_elements() { missing(); }
 void lanczos_dots(const LanczosCall&) { missing(); }
 void lanczos_orthogonalize(const LanczosCall&) { missing(); }
+int64_t reduction_workspace_elems(const TensorRow*, int64_t, int) { missing(); }
+void multi_tensor_norms(const NormsCall&) { missing(); }
+void multi_tensor_lars(const OptimCall&, const LarsHyper&, double*) { missing(); }
+void multi_tensor_lamb(const OptimCall&, const LambHyper&, const float*, int64_t, double*) { missing(); }
 }  // namespace fusedopt::cuda

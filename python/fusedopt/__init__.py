@@ -3,8 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _C
-from .optim import SGD, Adam, AdamW
+from . import _C, functional
+from .optim import LAMB, LARS, SGD, Adam, AdamW
 
 
 def cuda_available() -> bool:
@@ -34,4 +34,4 @@ def get_num_threads() -> int:
     return int(_C.num_threads())
 
 
-__all__ = ["SGD", "Adam", "AdamW", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]
+__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "functional", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]

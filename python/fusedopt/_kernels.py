@@ -284,3 +284,128 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+# ---- per-tensor norms, LARS, LAMB (csrc/ops/norms.h, lars.h, lamb.h) ----------
+LARS_COLUMNS = ("param", "grad", "momentum_buffer", "norms")
+LAMB_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "norms")
+NORMS_COLUMN = {"lars": 3, "lamb": 5}
+
+
+def reduction_workspace(rows: np.ndarray, quantities: int, device: torch.device, extra: int = 0):
+    """(tensor, pointer) of the fp64 CUDA workspace of a reduction; (None, 0) on CPU.
+
+    Allocated per call through torch's caching allocator, so it follows the
+    stream semantics of any other tensor (no host sync, no cross-stream reuse).
+    """
+    if device.type != "cuda":
+        return None, 0
+    n = int(_C.cuda_reduction_workspace_elems(rows, quantities)) + extra
+    ws = torch.empty(max(n, 1), dtype=torch.float64, device=device)
+    return ws, ws.data_ptr()
+
+
+def check_norm_inputs(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.device:
+    """Every tensor dense, contiguous, float32/16/bf16/64, on one cpu/cuda device."""
+    if len(tensors) == 0:
+        raise ValueError(f"{what} is empty; expected at least one tensor")
+    device = None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}; expected a torch.Tensor")
+        check_param(t, f"{what}[{i}]")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device}; expected {device}, the device of {what}[0]")
+    return device
+
+
+def tensor_norms_into(tensors: Sequence[torch.Tensor], out: torch.Tensor, take_sqrt: bool) -> None:
+    """out[i] = ||tensors[i]|| (or its square), one _C call per dtype. Inputs checked by the caller."""
+    _require_cuda(out.device)
+    if out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() != len(tensors):
+        raise ValueError(f"out must be a contiguous float32 tensor of {len(tensors)} elements; got {shape_str(out)}")
+    by_dtype: dict = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    base = out.data_ptr()
+    for dtype, index in by_dtype.items():
+        rows = np.zeros((len(index), ROW_WIDTH), dtype=np.int64)
+        rows[:, 0] = [tensors[i].data_ptr() for i in index]
+        rows[:, 1] = [base + 4 * i for i in index]
+        rows[:, NUMEL_COLUMN] = [tensors[i].numel() for i in index]
+        rows[:, FLAGS_COLUMN] = np.where(rows[:, 0] % 16 == 0, ROW_ALIGNED16, 0)
+        ws, ws_ptr = reduction_workspace(rows, 1, out.device)
+        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], device_index(out.device), stream_of(out.device), ws_ptr,
+                              bool(take_sqrt))
+        del ws  # the caching allocator keeps it alive for the stream's pending work
+
+
+def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
+    """out[k] = sum(g^2) for every grad of the tables (all on out's device), in table order.
+
+    The grads were checked by RowTable.refresh_grads in this step.
+    """
+    _require_cuda(out.device)
+    n = sum(len(t.params) for t in tables)
+    if out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() != n or out.device != tables[0].device:
+        raise ValueError(f"out must be a contiguous float32 tensor of {n} elements on {tables[0].device}")
+    by_dtype: dict = {}
+    offset = 0
+    for t in tables:
+        by_dtype.setdefault(t.dtype, []).append((t, offset))
+        offset += len(t.params)
+    base = out.data_ptr()
+    for dtype, parts in by_dtype.items():
+        rows = np.zeros((sum(len(t.params) for t, _ in parts), ROW_WIDTH), dtype=np.int64)
+        k = 0
+        for t, off in parts:
+            m = len(t.params)
+            rows[k:k + m, 0] = t.rows[:, 1]
+            rows[k:k + m, 1] = base + 4 * (off + np.arange(m, dtype=np.int64))
+            rows[k:k + m, NUMEL_COLUMN] = t.rows[:, NUMEL_COLUMN]
+            k += m
+        rows[:, FLAGS_COLUMN] = np.where(rows[:, 0] % 16 == 0, ROW_ALIGNED16, 0)
+        ws, ws_ptr = reduction_workspace(rows, 1, out.device)
+        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], device_index(out.device), stream_of(out.device), ws_ptr, False)
+        del ws
+
+
+def set_norms_column(table: RowTable, column: int) -> None:
+    """Gives every row a float[2] slot of a fresh per-table buffer for its norms."""
+    table.norms = torch.empty((len(table.params), 2), dtype=torch.float32, device=table.device)
+    table.rows[:, column] = table.norms.data_ptr() + 8 * np.arange(len(table.params), dtype=np.int64)
+
+
+def multi_tensor_lars(table: RowTable, state_dtype: torch.dtype, *, lr: float, lr_tensor: Optional[torch.Tensor],
+                      momentum: float, dampening: float, weight_decay: float, trust_coeff: float, eps: float,
+                      flags: int, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    _require_cuda(table.device)
+    dev = table.device
+    ws, ws_ptr = reduction_workspace(table.rows, 2, dev)
+    _C.multi_tensor_lars(
+        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
+        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
+        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev), ws_ptr,
+        float(lr), float(momentum), float(dampening), float(weight_decay), float(trust_coeff), float(eps), int(flags))
+    del ws
+
+
+def multi_tensor_lamb(table: RowTable, state_dtype: torch.dtype, *, grad_sq: Optional[torch.Tensor], lr: float,
+                      lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
+                      max_grad_norm: float, flags: int, grad_scale: Optional[torch.Tensor],
+                      found_inf: Optional[torch.Tensor]) -> None:
+    """grad_sq: per-grad sums of squares of every grad the clipping norm covers (None: no clipping)."""
+    _require_cuda(table.device)
+    dev = table.device
+    gs_ptr, n_gs = 0, 0
+    if grad_sq is not None:
+        if grad_sq.dtype is not torch.float32 or grad_sq.device != dev or not grad_sq.is_contiguous():
+            raise ValueError(f"grad_sq must be a contiguous float32 tensor on {dev}; got {shape_str(grad_sq)}")
+        gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
+    ws, ws_ptr = reduction_workspace(table.rows, 2, dev, extra=1)
+    _C.multi_tensor_lamb(
+        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
+        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
+        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev), ws_ptr, gs_ptr, n_gs,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(max_grad_norm), int(flags))
+    del ws

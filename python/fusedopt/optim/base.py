@@ -142,6 +142,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def launch(self, table: RowTable, group: dict, grad_scale, found_inf) -> None:
         raise NotImplementedError
 
+    def before_launch(self, work: Sequence[Tuple[dict, "_Batch"]]) -> None:
+        """Runs once per step after all checks, before the first launch (LAMB's global grad norm)."""
+
     # ---- step ----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,6 +170,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, st in batch.pending.items():
                 self.state[p] = TrackedState(self._epoch, st)
                 committed = True
+        self.before_launch(work)
         for group, batch in work:
             self.launch(batch.table, group, self._amp_scalar(grad_scale, batch.table.device),
                         self._amp_scalar(found_inf, batch.table.device))

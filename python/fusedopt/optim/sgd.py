@@ -48,7 +48,10 @@ class SGD(FusedOptimizer):
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:
     ``momentum_buffer`` (fp32 for 16-bit params, fp64 for fp64), only when
-    momentum != 0, as in torch.
+    momentum != 0, as in torch. Under AMP, if a param's very first step is
+    skipped (found_inf), its buffer starts from zeros, so the next step uses
+    :math:`(1-\tau) g` where torch would use :math:`g` (identical for the usual
+    dampening = 0).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
@@ -72,31 +75,31 @@ class SGD(FusedOptimizer):
         return False  # a missing buffer means "first step", as in torch
 
     def new_state(self, group, p):
-        if group["momentum"] == 0:
-            return {}
-        # Written by the kernel on the first step (buffer = update).
-        return {"momentum_buffer": torch.empty_like(p, dtype=self.state_dtype(group, p),
-                                                    memory_format=torch.contiguous_format)}
+        return {}  # the momentum buffer is made in fill_table, on the param's first step
 
     def check_state(self, group, p, st, name):
         if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            return  # first step: new_state supplies it
+            return  # first step: fill_table creates the buffer
         super().check_state(group, p, st, name)
 
     def fill_table(self, table, group, states):
+        first = [False] * len(states)
         if group["momentum"] != 0:
             bufs = []
-            for st in states:
+            for i, (p, st) in enumerate(zip(table.params, states)):
                 if st.get("momentum_buffer") is None:
-                    st["momentum_buffer"] = torch.empty_like(table.params[len(bufs)],
-                                                             dtype=self.state_dtype(group, table.params[len(bufs)]))
+                    # The kernel sets buffer = update on a first step. Zeros, not
+                    # empty: if AMP skips this step (found_inf) the buffer stays
+                    # defined, and the next step continues from a zero buffer.
+                    st["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype(group, p),
+                                                             memory_format=torch.contiguous_format)
+                    first[i] = True
                 bufs.append(st["momentum_buffer"])
             table.set_column(2, bufs)
             table.check_no_overlap([table.params, bufs])
         else:
             table.check_no_overlap([table.params])
-        pending_first = [not self.state.get(p) for p in table.params]
-        table.set_flag(_kernels.ROW_FIRST_STEP, pending_first)
+        table.set_flag(_kernels.ROW_FIRST_STEP, first)
 
     def launch(self, table, group, grad_scale, found_inf):
         lr, lr_tensor = lr_value(group)

@@ -1,0 +1,226 @@
+// CUDA drivers of the per-tensor norms, LARS and LAMB: functors over the shared
+// math (ops/norms.h, ops/lars.h, ops/lamb.h) run by the multi-tensor kernels.
+// Trust ratios are computed per block from norms left on the device by the
+// previous pass, so a step never waits for the host.
+#include "../ops/dispatch.h"
+#include "cuda_api.h"
+#include "reduce.cuh"
+
+namespace fusedopt::cuda {
+namespace {
+
+// The optional device scalars of an OptimCall (as in optim_cuda.cu).
+struct CallScalars {
+  const float* lr_ptr;
+  const float* grad_scale;
+  const float* found_inf;
+  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
+  __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
+  __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
+};
+CallScalars call_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
+
+template <class T>
+struct NormsFunctor {
+  using Acc = typename ComputeOf<T>::type;
+  static constexpr int kVec = 16 / sizeof(T);
+  __device__ bool skip() const { return false; }
+  __device__ int prepare(const TensorRow&) const { return 0; }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, int, Acc (&acc)[1]) const {
+    Acc x[V];
+    load_elems<V>(col<T>(r, kNormsInput), i, x);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[0] += x[k] * x[k];
+  }
+};
+
+// LARS pass 1: |p|^2 and |g|^2.
+template <class P>
+struct LarsNormsFunctor {
+  using Acc = typename ComputeOf<P>::type;
+  static constexpr int kVec = 16 / sizeof(P);
+  CallScalars d;
+  __device__ bool skip() const { return d.skip(); }
+  __device__ int prepare(const TensorRow&) const { return 0; }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, int, Acc (&acc)[2]) const {
+    Acc p[V], g[V];
+    load_elems<V>(col<P>(r, kLarsParam), i, p);
+    load_elems<V>(col<P>(r, kLarsGrad), i, g);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc[0] += p[k] * p[k];
+      acc[1] += g[k] * g[k];
+    }
+  }
+};
+
+// LARS pass 2: the update, with the trust ratio from the row's norms.
+template <class P, class S>
+struct LarsFunctor {
+  using C = typename ComputeOf<P>::type;
+  static constexpr int kVec = 16 / sizeof(P);
+  LarsHyper h;
+  CallScalars d;
+  __device__ bool skip() const { return d.skip(); }
+  __device__ LarsScalars<C> prepare(const TensorRow& r) const {
+    const double lr = d.lr(h.lr), divisor = d.divisor();
+    double ratio = 1.0;
+    if (lars_adapts(h)) {
+      const float* n = col<float>(r, kLarsNorms);
+      ratio = lars_trust_ratio(h, lr, n[0], n[1], divisor);
+    }
+    return lars_scalars<C>(h, lr, divisor, ratio);
+  }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const LarsScalars<C>& s) const {
+    C p[V], g[V], buf[V];
+    const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
+    load_elems<V>(col<P>(r, kLarsParam), i, p);
+    load_elems<V>(col<P>(r, kLarsGrad), i, g);
+    if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) lars_element<C>(p[k], g[k], buf[k], first, s);
+    store_elems<V>(col<P>(r, kLarsParam), i, p);
+    if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
+  }
+};
+
+// What LAMB's passes share: the per-tensor scalars of this step.
+struct LambBase {
+  LambHyper h;
+  CallScalars d;
+  const double* clip_divisor;  // written by lamb_clip_kernel; null: no clipping
+  __device__ bool skip() const { return d.skip(); }
+  template <class C>
+  __device__ LambScalars<C> scalars(const TensorRow& r, double ratio) const {
+    const double step = static_cast<double>(*col<float>(r, kLambStep)) + 1.0;
+    const double divisor = clip_divisor ? *clip_divisor : d.divisor();
+    return lamb_scalars<C>(h, step, d.lr(h.lr), divisor, ratio);
+  }
+};
+
+// LAMB pass 2: m, v; with kApply (no trust ratio) also p, else sums of p'^2, u^2.
+template <class P, class S, bool kApply>
+struct LambMomentFunctor : LambBase {
+  using C = typename ComputeOf<P>::type;
+  using Acc = C;
+  static constexpr int kVec = 16 / sizeof(P);
+  __device__ LambScalars<C> prepare(const TensorRow& r) const { return scalars<C>(r, 1.0); }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s, Acc (&acc)[2]) const {
+    C p[V], g[V], m[V], v[V];
+    load_elems<V>(col<P>(r, kLambParam), i, p);
+    load_elems<V>(col<P>(r, kLambGrad), i, g);
+    load_elems<V>(col<S>(r, kLambExpAvg), i, m);
+    load_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      lamb_moments<C>(g[k], m[k], v[k], s);
+      const C u = lamb_direction<C>(p[k], m[k], v[k], s);
+      if constexpr (kApply) {
+        p[k] = lamb_apply<C>(p[k], u, s);
+      } else {
+        const C pd = lamb_decayed(p[k], s);
+        acc[0] += pd * pd;
+        acc[1] += u * u;
+      }
+    }
+    store_elems<V>(col<S>(r, kLambExpAvg), i, m);
+    store_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
+    if constexpr (kApply) store_elems<V>(col<P>(r, kLambParam), i, p);
+  }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s) const {
+    Acc unused[2] = {C(0), C(0)};
+    apply<V>(r, i, s, unused);
+  }
+};
+
+// LAMB pass 3: u recomputed from the new m, v; p moves by -lr r u.
+template <class P, class S>
+struct LambApplyFunctor : LambBase {
+  using C = typename ComputeOf<P>::type;
+  static constexpr int kVec = 16 / sizeof(P);
+  __device__ LambScalars<C> prepare(const TensorRow& r) const {
+    const float* n = col<float>(r, kLambNorms);
+    return scalars<C>(r, lamb_trust_ratio(h, n[0], n[1]));
+  }
+  template <int V>
+  __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s) const {
+    C p[V], m[V], v[V];
+    load_elems<V>(col<P>(r, kLambParam), i, p);
+    load_elems<V>(col<S>(r, kLambExpAvg), i, m);
+    load_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = lamb_apply<C>(p[k], lamb_direction<C>(p[k], m[k], v[k], s), s);
+    store_elems<V>(col<P>(r, kLambParam), i, p);
+  }
+};
+
+// One warp: the global grad norm from the per-tensor sums of squares (fixed
+// lane order and shuffle tree: deterministic) -> the grad divisor.
+__global__ void lamb_clip_kernel(const float* grad_sq, int64_t n, double* out, LambHyper h, const float* grad_scale) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += 32) s += static_cast<double>(grad_sq[i]);
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+  if (threadIdx.x == 0) *out = lamb_grad_divisor(h, s, grad_scale ? static_cast<double>(*grad_scale) : 1.0);
+}
+
+}  // namespace
+
+int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int quantities) {
+  return reduction_blocks(rows, n_rows) * quantities;
+}
+
+void multi_tensor_norms(const NormsCall& call) {
+  DeviceGuard guard(call.device);
+  auto stream = static_cast<cudaStream_t>(call.stream);
+  dispatch_float_dtype(call.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_reduce<1>(call.rows, call.n_rows, stream, NormsFunctor<T>{}, call.workspace, kNormsOut, call.take_sqrt,
+                     nullptr);
+  });
+}
+
+void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* workspace) {
+  DeviceGuard guard(call.device);
+  auto stream = static_cast<cudaStream_t>(call.stream);
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    if (lars_adapts(h))
+      launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{call_scalars(call)}, workspace,
+                       kLarsNorms, false, call.found_inf);
+    launch_elementwise(call.rows, call.n_rows, stream, LarsFunctor<P, S>{h, call_scalars(call)});
+  });
+}
+
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
+                       double* workspace) {
+  DeviceGuard guard(call.device);
+  auto stream = static_cast<cudaStream_t>(call.stream);
+  const double* clip = nullptr;
+  double* partials = workspace;
+  if (h.flags & kLambClipGrads) {
+    lamb_clip_kernel<<<1, 32, 0, stream>>>(grad_sq, n_grad_sq, workspace, h, call.grad_scale);
+    clip = workspace;
+    partials = workspace + 1;
+  }
+  const LambBase base{h, call_scalars(call), clip};
+  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+    using P = typename decltype(ptag)::type;
+    using S = typename decltype(stag)::type;
+    if (!lamb_adapts(h)) {
+      launch_elementwise(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, true>{base});
+    } else {
+      launch_reduce<2>(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, false>{base}, partials, kLambNorms,
+                       false, call.found_inf);
+      launch_elementwise(call.rows, call.n_rows, stream, LambApplyFunctor<P, S>{base});
+    }
+  });
+  advance_steps(call.rows, call.n_rows, kLambStep, call.found_inf, stream);
+}
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,36 @@
+"""Stateless fused kernels: the building blocks the optimizers use."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _kernels
+
+
+def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of every tensor, as one float32 tensor on their device.
+
+    One pass over memory (one ``_C`` call per dtype present). Accumulation is
+    fp32 inside fixed-size chunks (fp64 for fp64 inputs), and the chunk sums of
+    a tensor are added in fp64 in chunk order: no atomics, so the same inputs
+    give the same bits run after run and for any CPU thread count. An empty
+    tensor has norm 0. Never synchronizes with the host.
+
+    Args:
+        tensors: a non-empty list (or tuple) of dense, contiguous float32,
+            float16, bfloat16 or float64 tensors, all on one cpu or cuda device.
+
+    Returns:
+        float32 tensor of shape ``[len(tensors)]``.
+    """
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError("tensors must be a list of tensors; wrap a single tensor as [t]")
+    tensors = list(tensors)
+    device = _kernels.check_norm_inputs(tensors, "tensors")
+    out = torch.empty((len(tensors),), dtype=torch.float32, device=device)  # every entry is written
+    _kernels.tensor_norms_into(tensors, out, take_sqrt=True)
+    return out
+
+
+__all__ = ["tensor_norms"]

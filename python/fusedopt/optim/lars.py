@@ -1,0 +1,89 @@
+"""Fused LARS (You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks")."""
+from __future__ import annotations
+
+from .. import _kernels
+from .base import check_float
+from .sgd import SGD, device_lr, lr_value
+
+_NESTEROV, _TRUST_CLIP, _ALWAYS_ADAPT = 1, 2, 4  # csrc/ops/lars.h LarsFlag
+
+
+class LARS(SGD):
+    r"""LARS: SGD whose step is scaled, per tensor, by a trust ratio.
+
+    For each param p with grad g (after AMP unscaling), with :math:`\gamma` = lr,
+    :math:`\lambda` = weight_decay, :math:`\eta` = trust_coeff:
+
+    .. math::
+        r &= \frac{\eta \lVert p\rVert}{\lVert g\rVert + \lambda\lVert p\rVert + \epsilon}
+            \quad (r = 1 \text{ where } \lVert p\rVert = 0 \text{ or } \lVert g\rVert = 0) \\
+        r &\leftarrow \min(r / \gamma, 1) \text{ if trust\_clip} \\
+        d &= (g + \lambda p)\, r \quad\text{if } \lambda \ne 0 \text{ or always\_adapt, else } d = g \\
+        b &\leftarrow d \text{ (first step)},\quad b \leftarrow \mu b + (1 - \tau) d \text{ (later)} \\
+        p &\leftarrow p - \gamma\,(d + \mu b \text{ if nesterov else } b) \quad (p - \gamma d \text{ when } \mu = 0)
+
+    Momentum is exactly ``torch.optim.SGD``'s. Biases and norm weights are
+    usually left out of the adaptation (and of the decay) by giving them their
+    own param group with ``weight_decay=0``::
+
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        opt = fusedopt.LARS([{"params": decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    Args:
+        params: iterable of parameters or dicts defining param groups.
+        lr (float or Tensor): :math:`\gamma` (default 1.0).
+        momentum (float): :math:`\mu` (default 0).
+        dampening (float): :math:`\tau` (default 0).
+        weight_decay (float): :math:`\lambda` (default 0).
+        nesterov (bool): Nesterov momentum (needs momentum > 0 and dampening = 0).
+        trust_coeff (float): :math:`\eta` (default 0.001).
+        eps (float): :math:`\epsilon` (default 1e-8).
+        trust_clip (bool): clip the ratio as :math:`\min(r/\gamma, 1)` (LARC).
+        always_adapt (bool): use the trust ratio even where weight_decay is 0.
+
+    Passes over memory per step, per (device, dtype) batch of a group, all in
+    one ``_C`` call: (1) read p and g once for the per-tensor norms (skipped
+    when the group does not adapt), (2) the update: read p, g, b; write p, b.
+    On CUDA the norms stay on the device and each block computes its tensor's
+    ratio from them: no host synchronization. The norm sums are deterministic.
+
+    State per param: ``momentum_buffer`` (fp32 for fp32/fp16/bf16 params, fp64 for
+    fp64), only when momentum != 0, as in torch.optim.SGD.
+    """
+
+    def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
+                        always_adapt=always_adapt)
+        super(SGD, self).__init__(params, defaults)
+
+    def check_hyperparameters(self, group, gi):
+        check_float(group, "lr", group["lr"], gi=gi)
+        check_float(group, "momentum", group["momentum"], gi=gi)
+        check_float(group, "dampening", group["dampening"], low=-float("inf"), gi=gi)
+        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
+        check_float(group, "trust_coeff", group["trust_coeff"], gi=gi)
+        check_float(group, "eps", group["eps"], gi=gi)
+        for key in ("nesterov", "trust_clip", "always_adapt"):
+            if not isinstance(group[key], bool):
+                raise TypeError(f"param_groups[{gi}]['{key}'] must be a bool; got {group[key]!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
+
+    def fill_table(self, table, group, states):
+        super().fill_table(table, group, states)
+        _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lars"])
+
+    def launch(self, table, group, grad_scale, found_inf):
+        lr, lr_tensor = lr_value(group)
+        flags = ((_NESTEROV if group["nesterov"] else 0) | (_TRUST_CLIP if group["trust_clip"] else 0)
+                 | (_ALWAYS_ADAPT if group["always_adapt"] else 0))
+        _kernels.multi_tensor_lars(
+            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=device_lr(lr_tensor, table.device),
+            momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+            trust_coeff=group["trust_coeff"], eps=group["eps"], flags=flags, grad_scale=grad_scale,
+            found_inf=found_inf)

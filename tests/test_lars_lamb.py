@@ -1,0 +1,333 @@
+"""fusedopt.LARS and fusedopt.LAMB against plain per-tensor fp64 implementations
+of the formulas of issue 3, written here."""
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+import fusedopt
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not fusedopt.cuda_available(), reason="needs a CUDA GPU and CUDA kernels")
+STEPS = 50
+
+
+# ---- references (fp64, one tensor at a time) --------------------------------
+class RefLARS:
+    def __init__(self, groups):
+        self.groups = groups  # [{"params": [fp64 tensors], hyper...}]
+        self.buf = {}
+
+    def step(self, grads):  # grads: per group, per param (fp64)
+        for group, gs in zip(self.groups, grads):
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for i, (p, g) in enumerate(zip(group["params"], gs)):
+                if wd != 0 or group["always_adapt"]:
+                    pn, gn = p.norm().item(), g.norm().item()
+                    r = group["trust_coeff"] * pn / (gn + wd * pn + group["eps"]) if pn > 0 and gn > 0 else 1.0
+                    if group["trust_clip"]:
+                        r = min(r / lr, 1.0)
+                    d = (g + wd * p) * r
+                else:
+                    d = g
+                if mom != 0:
+                    key = (id(group), i)
+                    b = d.clone() if key not in self.buf else self.buf[key] * mom + (1 - group["dampening"]) * d
+                    self.buf[key] = b
+                    d = d + mom * b if group["nesterov"] else b
+                p -= lr * d
+
+
+class RefLAMB:
+    def __init__(self, groups):
+        self.groups = groups
+        self.m, self.v, self.t = {}, {}, {}
+
+    def step(self, grads):
+        total = math.sqrt(sum(g.norm().item() ** 2 for gs in grads for g in gs))
+        for gi, (group, gs) in enumerate(zip(self.groups, grads)):
+            self.t[gi] = t = self.t.get(gi, 0) + 1
+            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
+            b3 = 1 - b1 if group["grad_averaging"] else 1.0
+            bc1, bc2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
+            c = 1.0 if group["max_grad_norm"] is None else max(total / group["max_grad_norm"], 1.0)
+            for i, (p, g) in enumerate(zip(group["params"], gs)):
+                g = g / c
+                key = (gi, i)
+                m = self.m[key] = b1 * self.m.get(key, torch.zeros_like(p)) + b3 * g
+                v = self.v[key] = b2 * self.v.get(key, torch.zeros_like(p)) + (1 - b2) * g * g
+                u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + group["eps"])
+                if wd != 0:
+                    if group["decoupled_decay"]:
+                        p -= lr * wd * p
+                    else:
+                        u = u + wd * p
+                if wd != 0 or group["always_adapt"]:
+                    pn, un = p.norm().item(), u.norm().item()
+                    r = pn / un if pn > 0 and un > 0 else 1.0
+                    if group["trust_clip"]:
+                        r = min(r, 1.0)
+                    u = u * r
+                p -= lr * u
+
+
+# ---- models ------------------------------------------------------------------
+def make_params(dtype, device="cpu"):
+    """2-D weights (decay group) and 1-D biases (weight_decay=0 group); one weight starts at 0."""
+    shapes2 = [(33, 17), (64, 40), (5, 3), (180, 200)]
+    shapes1 = [(17,), (40,), (1,), (200,)]
+    w = [torch.randn(s, dtype=torch.float64) * 0.5 for s in shapes2]
+    w[2].zero_()  # ||p|| == 0
+    b = [torch.randn(s, dtype=torch.float64) * 0.1 for s in shapes1]
+    return ([torch.nn.Parameter(x.to(device=device, dtype=dtype)) for x in w],
+            [torch.nn.Parameter(x.to(device=device, dtype=dtype)) for x in b])
+
+
+def draw_grads(params, dtype, zero_index=1):
+    grads = []
+    for gi, ps in enumerate(params):
+        gs = [(torch.randn(p.shape, dtype=torch.float64) * 0.3).to(dtype) for p in ps]
+        if gi == 0:
+            gs[zero_index] = torch.zeros_like(gs[zero_index])  # ||g|| == 0
+        grads.append(gs)
+    return grads
+
+
+def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu"):
+    w, b = make_params(dtype, device)
+    ref_groups = [dict(hyper, params=[p.detach().double().cpu().clone() for p in w]),
+                  dict(hyper, params=[p.detach().double().cpu().clone() for p in b], **groups_extra)]
+    opt = opt_cls([{"params": w}, dict(params=b, **groups_extra)], **hyper)
+    ref = ref_cls(ref_groups)
+    for _ in range(steps):
+        grads = draw_grads([w, b], dtype)
+        for ps, gs in zip([w, b], grads):
+            for p, g in zip(ps, gs):
+                p.grad = g.to(device)
+        kept = [[p.grad.clone() for p in ps] for ps in (w, b)]
+        opt.step()
+        for ps, ks in zip([w, b], kept):  # p.grad is never modified
+            assert all(torch.equal(p.grad, k) for p, k in zip(ps, ks))
+        ref.step([[g.double() for g in gs] for gs in grads])
+        if dtype is not torch.float32:  # the reference keeps what a bf16 param can hold
+            for group in ref_groups:
+                for p in group["params"]:
+                    p.copy_(p.to(dtype).double())
+    return [p.detach().double().cpu() for p in w + b], [p for g in ref_groups for p in g["params"]]
+
+
+def check(got, want, dtype):
+    for i, (g, r) in enumerate(zip(got, want)):
+        if dtype is torch.float32:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"tensor {i}: {m}")
+        else:
+            # Within bf16 rounding: a rounding that went the other way once (the
+            # fused math is fp32, the reference fp64) leaves a one-ulp offset
+            # that later steps carry along, so the bound scales with the tensor.
+            scale = float(r.abs().max()) or 1.0
+            torch.testing.assert_close(g, r, rtol=2.0 ** -7, atol=2.0 ** -7 * scale, msg=lambda m: f"tensor {i}: {m}")
+
+
+LARS_CASES = [  # (momentum, dampening, nesterov, trust_clip, always_adapt)
+    (0.0, 0.0, False, False, False),
+    (0.9, 0.0, True, False, False),
+    (0.9, 0.3, False, True, False),
+    (0.5, 0.0, False, False, True),
+    (0.8, 0.1, False, True, True),
+    (0.9, 0.0, True, True, True),
+]
+
+
+def lars_hyper(case, rng):
+    mom, damp, nest, clip, adapt = case
+    return dict(lr=rng.uniform(0.05, 0.5), momentum=mom, dampening=damp, nesterov=nest,
+                weight_decay=rng.choice([1e-4, 1e-3, 5e-2]), trust_coeff=rng.uniform(1e-3, 2e-2),
+                eps=rng.choice([1e-8, 1e-6]), trust_clip=clip, always_adapt=adapt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", LARS_CASES)
+def test_lars_matches_reference(case, dtype):
+    rng = random.Random(torch.seed())
+    hyper = lars_hyper(case, rng)
+    got, want = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype)
+    check(got, want, dtype)
+
+
+LAMB_CASES = [  # (bias_correction, grad_averaging, max_grad_norm, trust_clip, always_adapt, decoupled_decay)
+    (True, True, 1.0, False, False, False),
+    (False, True, None, True, False, False),
+    (True, False, 0.5, False, True, True),
+    (True, True, None, True, True, True),
+    (False, False, 100.0, False, False, True),
+    (True, True, 2.0, True, True, False),
+]
+
+
+def lamb_hyper(case, rng):
+    bias, avg, mgn, clip, adapt, dec = case
+    return dict(lr=rng.uniform(1e-3, 2e-2), betas=(rng.uniform(0.8, 0.95), rng.uniform(0.9, 0.999)),
+                eps=rng.choice([1e-6, 1e-8]), weight_decay=rng.choice([0.01, 0.1]), bias_correction=bias,
+                grad_averaging=avg, max_grad_norm=mgn, trust_clip=clip, always_adapt=adapt, decoupled_decay=dec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", LAMB_CASES)
+def test_lamb_matches_reference(case, dtype):
+    rng = random.Random(torch.seed())
+    hyper = lamb_hyper(case, rng)
+    got, want = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype)
+    check(got, want, dtype)
+
+
+def test_lamb_clip_norm_spans_groups_with_different_thresholds():
+    rng = random.Random(torch.seed())
+    hyper = lamb_hyper((True, True, 0.3, False, False, False), rng)
+    got, want = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0, "max_grad_norm": None}, torch.float32, 20)
+    check(got, want, torch.float32)
+
+
+# ---- state, determinism, AMP, validation -------------------------------------
+OPTIMIZERS = [
+    (fusedopt.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True), ("momentum_buffer",)),
+    (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.05), ("step", "exp_avg", "exp_avg_sq")),
+]
+
+
+def fixed_grads(n_steps, shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(n_steps)]
+
+
+def drive(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
+def test_state_dict_round_trip(cls, kw, keys):
+    shapes = [(40, 30), (30,), (70000,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = cls([{"params": params[::2]}, {"params": params[1:2], "weight_decay": 0.0}], **kw)
+    grads = fixed_grads(12, shapes, 7)
+    drive(opt, params, grads[:6])
+    sd = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():
+        assert set(keys) <= set(st)
+        if "step" in st:
+            assert st["step"].dtype is torch.float32 and st["step"].numel() == 1 and float(st["step"]) == 6
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = cls([{"params": params2[::2]}, {"params": params2[1:2], "weight_decay": 0.0}], **kw)
+    opt2.load_state_dict(sd)
+    drive(opt, params, grads[6:])
+    drive(opt2, params2, grads[6:])
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
+@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
+def test_same_bits_twice_and_for_any_thread_count(cls, kw, keys):
+    shapes = [(200000,), (333, 77), (5,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = fixed_grads(3, shapes, 11)
+    results = []
+    before = fusedopt.get_num_threads()
+    try:
+        for threads in (2, 2, 1):
+            fusedopt.set_num_threads(threads)
+            params = [torch.nn.Parameter(x.clone()) for x in init]
+            drive(cls(params, **kw), params, grads)
+            results.append(params)
+    finally:
+        fusedopt.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
+def test_grad_scale_and_found_inf(cls, kw, keys):
+    shapes = [(50, 20), (20,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = fixed_grads(4, shapes, 3)
+    plain = [torch.nn.Parameter(x.clone()) for x in init]
+    drive(cls(plain, **kw), plain, grads)
+    scaled = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = cls(scaled, **kw)
+    opt.grad_scale = torch.tensor(1024.0)
+    opt.found_inf = torch.tensor(0.0)
+    drive(opt, scaled, [[g * 1024.0 for g in gs] for gs in grads])
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in scaled]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    opt.found_inf = torch.tensor(1.0)
+    drive(opt, scaled, [[torch.full(s, float("inf")) for s in shapes]])
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled))
+    for k, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, state_before[k][n]) for n, v in st.items())
+
+
+@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
+def test_bad_input_rejected_before_anything_is_written(cls, kw, keys):
+    good = torch.nn.Parameter(torch.randn(10, 10))
+    bad = torch.nn.Parameter(torch.randn(10, 10))
+    opt = cls([{"params": [good]}, {"params": [bad]}], **kw)
+    good.grad = torch.randn(10, 10)
+    bad.grad = torch.randn(10, 10).t()  # not contiguous
+    before = good.detach().clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    assert torch.equal(good, before) and not opt.state
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (fusedopt.LARS, dict(lr=-1.0)), (fusedopt.LARS, dict(trust_coeff=-1.0)),
+    (fusedopt.LARS, dict(nesterov=True)), (fusedopt.LARS, dict(trust_clip="yes")),
+    (fusedopt.LAMB, dict(betas=(1.0, 0.9))), (fusedopt.LAMB, dict(eps=0.0)),
+    (fusedopt.LAMB, dict(max_grad_norm=0.0)), (fusedopt.LAMB, dict(decoupled_decay=1)),
+])
+def test_bad_hyperparameters(cls, kw):
+    with pytest.raises((ValueError, TypeError)):
+        cls([torch.nn.Parameter(torch.randn(3))], **kw)
+
+
+def test_fp64_params_keep_fp64_state():
+    p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    p.grad = torch.randn(20, dtype=torch.float64)
+    opt = fusedopt.LAMB([p])
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype is torch.float64
+
+
+# ---- CUDA (compiled here, run only where a GPU is present) -------------------
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["lars", "lamb"])
+def test_cuda_matches_reference(which, dtype):
+    rng = random.Random(torch.seed())
+    if which == "lars":
+        hyper = lars_hyper(LARS_CASES[-2], rng)
+        got, want = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
+    else:
+        hyper = lamb_hyper(LAMB_CASES[2], rng)
+        got, want = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
+    check(got, want, dtype)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
+def test_cuda_deterministic(cls, kw, keys):
+    shapes = [(3_000_000,), (333, 77), (5,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = fixed_grads(3, shapes, 5)
+    out = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(x.clone().cuda()) for x in init]
+        drive(cls(params, **kw), params, [[g.cuda() for g in gs] for gs in grads])
+        out.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*out))

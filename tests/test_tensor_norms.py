@@ -1,0 +1,104 @@
+"""fusedopt.functional.tensor_norms against torch.linalg.vector_norm; determinism; validation."""
+import pytest
+import torch
+
+import fusedopt
+from fusedopt.functional import tensor_norms
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not fusedopt.cuda_available(), reason="needs a CUDA GPU and CUDA kernels")
+
+
+def random_tensors(gen, n, dtype, device="cpu", big=False):
+    shapes = []
+    for i in range(n):
+        kind = torch.randint(0, 5, (1,), generator=gen).item()
+        if kind == 0:
+            shapes.append((0,) if i % 2 else (3, 0))
+        elif kind == 1 or not big:
+            shapes.append(tuple(torch.randint(1, 40, (2,), generator=gen).tolist()))
+        else:
+            shapes.append((int(torch.randint(40000, 150000, (1,), generator=gen)),))  # several CPU chunks
+    return [(torch.randn(s, generator=gen, dtype=torch.float64) * 3).to(dtype).to(device) for s in shapes]
+
+
+def reference(ts):
+    return torch.stack([torch.linalg.vector_norm(t.double()) if t.numel() else torch.zeros((), dtype=torch.float64)
+                        for t in ts])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_vector_norm(dtype):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ts = random_tensors(gen, 23, dtype, big=True)
+    ts.append(torch.zeros(5, dtype=dtype))  # a zero-norm tensor
+    out = tensor_norms(ts)
+    assert out.dtype is torch.float32 and out.shape == (len(ts),)
+    torch.testing.assert_close(out.double(), reference(ts), rtol=1e-5, atol=0)
+
+
+def test_mixed_dtypes_keep_order():
+    ts = [torch.randn(100), torch.randn(50).bfloat16(), torch.randn(0), torch.randn(7).double(), torch.randn(9).half()]
+    torch.testing.assert_close(tensor_norms(ts).double(), reference(ts), rtol=1e-5, atol=0)
+
+
+def test_many_small_tensors_and_tuple_input():
+    ts = tuple(torch.randn(int(n)) for n in torch.randint(1, 30, (500,)))
+    torch.testing.assert_close(tensor_norms(ts).double(), reference(ts), rtol=1e-5, atol=0)
+
+
+def test_deterministic_across_runs_and_threads():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ts = random_tensors(gen, 30, torch.float32, big=True) + [torch.randn(300000)]
+    before = fusedopt.get_num_threads()
+    try:
+        fusedopt.set_num_threads(2)
+        a, b = tensor_norms(ts), tensor_norms(ts)
+        fusedopt.set_num_threads(1)
+        c = tensor_norms(ts)
+    finally:
+        fusedopt.set_num_threads(before)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_inputs_are_not_written():
+    ts = [torch.randn(1000), torch.randn(33).bfloat16()]
+    copies = [t.clone() for t in ts]
+    tensor_norms(ts)
+    assert all(torch.equal(t, c) for t, c in zip(ts, copies))
+
+
+@pytest.mark.parametrize("bad, err, words", [
+    ([], ValueError, "empty"),
+    ([torch.randn(4, 4).t()], ValueError, "contiguous"),
+    ([torch.arange(4)], TypeError, "dtype"),
+    ([torch.randn(3), "x"], TypeError, "tensors[1]"),
+    ([torch.randn(3, dtype=torch.complex64)], TypeError, "dtype"),
+])
+def test_rejects_bad_input(bad, err, words):
+    with pytest.raises(err, match=words.replace("[", r"\[").replace("]", r"\]")):
+        tensor_norms(bad)
+
+
+def test_rejects_a_single_tensor():
+    with pytest.raises(TypeError, match="list"):
+        tensor_norms(torch.randn(3))
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cuda_matches_vector_norm_and_is_deterministic(dtype):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ts = random_tensors(gen, 40, dtype, device="cuda", big=True) + [torch.randn(3_000_000, device="cuda").to(dtype)]
+    out = tensor_norms(ts)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.double().cpu(), reference([t.cpu() for t in ts]), rtol=1e-5, atol=0)
+    assert torch.equal(out, tensor_norms(ts))
+
+
+@cuda
+@needs_gpu
+def test_cuda_rejects_mixed_devices():
+    with pytest.raises(ValueError, match="device"):
+        tensor_norms([torch.randn(3, device="cuda"), torch.randn(3)])
