@@ -165,6 +165,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         committed = False
         for group, batch in work:
             for p, st in batch.pending.items():
+                if not st:
+                    # Nothing to keep (SGD without momentum): torch stores no
+                    # entry either, and committing one would bump the epoch and
+                    # rebuild the row tables on every step.
+                    continue
                 self.state[p] = TrackedState(self._epoch, st)
                 committed = True
         for group, batch in work:
