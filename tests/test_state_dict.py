@@ -232,3 +232,48 @@ def test_sgd_momentum_switched_on_later_matches_torch(seed):
         o.param_groups[0]["momentum"] = 0.9
     train([(pf, of), (pt, ot)], 4, seed + 2)
     assert_params_equal(pf, pt)
+
+
+def test_sgd_none_momentum_buffer_in_checkpoint(seed):
+    """Checkpoints of older torch versions store momentum_buffer=None (momentum 0). When momentum is
+    then switched on, the first step must start the buffer from the grad, as torch does."""
+    pf, pt = make_params(2)
+    sd = {"state": {i: {"momentum_buffer": None} for i in range(len(SHAPES))},
+          "param_groups": [dict(lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                                maximize=False, foreach=None, differentiable=False, fused=None,
+                                params=list(range(len(SHAPES))))]}
+    of = fusedopt.SGD(pf, lr=0.01)
+    ot = torch.optim.SGD(pt, lr=0.01, foreach=False)
+    of.load_state_dict(copy.deepcopy(sd))
+    ot.load_state_dict(copy.deepcopy(sd))
+    train([(pf, of), (pt, ot)], 2, seed)  # momentum 0: buffers stay None/absent
+    for o in (of, ot):
+        o.param_groups[0]["momentum"] = 0.9
+    train([(pf, of), (pt, ot)], 4, seed + 2)
+    assert_params_equal(pf, pt)
+
+
+def test_sgd_momentum_switched_on_mid_training_matches_torch(seed):
+    pf, pt = make_params(2)
+    of = fusedopt.SGD(pf, lr=0.01)
+    ot = torch.optim.SGD(pt, lr=0.01, foreach=False)
+    train([(pf, of), (pt, ot)], 3, seed)
+    for o in (of, ot):
+        o.param_groups[0]["momentum"] = 0.9
+    train([(pf, of), (pt, ot)], 3, seed + 3)
+    for o in (of, ot):
+        o.param_groups[0]["momentum"] = 0.0
+    train([(pf, of), (pt, ot)], 2, seed + 6)
+    assert_params_equal(pf, pt)
+
+
+def test_amsgrad_switched_on_mid_training_raises_cleanly(seed):
+    """torch.optim.Adam fails (KeyError) here; fusedopt must raise naming the missing state, not crash."""
+    (pf,) = make_params(1)
+    of = fusedopt.Adam(pf, lr=0.01)
+    train([(pf, of)], 2, seed)
+    of.param_groups[0]["amsgrad"] = True
+    before = [p.clone() for p in pf]
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        train([(pf, of)], 1, seed + 2)
+    assert_params_equal(pf, before, exact=True)

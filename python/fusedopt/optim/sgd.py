@@ -78,25 +78,24 @@ class SGD(FusedOptimizer):
         return {"momentum_buffer": torch.empty_like(p, dtype=self.state_dtype(group, p),
                                                     memory_format=torch.contiguous_format)}
 
-    def check_state(self, group, p, st, name):
-        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            return  # first step: new_state supplies it
-        super().check_state(group, p, st, name)
+    def table_layout_key(self, group):
+        return (group["momentum"] != 0,)
+
+    def needs_new_state(self, group, st):
+        # No buffer yet (no state, or a checkpoint's momentum_buffer=None from
+        # momentum 0): the first momentum step starts it from the update, as
+        # torch does. The new state is committed only after all checks pass.
+        return not st or (group["momentum"] != 0 and st.get("momentum_buffer") is None)
 
     def fill_table(self, table, group, states):
         if group["momentum"] != 0:
-            bufs = []
-            for st in states:
-                if st.get("momentum_buffer") is None:
-                    st["momentum_buffer"] = torch.empty_like(table.params[len(bufs)],
-                                                             dtype=self.state_dtype(group, table.params[len(bufs)]))
-                bufs.append(st["momentum_buffer"])
+            bufs = [st["momentum_buffer"] for st in states]
             table.set_column(2, bufs)
             table.check_no_overlap([table.params, bufs])
         else:
             table.check_no_overlap([table.params])
-        pending_first = [not self.state.get(p) for p in table.params]
-        table.set_flag(_kernels.ROW_FIRST_STEP, pending_first)
+        first = [self.needs_new_state(group, self.state.get(p)) for p in table.params]
+        table.set_flag(_kernels.ROW_FIRST_STEP, first)
 
     def launch(self, table, group, grad_scale, found_inf):
         lr, lr_tensor = lr_value(group)
