@@ -331,6 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        if not (args.quick and device.type == "cpu" and w == "gpt2-small")]
         reps = args.reps or (3 if args.quick else 5)
         cases = [(w, o) for w in workloads for o in args.optimizers]
+        env = environment(device)  # before timing: the commit is the code that runs
         progress = Progress(len(cases), enabled=not args.no_progress)
         rows = []
         for w, o in cases:
@@ -339,7 +340,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows += bench_case(w, o, device, reps, iters, args.warmup, args.impls)
             progress.update(f"{device.type} {w} {o}")
         progress.close()
-        env = environment(device)
         print(f"\nfusedopt bench on {env['device_name']} ({device.type}), torch {env['torch_version']}, "
               f"commit {env['git_commit']}, threads torch={env['torch_threads']} "
               f"fusedopt={env['fusedopt_threads']}; median of {reps} reps, interleaved")
