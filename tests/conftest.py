@@ -1,5 +1,8 @@
-"""Shared pytest setup: the `cuda` marker skips without a usable GPU; `slow`
-tests run only with --runslow. Every test gets a fresh seed, printed on failure."""
+"""Shared pytest setup: the `cuda` marker (and `requires_cuda`) skip without a
+usable GPU; `slow` tests run only with --runslow; every test that takes the
+`seed` fixture gets a fresh seed, printed and reported on failure."""
+from __future__ import annotations
+
 import os
 import random
 
@@ -7,6 +10,8 @@ import pytest
 import torch
 
 import fusedopt
+
+requires_cuda = pytest.mark.skipif(not fusedopt.cuda_available(), reason="needs a CUDA GPU and a CUDA build")
 
 
 def pytest_addoption(parser):
@@ -25,10 +30,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed(request):
-    """A fresh seed per test (FUSEDOPT_TEST_SEED pins it); reported when the test fails."""
+    """A fresh seed per test (FUSEDOPT_TEST_SEED pins it); printed so a failure can be replayed."""
     value = int(os.environ.get("FUSEDOPT_TEST_SEED", random.SystemRandom().randrange(2**31)))
     torch.manual_seed(value)
     random.seed(value)
+    print(f"\n[{request.node.name}] seed={value} (replay with FUSEDOPT_TEST_SEED={value})")
     request.node.user_properties.append(("seed", value))
     return value
 
@@ -38,6 +44,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        seeds = [v for k, v in item.user_properties if k == "seed"]
-        if seeds:
-            report.sections.append(("seed", f"reproduce with FUSEDOPT_TEST_SEED={seeds[0]}"))
+        for key, value in item.user_properties:
+            if key == "seed":
+                report.sections.append(("seed", f"reproduce with FUSEDOPT_TEST_SEED={value}"))

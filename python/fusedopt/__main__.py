@@ -1,24 +1,32 @@
-"""Command line: `fusedopt spectrum ...` and `fusedopt bench ...`."""
+"""Command line: ``python -m fusedopt <command>`` (also installed as ``fusedopt``).
+
+Commands:
+  bench      optimizer step benchmark against torch.optim (fusedopt.bench)
+  spectrum   Hessian spectrum of a model (fusedopt.hessian.cli)
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="fusedopt")
-    ap.add_argument("command", choices=["spectrum", "bench"], help="spectrum: Hessian spectrum demo; bench: benchmarks")
-    if not argv or argv[0] in ("-h", "--help"):
-        ap.print_help()
-        return 0 if argv else 2
-    args, rest = ap.parse_known_args(argv[:1])
+    ap = argparse.ArgumentParser(prog="fusedopt", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("command", choices=["bench", "spectrum"])
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see COMMAND --help)")
+    ns = ap.parse_args(argv[:1])
     rest = argv[1:]
-    if args.command == "spectrum":
-        from .hessian.cli import spectrum_main
-        return spectrum_main(rest)
-    from . import bench  # owned by the benchmark work; may not exist in every build
-    return bench.main(rest)
+    # Imported lazily: each command pulls in only what it needs.
+    if ns.command == "bench":
+        from .bench import main as bench_main
+
+        return int(bench_main(rest) or 0)
+    from .hessian.cli import spectrum_main
+
+    return int(spectrum_main(rest) or 0)
 
 
 if __name__ == "__main__":

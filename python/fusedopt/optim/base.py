@@ -135,6 +135,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """State of a param seen for the first time (not yet stored)."""
         raise NotImplementedError
 
+    def table_layout_key(self, group: dict) -> tuple:
+        """Options of the group that change which state columns a table holds."""
+        return ()
+
+    def needs_new_state(self, group: dict, st: Optional[dict]) -> bool:
+        """True when p's stored state (None if absent) must be replaced by new_state() on this step."""
+        return not st
+
     def fill_table(self, table: RowTable, group: dict, states: Sequence[dict]) -> None:
         """Sets the state columns of a freshly built table."""
         raise NotImplementedError
@@ -168,6 +176,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         committed = False
         for group, batch in work:
             for p, st in batch.pending.items():
+                if not st:
+                    # Nothing to keep (SGD without momentum): torch stores no
+                    # entry either, and committing one would bump the epoch and
+                    # rebuild the row tables on every step.
+                    continue
                 self.state[p] = TrackedState(self._epoch, st)
                 committed = True
         self.before_launch(work)
@@ -195,7 +208,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.append(g)
         if not params:
             return []
-        ids = tuple(map(id, params))
+        # The tables depend on which params have grads, on the state (epoch) and
+        # on options that change the row layout (e.g. momentum on/off).
+        ids = (tuple(map(id, params)), self.table_layout_key(group))
         cached = self._group_cache.get(gi)
         if cached is not None and cached[0] == ids and cached[1] == self._epoch[0]:
             batches = cached[2]
@@ -222,7 +237,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             pending, states = {}, []
             for p, name in zip(ps, names):
                 st = self.state.get(p)
-                if not st:
+                if self.needs_new_state(group, st):
                     st = self.new_state(group, p)
                     pending[p] = st
                 self.check_state(group, p, st, name)

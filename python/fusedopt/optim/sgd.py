@@ -75,30 +75,31 @@ class SGD(FusedOptimizer):
         return False  # a missing buffer means "first step", as in torch
 
     def new_state(self, group, p):
-        return {}  # the momentum buffer is made in fill_table, on the param's first step
+        if group["momentum"] == 0:
+            return {}
+        # The kernel sets buffer = update on a first step. Zeros, not empty: if
+        # AMP skips this step (found_inf) the buffer stays defined, and the next
+        # step continues from a zero buffer.
+        return {"momentum_buffer": torch.zeros_like(p, dtype=self.state_dtype(group, p),
+                                                    memory_format=torch.contiguous_format)}
 
-    def check_state(self, group, p, st, name):
-        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            return  # first step: fill_table creates the buffer
-        super().check_state(group, p, st, name)
+    def table_layout_key(self, group):
+        return (group["momentum"] != 0,)
+
+    def needs_new_state(self, group, st):
+        # No buffer yet (no state, or a checkpoint's momentum_buffer=None from
+        # momentum 0): the first momentum step starts it from the update, as
+        # torch does. The new state is committed only after all checks pass.
+        return not st or (group["momentum"] != 0 and st.get("momentum_buffer") is None)
 
     def fill_table(self, table, group, states):
-        first = [False] * len(states)
         if group["momentum"] != 0:
-            bufs = []
-            for i, (p, st) in enumerate(zip(table.params, states)):
-                if st.get("momentum_buffer") is None:
-                    # The kernel sets buffer = update on a first step. Zeros, not
-                    # empty: if AMP skips this step (found_inf) the buffer stays
-                    # defined, and the next step continues from a zero buffer.
-                    st["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype(group, p),
-                                                             memory_format=torch.contiguous_format)
-                    first[i] = True
-                bufs.append(st["momentum_buffer"])
+            bufs = [st["momentum_buffer"] for st in states]
             table.set_column(2, bufs)
             table.check_no_overlap([table.params, bufs])
         else:
             table.check_no_overlap([table.params])
+        first = [self.needs_new_state(group, self.state.get(p)) for p in table.params]
         table.set_flag(_kernels.ROW_FIRST_STEP, first)
 
     def launch(self, table, group, grad_scale, found_inf):
