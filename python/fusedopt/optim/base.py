@@ -73,7 +73,7 @@ def check_float(group: dict, key: str, value: Any, *, low: float = 0.0, low_incl
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"param_groups[{gi}]['{key}'] must be a number; got {type(value).__name__}")
     value = float(value)
-    ok = not math.isnan(value)
+    ok = math.isfinite(value)  # nan and inf are always rejected
     ok = ok and (value >= low if low_inclusive else value > low)
     if high is not None:
         ok = ok and (value <= high if high_inclusive else value < high)
@@ -191,11 +191,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.append(g)
         if not params:
             return []
-        ids = tuple(map(id, params))
+        # The required state keys are part of the key: a hyperparameter that
+        # adds a state tensor (amsgrad, momentum) changes the table's columns.
+        ids = (tuple(map(id, params)), self.required_state_keys(group))
         cached = self._group_cache.get(gi)
         if cached is not None and cached[0] == ids and cached[1] == self._epoch[0]:
             batches = cached[2]
-            if not any(b.table.params_moved() for b in batches):
+            if not any(b.table.params_changed() for b in batches):
                 for b in batches:
                     b.table.refresh_grads(grads if len(batches) == 1 else [grads[i] for i in b.index])
                 return batches
@@ -218,8 +220,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             pending, states = {}, []
             for p, name in zip(ps, names):
                 st = self.state.get(p)
-                if not st:
-                    st = self.new_state(group, p)
+                if not st or self.state_incomplete(group, st):
+                    # Built on the side and stored only once the whole step passed.
+                    st = {**(st or {}), **self.new_state(group, p)}
                     pending[p] = st
                 self.check_state(group, p, st, name)
                 states.append(st)
@@ -244,6 +247,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def required_state_keys(self, group: dict) -> Tuple[str, ...]:
         return self.state_tensor_keys
+
+    def state_incomplete(self, group: dict, st: dict) -> bool:
+        """True when a stored state lacks an entry that new_state() would supply
+        (e.g. a momentum buffer saved as None): it is completed on the side."""
+        return False
 
     # ---- bookkeeping ---------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -282,8 +290,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; "
                              f"this optimizer has {len(self.param_groups)}")
+        if not isinstance(state_dict["state"], dict):
+            raise ValueError("state_dict['state'] must be a dict mapping parameter ids to state dicts")
         id_map = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"loaded param_groups[{gi}] must be a dict with a 'params' list")
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"loaded param_groups[{gi}] has {len(saved['params'])} params; "
                                  f"this optimizer's has {len(group['params'])}")
@@ -308,6 +320,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             p, gi, i = id_map[pid]
             group = new_groups[gi]
             name = param_name(group, gi, i)
+            if not isinstance(saved_st, dict):
+                raise ValueError(f"loaded state of {name} must be a dict; got {type(saved_st).__name__}")
             st = self.convert_loaded_state(group, p, dict(saved_st), name)
             if st:
                 self.check_state(group, p, st, name)

@@ -78,25 +78,20 @@ class SGD(FusedOptimizer):
         return {"momentum_buffer": torch.empty_like(p, dtype=self.state_dtype(group, p),
                                                     memory_format=torch.contiguous_format)}
 
-    def check_state(self, group, p, st, name):
-        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            return  # first step: new_state supplies it
-        super().check_state(group, p, st, name)
+    def state_incomplete(self, group, st):
+        return group["momentum"] != 0 and st.get("momentum_buffer") is None
 
     def fill_table(self, table, group, states):
         if group["momentum"] != 0:
-            bufs = []
-            for st in states:
-                if st.get("momentum_buffer") is None:
-                    st["momentum_buffer"] = torch.empty_like(table.params[len(bufs)],
-                                                             dtype=self.state_dtype(group, table.params[len(bufs)]))
-                bufs.append(st["momentum_buffer"])
+            bufs = [st["momentum_buffer"] for st in states]
             table.set_column(2, bufs)
             table.check_no_overlap([table.params, bufs])
         else:
             table.check_no_overlap([table.params])
-        pending_first = [not self.state.get(p) for p in table.params]
-        table.set_flag(_kernels.ROW_FIRST_STEP, pending_first)
+        # A state not (yet) stored was just made by new_state: its buffer is
+        # uninitialized and the kernel sets it to the first update.
+        first = [self.state.get(p) is not st for p, st in zip(table.params, states)]
+        table.set_flag(_kernels.ROW_FIRST_STEP, first)
 
     def launch(self, table, group, grad_scale, found_inf):
         lr, lr_tensor = lr_value(group)
