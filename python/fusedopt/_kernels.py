@@ -109,6 +109,7 @@ class RowTable:
         self.rows[:, 0] = [p.data_ptr() for p in params]
         p0 = params[0]
         self.device = p0.device
+        self.shapes = [p.shape for p in params]
         self.dtype = p0.dtype
         self.nbytes = self.rows[:, NUMEL_COLUMN] * p0.element_size()
         # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
@@ -122,7 +123,7 @@ class RowTable:
         self.rows[:, FLAGS_COLUMN] = np.where(mask, self.rows[:, FLAGS_COLUMN] | flag, self.rows[:, FLAGS_COLUMN] & ~flag)
 
     def params_changed(self) -> bool:
-        """True when a param's storage, size, dtype or layout changed since the
+        """True when a param's storage, shape, dtype or layout changed since the
         table was built (e.g. ``p.data = p.data[:5]`` keeps the pointer but not
         the size): the table must then be rebuilt and everything re-checked."""
         n = len(self.params)
@@ -130,8 +131,8 @@ class RowTable:
         numels = np.fromiter((p.numel() for p in self.params), np.int64, count=n)
         if not (np.array_equal(ptrs, self.rows[:, 0]) and np.array_equal(numels, self.rows[:, NUMEL_COLUMN])):
             return True
-        return any(p.dtype is not self.dtype or p.device != self.device or not p.is_contiguous()
-                   for p in self.params)
+        return any(p.shape != shape or p.dtype is not self.dtype or p.device != self.device
+                   or not p.is_contiguous() for p, shape in zip(self.params, self.shapes))
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
         check_grads(self.params, grads, self.names)

@@ -81,6 +81,11 @@ class SGD(FusedOptimizer):
     def state_incomplete(self, group, st):
         return group["momentum"] != 0 and st.get("momentum_buffer") is None
 
+    def check_state(self, group, p, st, name):
+        if self.state_incomplete(group, st):
+            return  # a loaded None buffer: completed on the side at the next step
+        super().check_state(group, p, st, name)
+
     def fill_table(self, table, group, states):
         if group["momentum"] != 0:
             bufs = [st["momentum_buffer"] for st in states]
