@@ -109,8 +109,11 @@ class RowTable:
         self.rows[:, 0] = [p.data_ptr() for p in params]
         p0 = params[0]
         self.device = p0.device
+        self.shapes = [p.shape for p in params]
         self.dtype = p0.dtype
         self.nbytes = self.rows[:, NUMEL_COLUMN] * p0.element_size()
+        # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
+        self._written = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     def set_column(self, column: int, tensors: Sequence[Optional[torch.Tensor]]) -> None:
         self.rows[:, column] = [0 if t is None else t.data_ptr() for t in tensors]
@@ -119,9 +122,17 @@ class RowTable:
         mask = np.asarray(on, dtype=bool)
         self.rows[:, FLAGS_COLUMN] = np.where(mask, self.rows[:, FLAGS_COLUMN] | flag, self.rows[:, FLAGS_COLUMN] & ~flag)
 
-    def params_moved(self) -> bool:
-        ptrs = np.fromiter((p.data_ptr() for p in self.params), np.int64, count=len(self.params))
-        return not np.array_equal(ptrs, self.rows[:, 0])
+    def params_changed(self) -> bool:
+        """True when a param's storage, shape, dtype or layout changed since the
+        table was built (e.g. ``p.data = p.data[:5]`` keeps the pointer but not
+        the size): the table must then be rebuilt and everything re-checked."""
+        n = len(self.params)
+        ptrs = np.fromiter((p.data_ptr() for p in self.params), np.int64, count=n)
+        numels = np.fromiter((p.numel() for p in self.params), np.int64, count=n)
+        if not (np.array_equal(ptrs, self.rows[:, 0]) and np.array_equal(numels, self.rows[:, NUMEL_COLUMN])):
+            return True
+        return any(p.shape != shape or p.dtype is not self.dtype or p.device != self.device
+                   or not p.is_contiguous() for p, shape in zip(self.params, self.shapes))
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
         check_grads(self.params, grads, self.names)
@@ -132,15 +143,21 @@ class RowTable:
                                               self.rows[:, FLAGS_COLUMN] & ~ROW_ALIGNED16)
 
     def _check_grads_do_not_alias(self) -> None:
-        # A grad that shares memory with a tensor the kernel writes would be
-        # read while it changes. Compared per row (cheap, every step); other
-        # rows' memory is covered by check_no_overlap when the table is built.
-        g = self.rows[:, 1:2]
-        written = np.concatenate([self.rows[:, :1], self.rows[:, 2:8]], axis=1)
-        clash = ((written != 0) & (written == g)).any(axis=1)
+        # A grad that shares a byte with any tensor the kernel writes (any
+        # row's param or state) would be read while it changes. The written
+        # ranges do not overlap each other (check_no_overlap), so sorted by
+        # start their ends are sorted too: one searchsorted per step.
+        starts, ends = self._written
+        if starts.size == 0:
+            return
+        gs = self.rows[:, 1]
+        ge = gs + self.nbytes
+        k = np.searchsorted(starts, ge, side="left") - 1
+        clash = (self.nbytes > 0) & (k >= 0) & (ends[np.maximum(k, 0)] > gs)
         if clash.any():
             i = int(np.argmax(clash))
-            raise ValueError(f"grad of {self.names[i]} shares memory with its parameter or optimizer state")
+            raise ValueError(f"grad of {self.names[i]} shares memory with a parameter or optimizer state "
+                             "that this step writes; give every grad its own memory")
 
     def check_no_overlap(self, columns: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
         """No two tensors the kernel writes (params and states, given per column) share a byte."""
@@ -151,11 +168,12 @@ class RowTable:
                     starts.append(t.data_ptr())
                     ends.append(t.data_ptr() + t.numel() * t.element_size())
                     owners.append(row)
-        if not starts:
-            return
-        s, e, o = np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(owners)
+        s, e, o = np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(owners, np.int64)
         order = np.argsort(s, kind="stable")
         s, e, o = s[order], e[order], o[order]
+        self._written = (s, e)
+        if not starts:
+            return
         bad = np.nonzero(s[1:] < np.maximum.accumulate(e)[:-1])[0]
         if bad.size:
             i = int(o[bad[0] + 1])

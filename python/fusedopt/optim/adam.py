@@ -68,9 +68,6 @@ class Adam(FusedOptimizer):
         check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
         check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
 
-    def table_layout_key(self, group):
-        return (bool(group["amsgrad"]),)
-
     def required_state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 

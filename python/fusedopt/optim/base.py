@@ -73,7 +73,7 @@ def check_float(group: dict, key: str, value: Any, *, low: float = 0.0, low_incl
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"param_groups[{gi}]['{key}'] must be a number; got {type(value).__name__}")
     value = float(value)
-    ok = not math.isnan(value)
+    ok = math.isfinite(value)  # nan and inf are always rejected
     ok = ok and (value >= low if low_inclusive else value > low)
     if high is not None:
         ok = ok and (value <= high if high_inclusive else value < high)
@@ -134,10 +134,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     def new_state(self, group: dict, p: torch.Tensor) -> dict:
         """State of a param seen for the first time (not yet stored)."""
         raise NotImplementedError
-
-    def table_layout_key(self, group: dict) -> tuple:
-        """Options of the group that change which state columns a table holds."""
-        return ()
 
     def needs_new_state(self, group: dict, st: Optional[dict]) -> bool:
         """True when p's stored state (None if absent) must be replaced by new_state() on this step."""
@@ -208,13 +204,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.append(g)
         if not params:
             return []
-        # The tables depend on which params have grads, on the state (epoch) and
-        # on options that change the row layout (e.g. momentum on/off).
-        ids = (tuple(map(id, params)), self.table_layout_key(group))
+        # The required state keys are part of the key: a hyperparameter that
+        # adds a state tensor (amsgrad, momentum) changes the table's columns.
+        ids = (tuple(map(id, params)), self.required_state_keys(group))
         cached = self._group_cache.get(gi)
         if cached is not None and cached[0] == ids and cached[1] == self._epoch[0]:
             batches = cached[2]
-            if not any(b.table.params_moved() for b in batches):
+            if not any(b.table.params_changed() for b in batches):
                 for b in batches:
                     b.table.refresh_grads(grads if len(batches) == 1 else [grads[i] for i in b.index])
                 return batches
@@ -238,7 +234,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, name in zip(ps, names):
                 st = self.state.get(p)
                 if self.needs_new_state(group, st):
-                    st = self.new_state(group, p)
+                    # Built on the side and stored only once the whole step passed.
+                    st = {**(st or {}), **self.new_state(group, p)}
                     pending[p] = st
                 self.check_state(group, p, st, name)
                 states.append(st)
@@ -301,8 +298,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; "
                              f"this optimizer has {len(self.param_groups)}")
+        if not isinstance(state_dict["state"], dict):
+            raise ValueError("state_dict['state'] must be a dict mapping parameter ids to state dicts")
         id_map = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"loaded param_groups[{gi}] must be a dict with a 'params' list")
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"loaded param_groups[{gi}] has {len(saved['params'])} params; "
                                  f"this optimizer's has {len(group['params'])}")
@@ -327,6 +328,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             p, gi, i = id_map[pid]
             group = new_groups[gi]
             name = param_name(group, gi, i)
+            if not isinstance(saved_st, dict):
+                raise ValueError(f"loaded state of {name} must be a dict; got {type(saved_st).__name__}")
             st = self.convert_loaded_state(group, p, dict(saved_st), name)
             if st:
                 self.check_state(group, p, st, name)

@@ -83,14 +83,16 @@ class SGD(FusedOptimizer):
         return {"momentum_buffer": torch.zeros_like(p, dtype=self.state_dtype(group, p),
                                                     memory_format=torch.contiguous_format)}
 
-    def table_layout_key(self, group):
-        return (group["momentum"] != 0,)
-
     def needs_new_state(self, group, st):
         # No buffer yet (no state, or a checkpoint's momentum_buffer=None from
         # momentum 0): the first momentum step starts it from the update, as
         # torch does. The new state is committed only after all checks pass.
         return not st or (group["momentum"] != 0 and st.get("momentum_buffer") is None)
+
+    def check_state(self, group, p, st, name):
+        if self.needs_new_state(group, st):
+            return  # a loaded None buffer: completed on the side at the next step
+        super().check_state(group, p, st, name)
 
     def fill_table(self, table, group, states):
         if group["momentum"] != 0:
@@ -99,7 +101,9 @@ class SGD(FusedOptimizer):
             table.check_no_overlap([table.params, bufs])
         else:
             table.check_no_overlap([table.params])
-        first = [self.needs_new_state(group, self.state.get(p)) for p in table.params]
+        # A state not (yet) stored was just made by new_state: its buffer is
+        # uninitialized and the kernel sets it to the first update.
+        first = [self.state.get(p) is not st for p, st in zip(table.params, states)]
         table.set_flag(_kernels.ROW_FIRST_STEP, first)
 
     def launch(self, table, group, grad_scale, found_inf):

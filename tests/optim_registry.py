@@ -1,0 +1,166 @@
+"""The optimizers the hardening tests run, and bitwise snapshots of their state.
+
+Every hardening test (test_validation_nothing_lost, test_fuzz, test_determinism,
+test_memory) is parametrized over ``OPTIMIZERS``. To cover a new optimizer
+(LARS, LAMB, ...) add one ``OptimSpec`` to ``OPTIMIZERS`` below:
+
+- ``make(params, **hyper)`` builds the fused optimizer;
+- ``reference(params, **hyper)`` builds an object with ``step()`` computing the
+  same update in plain torch (torch.optim with foreach=False, or a per-tensor
+  Python reference class for optimizers torch lacks);
+- ``hyper``: a typical valid setting; ``space``: a hypothesis strategy of valid
+  settings (keyword dicts) for the fuzz test;
+- ``bad_hyper``: (key, value, exception, message regex) that must be rejected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from hypothesis import strategies as st
+
+import fusedopt
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _invalid(key: str) -> str:
+    # check_float's message: "invalid lr in param_groups[0]: nan; expected a value in [0.0, inf)"
+    return rf"invalid {key} in param_groups\[\d+\]: .*; expected a value in"
+
+
+COMMON_BAD = [
+    ("lr", NAN, ValueError, _invalid("lr")),
+    ("lr", -1e-3, ValueError, _invalid("lr")),
+    ("lr", INF, ValueError, _invalid("lr")),
+    ("lr", "0.1", TypeError, r"param_groups\[\d+\]\['lr'\] must be a number"),
+    ("weight_decay", NAN, ValueError, _invalid("weight_decay")),
+    ("weight_decay", -0.1, ValueError, _invalid("weight_decay")),
+    ("weight_decay", INF, ValueError, _invalid("weight_decay")),
+]
+
+SGD_BAD = COMMON_BAD + [
+    ("momentum", -0.5, ValueError, _invalid("momentum")),
+    ("momentum", NAN, ValueError, _invalid("momentum")),
+    ("dampening", NAN, ValueError, _invalid("dampening")),
+    ("dampening", INF, ValueError, _invalid("dampening")),
+]
+
+ADAM_BAD = COMMON_BAD + [
+    ("betas", (1.0, 0.999), ValueError, _invalid(r"betas\[0\]")),
+    ("betas", (-0.1, 0.999), ValueError, _invalid(r"betas\[0\]")),
+    ("betas", (NAN, 0.999), ValueError, _invalid(r"betas\[0\]")),
+    ("betas", (0.9, 1.0), ValueError, _invalid(r"betas\[1\]")),
+    ("betas", (0.9, 1.5), ValueError, _invalid(r"betas\[1\]")),
+    ("betas", 0.9, ValueError, r"param_groups\[\d+\]\['betas'\] must be a pair"),
+    ("eps", 0.0, ValueError, _invalid("eps")),
+    ("eps", -1e-8, ValueError, _invalid("eps")),
+    ("eps", NAN, ValueError, _invalid("eps")),
+    ("eps", INF, ValueError, _invalid("eps")),
+]
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: str
+    make: Callable[..., torch.optim.Optimizer]
+    reference: Optional[Callable[..., Any]]
+    hyper: Dict[str, Any]
+    space: Any  # hypothesis strategy of hyper dicts
+    bad_hyper: List[Tuple[str, Any, type, str]] = field(default_factory=list)
+    # State tensors (same shape as the param) a step creates; () = stateless.
+    state_keys: Tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # short test ids
+        return self.name
+
+
+def _sgd_space():
+    def build(momentum, dampening, nesterov, wd, lr, maximize):
+        if nesterov:
+            dampening = 0.0
+            momentum = momentum or 0.5
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                    weight_decay=wd, maximize=maximize)
+
+    return st.builds(build, st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.1, 0.5]), st.booleans(),
+                     st.sampled_from([0.0, 1e-4, 0.05]), st.floats(0.0, 0.1), st.booleans())
+
+
+def _adam_space(decoupled_default: bool):
+    return st.fixed_dictionaries({
+        "lr": st.floats(0.0, 0.1),
+        "betas": st.tuples(st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.9, 0.999])),
+        "eps": st.sampled_from([1e-8, 1e-6, 1e-3]),
+        "weight_decay": st.sampled_from([0.0, 1e-4, 0.05]),
+        "amsgrad": st.booleans(),
+        "maximize": st.booleans(),
+    })
+
+
+def _torch(cls):
+    def make(params, **hyper):
+        return cls(params, foreach=False, **hyper)
+
+    return make
+
+
+OPTIMIZERS: List[OptimSpec] = [
+    OptimSpec("SGD", fusedopt.SGD, _torch(torch.optim.SGD), dict(lr=0.05), _sgd_space(), SGD_BAD),
+    OptimSpec("SGD-momentum", fusedopt.SGD, _torch(torch.optim.SGD),
+              dict(lr=0.05, momentum=0.9, weight_decay=1e-3), _sgd_space(), SGD_BAD, ("momentum_buffer",)),
+    OptimSpec("Adam", fusedopt.Adam, _torch(torch.optim.Adam), dict(lr=1e-2, weight_decay=1e-3),
+              _adam_space(False), ADAM_BAD, ("exp_avg", "exp_avg_sq")),
+    OptimSpec("Adam-amsgrad", fusedopt.Adam, _torch(torch.optim.Adam), dict(lr=1e-2, amsgrad=True),
+              _adam_space(False), ADAM_BAD, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    OptimSpec("AdamW", fusedopt.AdamW, _torch(torch.optim.AdamW), dict(lr=1e-2, weight_decay=0.05),
+              _adam_space(True), ADAM_BAD, ("exp_avg", "exp_avg_sq")),
+    # LARS / LAMB: append OptimSpec entries here (reference = a per-tensor Python class with step()).
+]
+
+BY_NAME = {s.name: s for s in OPTIMIZERS}
+
+
+# ---- bitwise snapshots --------------------------------------------------------
+
+def tensor_bits(t: Optional[torch.Tensor]):
+    """Everything that identifies t's contents, compared bit for bit (NaN-safe)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.layout is not torch.strided:
+        t = t.to_dense()
+    if t.device.type == "meta":
+        return ("meta", tuple(t.shape), str(t.dtype))
+    flat = t.reshape(-1).contiguous()
+    raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
+    return (tuple(t.shape), str(t.dtype), str(t.device), bytes(raw.cpu().numpy().tobytes()))
+
+
+def value_bits(v):
+    if isinstance(v, torch.Tensor):
+        return tensor_bits(v)
+    if isinstance(v, float) and math.isnan(v):
+        return ("nan",)
+    if isinstance(v, (list, tuple)):
+        return tuple(value_bits(x) for x in v)
+    if isinstance(v, dict):
+        return {k: value_bits(x) for k, x in v.items()}
+    return v
+
+
+def snapshot(opt: torch.optim.Optimizer) -> dict:
+    """Params, grads, per-param state and hyperparameters of ``opt``, as bits."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {
+        "params": [tensor_bits(p) for p in params],
+        "grads": [tensor_bits(p.grad) for p in params],
+        "state": [value_bits(dict(opt.state[p])) if p in opt.state else None for p in params],
+        "groups": [value_bits({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+    }
+
+
+def state_dict_bits(opt: torch.optim.Optimizer) -> dict:
+    return value_bits(opt.state_dict())

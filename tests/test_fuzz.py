@@ -1,0 +1,199 @@
+"""Property-based fuzz of every optimizer in optim_registry.OPTIMIZERS.
+
+Random mixes of shapes (0-d, empty, odd), dtypes, storage offsets, shared flat
+buffers, None grads, empty param groups and hyperparameters, plus at most one
+deliberate defect per case (non-contiguous param, overlapping params, a grad
+aliasing its param, an invalid hyperparameter). Properties:
+
+- a valid case is accepted and matches the reference (torch.optim, foreach=False;
+  16-bit params: the reference runs in fp32 and rounds the param each step,
+  which is what the fused kernels do);
+- a defective case raises ValueError/TypeError and leaves params, grads and
+  state bit-identical;
+- the process never dies by a signal: the fuzz runs in a child process
+  (``test_fuzz_in_child_process``); a crash fails that test and prints the
+  case that was running.
+
+Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis examples.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from optim_registry import OPTIMIZERS, snapshot
+
+CHILD = os.environ.get("FUSEDOPT_FUZZ_CHILD") == "1"
+EXAMPLES = int(os.environ.get("FUSEDOPT_FUZZ_EXAMPLES", "100"))
+LOG = os.environ.get("FUSEDOPT_FUZZ_LOG")
+
+SHAPES = [(), (0,), (1,), (3,), (7,), (33,), (1025,), (3, 0, 2), (5, 3), (2, 3, 5), (4, 1, 9), (130, 67)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DEFECTS = ["none"] * 12 + ["non_contiguous", "overlap", "grad_is_param", "bad_hyper"]
+TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-5, 1e-6),
+       # one 16-bit rounding step apart at most (fp32 math rounded to nearest even)
+       torch.float16: (2e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+
+
+@st.composite
+def cases(draw):
+    spec = draw(st.sampled_from(OPTIMIZERS))
+    n_groups = draw(st.integers(1, 3))
+    groups = []
+    for _ in range(n_groups):
+        n = draw(st.integers(0, 5))  # 0: an empty param group
+        tensors = [dict(shape=draw(st.sampled_from(SHAPES)), dtype=draw(st.sampled_from(DTYPES)),
+                        offset=draw(st.integers(0, 9)), shared=draw(st.booleans()),
+                        grad_offset=draw(st.integers(0, 3)))
+                   for _ in range(n)]
+        groups.append(dict(tensors=tensors, hyper=draw(spec.space)))
+    return dict(spec=spec, groups=groups, steps=draw(st.integers(1, 3)),
+                none_grad_p=draw(st.sampled_from([0.0, 0.3])), defect=draw(st.sampled_from(DEFECTS)),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def build_params(case, gen):
+    """Params per group: own storage at a storage offset, or slices of one flat buffer per dtype."""
+    flat_len = {}
+    for g in case["groups"]:
+        for t in g["tensors"]:
+            if t["shared"]:
+                n = int(torch.Size(t["shape"]).numel())
+                flat_len[t["dtype"]] = flat_len.get(t["dtype"], 0) + n + t["offset"]
+    flats = {dt: torch.randn(n, generator=gen).to(dt) for dt, n in flat_len.items()}
+    cursor = {dt: 0 for dt in flats}
+    out = []
+    for g in case["groups"]:
+        ps = []
+        for t in g["tensors"]:
+            n = int(torch.Size(t["shape"]).numel())
+            if t["shared"]:
+                c = cursor[t["dtype"]] + t["offset"]
+                data = flats[t["dtype"]][c:c + n].view(t["shape"])
+                cursor[t["dtype"]] = c + n
+            else:
+                buf = torch.randn(n + t["offset"], generator=gen).to(t["dtype"])
+                data = buf[t["offset"]:].view(t["shape"])
+            ps.append(torch.nn.Parameter(data))
+        out.append(ps)
+    return out
+
+
+def apply_defect(case, groups, gen):
+    """Adds the case's defect to the first group; returns True when one was added."""
+    d = case["defect"]
+    if d == "non_contiguous":
+        p = torch.nn.Parameter(torch.randn(5, 6, generator=gen).t())
+    elif d == "overlap":
+        base = torch.randn(16, generator=gen)
+        groups[0] += [torch.nn.Parameter(base[:10]), torch.nn.Parameter(base[6:])]
+        return True
+    elif d == "grad_is_param":
+        p = torch.nn.Parameter(torch.randn(6, generator=gen))
+        p.grad = p.detach()
+    else:
+        return False
+    groups[0].append(p)
+    return True
+
+
+def new_grads(params, gen, none_p, always):
+    """Fresh random grads (at a storage offset), None with probability none_p."""
+    grads = []
+    for p in params:
+        if id(p) in always:
+            grads.append("keep")
+        elif torch.rand((), generator=gen).item() < none_p:
+            grads.append(None)
+        else:
+            off = int(torch.randint(0, 4, (), generator=gen))
+            g = torch.randn(p.numel() + off, generator=gen)[off:].view(p.shape).to(p.dtype)
+            grads.append(g)
+    return grads
+
+
+def run_case(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    spec = case["spec"]
+    groups = build_params(case, gen)
+    defective = apply_defect(case, groups, gen) if case["defect"] != "bad_hyper" else False
+    pinned = {id(p) for ps in groups for p in ps if p.grad is not None}  # the aliasing grad stays
+    hypers = [g["hyper"] for g in case["groups"]]
+
+    if case["defect"] == "bad_hyper":
+        key, value, exc, match = spec.bad_hyper[case["seed"] % len(spec.bad_hyper)]
+        params = groups[0] or [torch.nn.Parameter(torch.randn(2, generator=gen))]
+        with pytest.raises(exc, match=match):
+            spec.make([{"params": params, **{**hypers[0], key: value}}])
+        return "rejected"
+
+    # Reference copies: fp32 for 16-bit params (rounded back after each step).
+    ref_groups = [[torch.nn.Parameter(p.detach().float() if p.dtype in (torch.float16, torch.bfloat16)
+                                      else p.detach().clone()) for p in ps] for ps in groups]
+    opt = spec.make([{"params": ps, **h} for ps, h in zip(groups, hypers)])
+    ref = spec.reference([{"params": ps, **h} for ps, h in zip(ref_groups, hypers)])
+    flat, ref_flat = [p for ps in groups for p in ps], [p for ps in ref_groups for p in ps]
+
+    for step in range(case["steps"]):
+        grads = new_grads(flat, gen, case["none_grad_p"] if step else 0.0, pinned)
+        for p, q, g in zip(flat, ref_flat, grads):
+            if isinstance(g, str):
+                continue
+            p.grad = g
+            q.grad = None if g is None else g.to(q.dtype)
+        if defective:
+            before = snapshot(opt)
+            with pytest.raises((ValueError, TypeError)) as info:
+                opt.step()
+            assert "shares memory" in str(info.value) or "not contiguous" in str(info.value), info.value
+            assert snapshot(opt) == before, "a rejected step changed something"
+            return "rejected"
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for p, q in zip(flat, ref_flat):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    q.copy_(q.to(p.dtype).float())  # the fused param is stored rounded each step
+    for i, (p, q) in enumerate(zip(flat, ref_flat)):
+        rtol, atol = TOL[p.dtype]
+        torch.testing.assert_close(p.detach().float() if p.dtype != torch.float64 else p.detach(),
+                                   q.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32),
+                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"param {i}: {m}")
+    return "accepted"
+
+
+@pytest.mark.skipif(not CHILD, reason="runs inside test_fuzz_in_child_process")
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_fuzz_body(case):
+    if LOG:
+        with open(LOG, "a") as f:  # written before running: a crash leaves the case in the log
+            printable = {**case, "spec": case["spec"].name}
+            f.write(repr(printable) + "\n")
+    event(f"{case['spec'].name}: {run_case(case)}")
+
+
+def test_fuzz_in_child_process(request, tmp_path):
+    """Runs test_fuzz_body in a child; a signal (segfault, abort) fails this test."""
+    if CHILD:
+        pytest.skip("this is the child")
+    log = tmp_path / "cases.log"
+    examples = 1000 if request.config.getoption("--runslow") else EXAMPLES
+    env = dict(os.environ, FUSEDOPT_FUZZ_CHILD="1", FUSEDOPT_FUZZ_EXAMPLES=str(examples), FUSEDOPT_FUZZ_LOG=str(log))
+    here = Path(__file__)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           f"{here}::test_fuzz_body"], cwd=here.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode < 0:
+        last = log.read_text().splitlines()[-1:] if log.exists() else ["(no case logged)"]
+        pytest.fail(f"fuzz child died by signal {signal.Signals(-proc.returncode).name}; last case:\n"
+                    f"{last[0]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
