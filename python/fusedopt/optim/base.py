@@ -420,9 +420,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in st or st[key] is None:
                 raise ValueError(f"state of {name} has no '{key}'; expected it for these hyperparameters")
             _kernels.check_like(st[key], p, f"state['{key}'] of {name}", want)
-        if self.uses_master(group, p):
-            if st.get("master") is None:
-                raise ValueError(f"state of {name} has no 'master'; expected it with master_weights=True")
+        if self.uses_master(group, p) and st.get("master") is not None:
+            # (a missing master is made from the param by _complete_state on the next step)
             _kernels.check_like(st["master"], p, f"state['master'] of {name}", torch.float32)
         step = st.get("step")
         if step is not None:
