@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _kernels
+from .. import _kernels, _ops
 from .._kernels import RowTable
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -445,7 +445,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        from .. import _ops
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
