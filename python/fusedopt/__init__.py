@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _C
+from . import lr
 from .optim import SGD, Adam, AdamW
 
 
@@ -34,4 +35,4 @@ def get_num_threads() -> int:
     return int(_C.num_threads())
 
 
-__all__ = ["SGD", "Adam", "AdamW", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]
+__all__ = ["SGD", "Adam", "AdamW", "lr", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]
