@@ -3,7 +3,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _C, functional
+from . import _C
+from . import lr
+from . import functional
 from .optim import LAMB, LARS, SGD, Adam, AdamW
 
 
@@ -34,4 +36,4 @@ def get_num_threads() -> int:
     return int(_C.num_threads())
 
 
-__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "functional", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]
+__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "functional", "lr", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]

@@ -207,28 +207,21 @@ def _require_cuda(device: torch.device) -> None:
         raise RuntimeError("this fusedopt build has no CUDA kernels; reinstall with nvcc available (FUSEDOPT_CUDA=on)")
 
 
-def multi_tensor_adam(table: RowTable, state_dtype: torch.dtype, *, lr: float, lr_tensor: Optional[torch.Tensor],
-                      beta1: float, beta2: float, eps: float, weight_decay: float, flags: int,
-                      grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+def launch(kernel: str, table: RowTable, state_dtype: torch.dtype, *, lr: float, lr_tensor: Optional[torch.Tensor],
+           hyper: Sequence[float], flags: int, grad_scale: Optional[torch.Tensor],
+           found_inf: Optional[torch.Tensor]) -> None:
+    """Calls ``_C.multi_tensor_<kernel>`` over ``table``.
+
+    Every optimizer entry point of ``_C`` takes the same leading arguments
+    (rows, dtype codes, device, scalar pointers, stream, lr) followed by its own
+    hyperparameters (csrc/ops/<kernel>.h) and an int of option flags.
+    """
     _require_cuda(table.device)
     dev = table.device
-    _C.multi_tensor_adam(
-        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
-        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
-        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev),
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(flags))
-
-
-def multi_tensor_sgd(table: RowTable, state_dtype: torch.dtype, *, lr: float, lr_tensor: Optional[torch.Tensor],
-                     momentum: float, dampening: float, weight_decay: float, flags: int,
-                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    _require_cuda(table.device)
-    dev = table.device
-    _C.multi_tensor_sgd(
-        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
-        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
-        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev),
-        float(lr), float(momentum), float(dampening), float(weight_decay), int(flags))
+    fn = getattr(_C, "multi_tensor_" + kernel)
+    fn(table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
+       scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
+       scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev), float(lr), *map(float, hyper), int(flags))
 
 
 # ----------------------------------------------------------------------------

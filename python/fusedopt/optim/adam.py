@@ -5,7 +5,6 @@ import torch
 
 from .. import _kernels
 from .base import FusedOptimizer, check_float
-from .sgd import device_lr, lr_value
 
 # csrc/ops/adam.h AdamFlag
 _AMSGRAD, _MAXIMIZE, _DECOUPLED, _EPS_INSIDE = 1, 2, 4, 8
@@ -36,26 +35,42 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay (bool): AdamW-style decay (as in torch.optim.Adam).
         eps_inside_sqrt (bool): the denominator :math:`\sqrt{\hat v_{corr} + \epsilon}` of the
             course notes instead of torch's :math:`\sqrt{\hat v_{corr}} + \epsilon` (default False).
-        foreach, fused, capturable: accepted for compatibility.
+        master_weights (bool): keep an fp32 master copy of fp16/bf16 params in
+            ``state['master']``; the kernel reads and updates the master and writes
+            the param rounded to nearest even (ignored for fp32/fp64 params).
+        state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``/
+            ``max_exp_avg_sq``: ``torch.float32`` (default) or ``torch.bfloat16``
+            (the math stays fp32; states are rounded to nearest even when stored).
+            fp64 params always keep fp64 state.
+        foreach, fused: accepted for compatibility.
+        capturable: accepted; every fusedopt step is CUDA-graph capturable once
+            the state exists (see README "CUDA graphs").
 
     State per param: ``step`` (fp32 scalar tensor on the param's device), ``exp_avg``,
-    ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``: fp32 for fp32/fp16/bf16
-    params (the math runs in fp32), fp64 for fp64 params.
+    ``exp_avg_sq``, with amsgrad ``max_exp_avg_sq`` and with master weights ``master``.
+
+    Bytes per parameter (param + grad + states) for 16-bit params: 4 + 8 (fp32
+    moments) or 4 + 4 (bf16 moments), plus 4 with master weights: 12, 8, 16 or 12.
+    fp32 params: 16 (8 with bf16 moments). Table: README "Mixed precision".
 
     Each step is one ``_C`` call per (device, dtype) batch of a group; on CUDA the
     step counters live on the device, so step() never waits for the GPU.
     """
 
+    kernel = "adam"
+    master_column = 6  # csrc/ops/adam.h kAdamMaster
+
     _decoupled_default = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=None, eps_inside_sqrt=False):
+                 decoupled_weight_decay=None, eps_inside_sqrt=False, master_weights=False, state_dtype=None):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, capturable=capturable, differentiable=differentiable,
-                        decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt)
+                        decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+                        master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
@@ -87,24 +102,18 @@ class Adam(FusedOptimizer):
         if "step" not in st:
             raise ValueError(f"state of {name} has no 'step'")
 
-    def fill_table(self, table, group, states):
+    def state_columns(self, group):
         cols = {2: "exp_avg", 3: "exp_avg_sq", 5: "step"}
         if group["amsgrad"]:
             cols[4] = "max_exp_avg_sq"
-        for c, key in cols.items():
-            table.set_column(c, [st[key] for st in states])
-        table.check_no_overlap([table.params, *([st[key] for st in states] for key in cols.values())])
+        return cols
 
-    def launch(self, table, group, grad_scale, found_inf):
-        lr, lr_tensor = lr_value(group)
+    def kernel_hyper(self, group):
         flags = ((_AMSGRAD if group["amsgrad"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
                  | (_DECOUPLED if group["decoupled_weight_decay"] else 0)
                  | (_EPS_INSIDE if group["eps_inside_sqrt"] else 0))
         beta1, beta2 = (float(b) for b in group["betas"])
-        _kernels.multi_tensor_adam(
-            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=device_lr(lr_tensor, table.device),
-            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], flags=flags,
-            grad_scale=grad_scale, found_inf=found_inf)
+        return (beta1, beta2, group["eps"], group["weight_decay"]), flags
 
 
 class AdamW(Adam):
@@ -114,7 +123,7 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 eps_inside_sqrt=False):
+                 eps_inside_sqrt=False, master_weights=False, state_dtype=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, decoupled_weight_decay=True,
-                         eps_inside_sqrt=eps_inside_sqrt)
+                         eps_inside_sqrt=eps_inside_sqrt, master_weights=master_weights, state_dtype=state_dtype)

@@ -10,6 +10,15 @@ params, grads and state exactly as they were.
 Row tables are cached per param group and rebuilt when the set of params with
 grads changes, a param's storage moves, or any state entry is replaced (state
 dicts are ``TrackedState`` objects that count assignments).
+
+Options every subclass gets from here (see README "Mixed precision"):
+``master_weights`` (fp32 master copy of 16-bit params in ``state['master']``,
+written to the kernel's master column ``master_column``) and ``state_dtype``
+(fp32 or bf16 moment/momentum states). DTensor params (FSDP2) are updated
+through their local shards; ``reduce_square_norms`` is the hook for norm-based
+optimizers (LARS, LAMB) to sum squared norms over the shard group. Under
+``torch.compile`` the step goes through the ``fusedopt::fused_step`` custom op
+(python/fusedopt/_ops.py) instead of the cached tables.
 """
 from __future__ import annotations
 
@@ -18,8 +27,32 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _kernels
+from .. import _kernels, _ops
 from .._kernels import RowTable
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except Exception:  # torch built without distributed
+        return None
+
+
+_DTensor = _dtensor_type()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 params, grads, states); t itself otherwise."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t._local_tensor
+    return t
+
+
+def is_dtensor(t: Any) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 class TrackedState(dict):
@@ -91,19 +124,49 @@ def param_name(group: dict, gi: int, i: int) -> str:
     return f"param_groups[{gi}]['params'][{i}]"
 
 
+def lr_value(group: dict, device: torch.device):
+    """(float lr, device tensor lr or None) for a kernel call on ``device``.
+
+    A CPU tensor lr is read on the host (no device sync); a CUDA tensor lr is
+    passed by pointer and read by the kernel, so changing it in place (as the
+    torch.optim.lr_scheduler classes do for tensor lrs) needs no recapture."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu":
+            return float(lr), None
+        if lr.device != device or lr.dtype is not torch.float32:
+            lr = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        return 0.0, lr.reshape(())
+    return float(lr), None
+
+
+@torch.compiler.disable
+def _eager_step_outside_compile(opt: "FusedOptimizer", closure):
+    return opt._eager_step(closure)
+
+
 class _Batch:
     """The params of one group on one (device, dtype), and their kernel rows."""
 
-    __slots__ = ("index", "table", "pending")
+    __slots__ = ("index", "table", "pending", "sources")
 
-    def __init__(self, index: List[int], table: RowTable, pending: Dict[torch.Tensor, dict]):
+    def __init__(self, index: List[int], table: RowTable, pending: Dict[torch.Tensor, dict],
+                 sources: List[torch.Tensor]):
         self.index = index
         self.table = table
-        self.pending = pending
+        self.pending = pending  # param -> complete new state, committed only when every check passed
+        self.sources = sources  # the group's params (DTensors under FSDP2); table.params are their locals
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define the state, the checks and the kernel call."""
+    """Base class: subclasses define the state, the checks and the kernel call.
+
+    A subclass sets ``kernel`` (``_C.multi_tensor_<kernel>``), ``master_column``
+    and ``supports_bf16_state``, and implements ``check_hyperparameters``,
+    ``new_state``, ``state_columns`` and ``kernel_hyper``; everything else
+    (AMP, master weights, state dtype, DTensor shards, torch.compile, capture
+    checks, checkpoint loading) is done here.
+    """
 
     # torch.amp.GradScaler sets `grad_scale` and `found_inf` on the optimizer and
     # lets step() unscale and skip; the kernels do both without a host sync.
@@ -111,43 +174,76 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # Tensor entries of a param's state besides 'step' (subclasses set these).
     state_tensor_keys: Tuple[str, ...] = ()
+    kernel: str = ""
+    master_column: Optional[int] = None  # kernel column of the fp32 master copy
+    supports_bf16_state: bool = True
 
     def __init__(self, params, defaults: dict):
         for k in ("foreach", "fused"):
             defaults.pop(k, None)  # accepted for drop-in compatibility; always fused
         if defaults.pop("differentiable", False):
             raise ValueError("fusedopt optimizers do not support differentiable=True")
+        defaults.setdefault("master_weights", False)
+        defaults.setdefault("state_dtype", None)
         self._epoch = [0]
         self._group_cache: Dict[int, tuple] = {}
         super().__init__(params, defaults)
         for gi, group in enumerate(self.param_groups):
-            self.check_hyperparameters(group, gi)
+            self._check_group(group, gi)
 
     # ---- hooks for subclasses ------------------------------------------------
     def check_hyperparameters(self, group: dict, gi: int) -> None:
         raise NotImplementedError
 
-    def state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
-        """dtype of the moment/momentum states: fp64 for fp64 params, else fp32."""
-        return torch.float64 if p.dtype is torch.float64 else torch.float32
-
     def new_state(self, group: dict, p: torch.Tensor) -> dict:
-        """State of a param seen for the first time (not yet stored)."""
+        """State of a param seen for the first time (not yet stored). Tensors like p
+        are made with ``torch.zeros_like(p, dtype=self.state_dtype(group, p))`` so that
+        DTensor params get DTensor states, as in torch.optim."""
         raise NotImplementedError
 
-    def needs_new_state(self, group: dict, st: Optional[dict]) -> bool:
-        """True when p's stored state (None if absent) must be replaced by new_state() on this step."""
-        return not st
+    def state_columns(self, group: dict) -> Dict[int, str]:
+        """Kernel column -> state key of the tensors the kernel reads and writes."""
+        raise NotImplementedError
+
+    def kernel_hyper(self, group: dict) -> Tuple[Tuple[float, ...], int]:
+        """The kernel's hyperparameters after lr (csrc/ops/<kernel>.h order) and its flags."""
+        raise NotImplementedError
 
     def fill_table(self, table: RowTable, group: dict, states: Sequence[dict]) -> None:
-        """Sets the state columns of a freshly built table."""
-        raise NotImplementedError
+        """Extra columns after the state columns are set (LARS/LAMB: norm workspace)."""
 
-    def launch(self, table: RowTable, group: dict, grad_scale, found_inf) -> None:
-        raise NotImplementedError
-
-    def before_launch(self, work: Sequence[Tuple[dict, "_Batch"]]) -> None:
+    def before_launch(self, work) -> None:
         """Runs once per step after all checks, before the first launch (LAMB's global grad norm)."""
+
+    def missing_state(self, group: dict, p: torch.Tensor, st: dict) -> dict:
+        """Entries to add to an existing state before this step (e.g. a momentum
+        buffer torch saved as None). Rows that get additions are first-step rows."""
+        return {}
+
+    # ---- options every optimizer shares --------------------------------------
+    def state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
+        """dtype of the moment/momentum states: fp64 for fp64 params, else the
+        group's ``state_dtype`` (fp32 by default, or bf16)."""
+        if p.dtype is torch.float64:
+            return torch.float64
+        return group.get("state_dtype") or torch.float32
+
+    def uses_master(self, group: dict, p: torch.Tensor) -> bool:
+        """An fp32 master copy is kept for 16-bit params when master_weights is on."""
+        return bool(group.get("master_weights")) and p.dtype in _SIXTEEN_BIT
+
+    def _check_group(self, group: dict, gi: int) -> None:
+        self.check_hyperparameters(group, gi)
+        mw = group.get("master_weights", False)
+        if not isinstance(mw, bool):
+            raise TypeError(f"param_groups[{gi}]['master_weights'] must be a bool; got {type(mw).__name__}")
+        if mw and self.master_column is None:
+            raise ValueError(f"{type(self).__name__} does not support master_weights")
+        sd = group.get("state_dtype")
+        allowed = (torch.float32, torch.bfloat16) if self.supports_bf16_state else (torch.float32,)
+        if sd is not None and sd not in allowed:
+            raise ValueError(f"param_groups[{gi}]['state_dtype'] is {sd!r}; expected None or one of "
+                             f"{', '.join(map(str, allowed))}")
 
     # ---- step ----------------------------------------------------------------
     @torch.no_grad()
@@ -157,6 +253,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
         """
+        if torch.compiler.is_compiling():
+            if type(self).launch is not FusedOptimizer.launch:
+                # Optimizers with their own launch (LARS, LAMB: norm passes between
+                # kernels) have no custom op yet: they run eagerly (a graph break).
+                return _eager_step_outside_compile(self, closure)
+            return self._compiled_step(closure)
+        return self._eager_step(closure)
+
+    def _eager_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -165,32 +270,54 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         work = []
         for gi, group in enumerate(self.param_groups):
-            self.check_hyperparameters(group, gi)
+            self._check_group(group, gi)
             for batch in self._prepare_group(gi, group):
                 work.append((group, batch))
+        amp = {}
+        for _, batch in work:
+            dev = batch.table.device
+            if dev not in amp:
+                amp[dev] = (self._amp_scalar(grad_scale, dev, "grad_scale"),
+                            self._amp_scalar(found_inf, dev, "found_inf"))
         # Everything is checked: commit new state, then write.
         committed = False
         for group, batch in work:
-            for p, st in batch.pending.items():
-                if not st:
-                    # Nothing to keep (SGD without momentum): torch stores no
-                    # entry either, and committing one would bump the epoch and
-                    # rebuild the row tables on every step.
-                    continue
-                self.state[p] = TrackedState(self._epoch, st)
+            if batch.pending:
+                if batch.table.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        "optimizer state is created on the first step and cannot be created inside CUDA graph "
+                        "capture (the zero fill would replay): run at least one eager step before capturing")
+                for p, st in batch.pending.items():
+                    self.state[p] = TrackedState(self._epoch, st)
                 committed = True
         self.before_launch(work)
         for group, batch in work:
-            self.launch(batch.table, group, self._amp_scalar(grad_scale, batch.table.device),
-                        self._amp_scalar(found_inf, batch.table.device))
+            self.launch(batch.table, group, *amp[batch.table.device])
         if committed:
             self._epoch[0] += 1  # first-step flags and pointers change: rebuild next time
         return loss
 
+    def launch(self, table: RowTable, group: dict, grad_scale, found_inf) -> None:
+        lr, lr_tensor = lr_value(group, table.device)
+        hyper, flags = self.kernel_hyper(group)
+        _kernels.launch(self.kernel, table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=lr_tensor,
+                        hyper=hyper, flags=flags, grad_scale=grad_scale, found_inf=found_inf)
+
     @staticmethod
-    def _amp_scalar(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    def _amp_scalar(t, device: torch.device, what: str) -> Optional[torch.Tensor]:
+        """GradScaler's scale / found_inf as a 0-d fp32 tensor on ``device``.
+
+        Same device and dtype (the usual case) is a view, no allocation; another
+        device is a non-blocking copy, never a host read."""
         if t is None:
             return None
+        if not isinstance(t, torch.Tensor):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"optimizer.{what} must be a one-element tensor or a number; got {type(t).__name__}")
+            return torch.full((), float(t), dtype=torch.float32, device=device)
+        if t.numel() != 1 or not t.is_floating_point():
+            raise ValueError(f"optimizer.{what} must be a one-element floating-point tensor (set by "
+                             f"torch.amp.GradScaler); got {_kernels.shape_str(t)}")
         if t.device != device or t.dtype is not torch.float32:
             t = t.to(device=device, dtype=torch.float32, non_blocking=True)
         return t.reshape(())
@@ -210,12 +337,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         cached = self._group_cache.get(gi)
         if cached is not None and cached[0] == ids and cached[1] == self._epoch[0]:
             batches = cached[2]
-            if not any(b.table.params_changed() for b in batches):
+            if cached[3]:  # DTensor params: the shards the table points at must still be theirs
+                fresh = self._cached_dtensor_batches(batches, params, grads)
+                if fresh is not None:
+                    return fresh
+            elif not any(b.table.params_changed() for b in batches):
                 for b in batches:
                     b.table.refresh_grads(grads if len(batches) == 1 else [grads[i] for i in b.index])
                 return batches
         batches = self._build_batches(gi, group, params, grads)
-        self._group_cache[gi] = (ids, self._epoch[0], batches)
+        self._group_cache[gi] = (ids, self._epoch[0], batches, any(map(is_dtensor, params)))
+        return batches
+
+    @staticmethod
+    def _cached_dtensor_batches(batches, params, grads) -> Optional[List[_Batch]]:
+        for b in batches:
+            if any(local_tensor(params[i]) is not t for i, t in zip(b.index, b.table.params)) \
+                    or b.table.params_changed():
+                return None
+        for b in batches:
+            b.table.refresh_grads([local_tensor(grads[i]) for i in b.index])
         return batches
 
     def _build_batches(self, gi: int, group: dict, params: List[torch.Tensor],
@@ -224,34 +365,78 @@ class FusedOptimizer(torch.optim.Optimizer):
         by_key: Dict[tuple, List[int]] = {}
         for i, p in enumerate(params):
             name = param_name(group, gi, position[id(p)])
-            _kernels.check_param(p, name)
-            by_key.setdefault((p.device, p.dtype), []).append(i)
+            if is_dtensor(p) != is_dtensor(grads[i]):
+                raise TypeError(f"{name} and its grad must both be DTensors or both plain tensors")
+            lp = local_tensor(p)
+            _kernels.check_param(lp, name)
+            by_key.setdefault((lp.device, lp.dtype), []).append(i)
         batches = []
         for index in by_key.values():
             ps = [params[i] for i in index]
             names = [param_name(group, gi, position[id(p)]) for p in ps]
-            pending, states = {}, []
+            pending, states, first = {}, [], []
             for p, name in zip(ps, names):
-                st = self.state.get(p)
-                if self.needs_new_state(group, st):
-                    # Built on the side and stored only once the whole step passed.
-                    st = {**(st or {}), **self.new_state(group, p)}
+                st, added = self._complete_state(group, p)
+                if added:
                     pending[p] = st
-                self.check_state(group, p, st, name)
-                states.append(st)
-            table = RowTable(ps, names)
+                first.append(added in ("new", "first"))
+                lst = {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                self.check_state(group, local_tensor(p), lst, name)
+                states.append(lst)
+            table = RowTable([local_tensor(p) for p in ps], names)
+            self._fill_table(table, group, states)
             self.fill_table(table, group, states)
-            table.refresh_grads([grads[i] for i in index])
-            batches.append(_Batch(index, table, pending))
+            table.set_flag(_kernels.ROW_FIRST_STEP, first)
+            table.refresh_grads([local_tensor(grads[i]) for i in index])
+            batches.append(_Batch(index, table, pending, ps))
         return batches
 
+    def _complete_state(self, group: dict, p: torch.Tensor):
+        """(state to use this step, what was added: False, "new" or "first").
+
+        "new": a fresh state; "first": an existing state got a missing entry
+        (its rows are first-step rows). The stored state is never touched here."""
+        st = self.state.get(p)
+        if not st:
+            st = self.new_state(group, p)
+            if self.uses_master(group, p):
+                st["master"] = self._new_master(p)
+            return st, ("new" if st else False)
+        add = dict(self.missing_state(group, p, st))
+        if self.uses_master(group, p) and st.get("master") is None:
+            add["master"] = self._new_master(p)  # master_weights switched on, or a checkpoint without one
+        if not add:
+            return st, False
+        merged = dict(st)
+        merged.update(add)
+        return merged, ("first" if len(add) > ("master" in add) else "master")
+
+    @staticmethod
+    def _new_master(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    def _fill_table(self, table: RowTable, group: dict, states: Sequence[dict]) -> None:
+        cols = dict(self.state_columns(group))
+        if self.uses_master(group, table.params[0]):
+            cols[self.master_column] = "master"
+        written = [table.params]
+        for c, key in cols.items():
+            tensors = [st[key] for st in states]
+            table.set_column(c, tensors)
+            if key != "step":
+                written.append(tensors)
+        table.check_no_overlap(written)
+
     def check_state(self, group: dict, p: torch.Tensor, st: dict, name: str) -> None:
-        """The stored state of p is what the kernel expects."""
+        """The stored state of p (local shards) is what the kernel expects."""
         want = self.state_dtype(group, p)
         for key in self.required_state_keys(group):
             if key not in st or st[key] is None:
                 raise ValueError(f"state of {name} has no '{key}'; expected it for these hyperparameters")
             _kernels.check_like(st[key], p, f"state['{key}'] of {name}", want)
+        if self.uses_master(group, p) and st.get("master") is not None:
+            # (a missing master is made from the param by _complete_state on the next step)
+            _kernels.check_like(st["master"], p, f"state['master'] of {name}", torch.float32)
         step = st.get("step")
         if step is not None:
             if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype is not torch.float32 \
@@ -261,12 +446,76 @@ class FusedOptimizer(torch.optim.Optimizer):
     def required_state_keys(self, group: dict) -> Tuple[str, ...]:
         return self.state_tensor_keys
 
+    # ---- torch.compile -------------------------------------------------------
+    def _compiled_step(self, closure=None):
+        """The step as dynamo traces it: one ``fusedopt::fused_step`` custom op per
+        (device, dtype) batch of a group. The first step, which creates state,
+        runs eagerly (one graph break); later steps trace without breaks."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and (p not in self.state or self._needs_completion(group, p)):
+                    return _eager_step_outside_compile(self, closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            buckets: Dict[tuple, List[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), ps in buckets.items():
+                cols = dict(self.state_columns(group))
+                if self.uses_master(group, ps[0]):
+                    cols[self.master_column] = "master"
+                hyper, flags = self.kernel_hyper(group)
+                lr = group["lr"]
+                _ops.fused_step(
+                    self.kernel, ps, [p.grad for p in ps],
+                    [self.state[p][key] for key in cols.values() for p in ps],
+                    list(cols.keys()), [_ops.column_kind(key) for key in cols.values()],
+                    _kernels.DTYPE_CODES[self.state_dtype(group, ps[0])],
+                    0.0 if isinstance(lr, torch.Tensor) else float(lr),
+                    lr if isinstance(lr, torch.Tensor) else None,
+                    [float(h) for h in hyper], int(flags), grad_scale, found_inf)
+        return loss
+
+    def _needs_completion(self, group: dict, p: torch.Tensor) -> bool:
+        st = self.state[p]
+        return bool(self.missing_state(group, p, st)) or (self.uses_master(group, p) and "master" not in st)
+
+    # ---- FSDP2 / DTensor hook for norm-based optimizers ----------------------
+    @staticmethod
+    def reduce_square_norms(square_norms: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Sums per-shard squared norms over the shard group of ``param``.
+
+        For LARS/LAMB: compute the sum of squares of each param's (or grad's) LOCAL
+        shard (``table.params`` are local tensors), pass them here as one tensor
+        (any shape, fp32/fp64) together with any param of the batch, then take the
+        sqrt. Plain tensors and DTensors that are not sharded (Replicate only)
+        come back unchanged; for sharded DTensors the result is an all-reduce SUM
+        over the mesh dims the param is sharded on (async-free, stream-ordered on
+        CUDA: no host sync). The reduction across ranks happens in rank order
+        inside the collective, so every rank gets the same bits.
+        """
+        if not is_dtensor(param):
+            return square_norms
+        import torch.distributed as dist
+        from torch.distributed.tensor import Shard
+        mesh = param.device_mesh
+        for dim, placement in enumerate(param.placements):
+            if isinstance(placement, Shard):
+                dist.all_reduce(square_norms, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        return square_norms
+
     # ---- bookkeeping ---------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_epoch"):
             self._epoch[0] += 1
-            self.check_hyperparameters(self.param_groups[-1], len(self.param_groups) - 1)
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -319,7 +568,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             ng["params"] = group["params"]
             if "param_names" in group:
                 ng["param_names"] = group["param_names"]
-            self.check_hyperparameters(ng, gi)
+            self._check_group(ng, gi)
             new_groups.append(ng)
         new_state = {}
         for pid, saved_st in state_dict["state"].items():
@@ -332,7 +581,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state of {name} must be a dict; got {type(saved_st).__name__}")
             st = self.convert_loaded_state(group, p, dict(saved_st), name)
             if st:
-                self.check_state(group, p, st, name)
+                self.check_state(group, local_tensor(p),
+                                 {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()},
+                                 name)
             new_state[p] = st
         # Commit.
         self.state.clear()

@@ -7,7 +7,7 @@ import torch
 
 from .. import _kernels
 from .base import FusedOptimizer, check_float
-from .sgd import device_lr, lr_value
+from .base import lr_value
 
 # csrc/ops/lamb.h LambFlag
 _BIAS_CORRECTION, _GRAD_AVERAGING, _TRUST_CLIP, _ALWAYS_ADAPT, _DECOUPLED, _CLIP_GRADS = 1, 2, 4, 8, 16, 32
@@ -111,11 +111,13 @@ class LAMB(FusedOptimizer):
         if "step" not in st:
             raise ValueError(f"state of {name} has no 'step'")
 
+    master_column = None  # the LAMB kernel has no master-weight column
+    supports_bf16_state = False
+
+    def state_columns(self, group):
+        return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h
+
     def fill_table(self, table, group, states):
-        cols = {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}
-        for c, key in cols.items():
-            table.set_column(c, [st[key] for st in states])
-        table.check_no_overlap([table.params, *([st[key] for st in states] for key in cols.values())])
         _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lamb"])
 
     def before_launch(self, work):
@@ -138,7 +140,7 @@ class LAMB(FusedOptimizer):
                              for dev in local}
 
     def launch(self, table, group, grad_scale, found_inf):
-        lr, lr_tensor = lr_value(group)
+        lr, lr_tensor = lr_value(group, table.device)
         clip = group["max_grad_norm"] is not None
         flags = ((_BIAS_CORRECTION if group["bias_correction"] else 0)
                  | (_GRAD_AVERAGING if group["grad_averaging"] else 0)
@@ -147,6 +149,6 @@ class LAMB(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         _kernels.multi_tensor_lamb(
             table, self.state_dtype(group, table.params[0]), grad_sq=self._grad_sq.get(table.device) if clip else None,
-            lr=lr, lr_tensor=device_lr(lr_tensor, table.device), beta1=beta1, beta2=beta2, eps=group["eps"],
+            lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], max_grad_norm=float(group["max_grad_norm"] or 0.0), flags=flags,
             grad_scale=grad_scale, found_inf=found_inf)

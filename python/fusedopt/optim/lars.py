@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .. import _kernels
 from .base import check_float
-from .sgd import SGD, device_lr, lr_value
+from .base import lr_value
+from .sgd import SGD
 
 _NESTEROV, _TRUST_CLIP, _ALWAYS_ADAPT = 1, 2, 4  # csrc/ops/lars.h LarsFlag
 
@@ -74,16 +75,18 @@ class LARS(SGD):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
 
+    master_column = None  # the LARS kernel has no master-weight column
+    supports_bf16_state = False
+
     def fill_table(self, table, group, states):
-        super().fill_table(table, group, states)
         _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lars"])
 
     def launch(self, table, group, grad_scale, found_inf):
-        lr, lr_tensor = lr_value(group)
+        lr, lr_tensor = lr_value(group, table.device)
         flags = ((_NESTEROV if group["nesterov"] else 0) | (_TRUST_CLIP if group["trust_clip"] else 0)
                  | (_ALWAYS_ADAPT if group["always_adapt"] else 0))
         _kernels.multi_tensor_lars(
-            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=device_lr(lr_tensor, table.device),
+            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=lr_tensor,
             momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
             trust_coeff=group["trust_coeff"], eps=group["eps"], flags=flags, grad_scale=grad_scale,
             found_inf=found_inf)

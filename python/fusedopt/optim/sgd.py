@@ -9,22 +9,6 @@ from .base import FusedOptimizer, check_float
 _NESTEROV, _MAXIMIZE = 1, 2  # csrc/ops/sgd.h SgdFlag
 
 
-def lr_value(group: dict):
-    """(float lr, tensor lr or None): a tensor lr is read by the kernel on its device."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.device.type == "cpu":
-            return float(lr), None  # a CPU read is no device sync
-        return 0.0, lr
-    return float(lr), None
-
-
-def device_lr(lr_tensor, device):
-    if lr_tensor is None:
-        return None
-    return lr_tensor.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
-
-
 class SGD(FusedOptimizer):
     r"""SGD with momentum, the same arguments and numbers as ``torch.optim.SGD``.
 
@@ -44,20 +28,27 @@ class SGD(FusedOptimizer):
         weight_decay (float): L2 penalty :math:`\lambda` (default 0).
         nesterov (bool): Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize (bool): maximize the objective instead of minimizing.
+        master_weights (bool): keep an fp32 master copy of fp16/bf16 params in
+            ``state['master']``; the kernel updates the master and writes the param
+            rounded to nearest even (ignored for fp32/fp64 params).
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
+            ``torch.bfloat16`` for the momentum buffer (fp64 params keep fp64).
         foreach, fused: accepted for compatibility; fusedopt is always fused.
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:
-    ``momentum_buffer`` (fp32 for 16-bit params, fp64 for fp64), only when
-    momentum != 0, as in torch. Under AMP, if a param's very first step is
-    skipped (found_inf), its buffer starts from zeros, so the next step uses
-    :math:`(1-\tau) g` where torch would use :math:`g` (identical for the usual
-    dampening = 0).
+    ``momentum_buffer`` only when momentum != 0, as in torch. Bytes per param
+    (param + grad + state): see README "Mixed precision".
     """
 
+    kernel = "sgd"
+    master_column = 3  # csrc/ops/sgd.h kSgdMaster
+
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, master_weights=False,
+                 state_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, differentiable=differentiable)
+                        nesterov=nesterov, maximize=maximize, differentiable=differentiable,
+                        master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
@@ -83,33 +74,21 @@ class SGD(FusedOptimizer):
         return {"momentum_buffer": torch.zeros_like(p, dtype=self.state_dtype(group, p),
                                                     memory_format=torch.contiguous_format)}
 
-    def needs_new_state(self, group, st):
-        # No buffer yet (no state, or a checkpoint's momentum_buffer=None from
-        # momentum 0): the first momentum step starts it from the update, as
-        # torch does. The new state is committed only after all checks pass.
-        return not st or (group["momentum"] != 0 and st.get("momentum_buffer") is None)
+    def missing_state(self, group, p, st):
+        # torch saves momentum_buffer=None before the first momentum step.
+        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
+            return self.new_state(group, p)
+        return {}
+
+    def state_columns(self, group):
+        return {2: "momentum_buffer"} if group["momentum"] != 0 else {}
+
+    def kernel_hyper(self, group):
+        flags = (_NESTEROV if group["nesterov"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
+        return (group["momentum"], group["dampening"], group["weight_decay"]), flags
 
     def check_state(self, group, p, st, name):
-        if self.needs_new_state(group, st):
-            return  # a loaded None buffer: completed on the side at the next step
+        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
+            st = {k: v for k, v in st.items() if k != "momentum_buffer"}
+            group = dict(group, momentum=0.0)  # missing_state supplies the buffer on the next step
         super().check_state(group, p, st, name)
-
-    def fill_table(self, table, group, states):
-        if group["momentum"] != 0:
-            bufs = [st["momentum_buffer"] for st in states]
-            table.set_column(2, bufs)
-            table.check_no_overlap([table.params, bufs])
-        else:
-            table.check_no_overlap([table.params])
-        # A state not (yet) stored was just made by new_state: its buffer is
-        # uninitialized and the kernel sets it to the first update.
-        first = [self.state.get(p) is not st for p, st in zip(table.params, states)]
-        table.set_flag(_kernels.ROW_FIRST_STEP, first)
-
-    def launch(self, table, group, grad_scale, found_inf):
-        lr, lr_tensor = lr_value(group)
-        flags = (_NESTEROV if group["nesterov"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
-        _kernels.multi_tensor_sgd(
-            table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=device_lr(lr_tensor, table.device),
-            momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-            flags=flags, grad_scale=grad_scale, found_inf=found_inf)
