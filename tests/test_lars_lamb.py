@@ -121,7 +121,11 @@ def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu")
 def check(got, want, dtype):
     for i, (g, r) in enumerate(zip(got, want)):
         if dtype is torch.float32:
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"tensor {i}: {m}")
+            # The reference is exact (fp64); the kernel's fp32 trajectory drifts
+            # from it by about steps * eps32 * |p| (50 * 6e-8 = 3e-6 relative to
+            # the tensor's scale), so the absolute bound scales with the tensor.
+            atol = max(1e-6, 1e-5 * float(r.abs().max()))
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=atol, msg=lambda m: f"tensor {i}: {m}")
         else:
             # Within bf16 rounding: a rounding that went the other way once (the
             # fused math is fp32, the reference fp64) leaves a one-ulp offset
