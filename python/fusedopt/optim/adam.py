@@ -49,9 +49,10 @@ class Adam(FusedOptimizer):
     State per param: ``step`` (fp32 scalar tensor on the param's device), ``exp_avg``,
     ``exp_avg_sq``, with amsgrad ``max_exp_avg_sq`` and with master weights ``master``.
 
-    Bytes per parameter (param + grad + states) for 16-bit params: 4 + 8 (fp32
-    moments) or 4 + 4 (bf16 moments), plus 4 with master weights: 12, 8, 16 or 12.
-    fp32 params: 16 (8 with bf16 moments). Table: README "Mixed precision".
+    Bytes per parameter (param + grad + moments [+ master]), without amsgrad:
+    fp32 params 16 (fp32 moments) or 12 (bf16 moments); bf16/fp16 params 12 or 8,
+    and 16 or 12 with master_weights. amsgrad adds one more state (4 or 2 bytes).
+    Table: README "Mixed precision".
 
     Each step is one ``_C`` call per (device, dtype) batch of a group; on CUDA the
     step counters live on the device, so step() never waits for the GPU.

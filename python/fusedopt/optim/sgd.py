@@ -37,7 +37,9 @@ class SGD(FusedOptimizer):
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:
     ``momentum_buffer`` only when momentum != 0, as in torch. Bytes per param
-    (param + grad + state): see README "Mixed precision".
+    (param + grad + buffer [+ master]) with momentum: fp32 params 12 (fp32 buffer)
+    or 10 (bf16 buffer); bf16/fp16 params 8 or 6, and 12 or 10 with master_weights.
+    Table: README "Mixed precision".
     """
 
     kernel = "sgd"
