@@ -9,16 +9,6 @@
 namespace fusedopt::cuda {
 namespace {
 
-// The optional device scalars of an OptimCall (as in optim_cuda.cu).
-struct CallScalars {
-  const float* lr_ptr;
-  const float* grad_scale;
-  const float* found_inf;
-  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
-  __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
-  __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
-};
-CallScalars call_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
 
 template <class T>
 struct NormsFunctor {
@@ -40,7 +30,7 @@ template <class P>
 struct LarsNormsFunctor {
   using Acc = typename ComputeOf<P>::type;
   static constexpr int kVec = 16 / sizeof(P);
-  CallScalars d;
+  DeviceScalars d;
   __device__ bool skip() const { return d.skip(); }
   __device__ int prepare(const TensorRow&) const { return 0; }
   template <int V>
@@ -62,7 +52,7 @@ struct LarsFunctor {
   using C = typename ComputeOf<P>::type;
   static constexpr int kVec = 16 / sizeof(P);
   LarsHyper h;
-  CallScalars d;
+  DeviceScalars d;
   __device__ bool skip() const { return d.skip(); }
   __device__ LarsScalars<C> prepare(const TensorRow& r) const {
     const double lr = d.lr(h.lr), divisor = d.divisor();
@@ -90,7 +80,7 @@ struct LarsFunctor {
 // What LAMB's passes share: the per-tensor scalars of this step.
 struct LambBase {
   LambHyper h;
-  CallScalars d;
+  DeviceScalars d;
   const double* clip_divisor;  // written by lamb_clip_kernel; null: no clipping
   __device__ bool skip() const { return d.skip(); }
   template <class C>
@@ -191,9 +181,9 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* worksp
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     if (lars_adapts(h))
-      launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{call_scalars(call)}, workspace,
+      launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{device_scalars(call)}, workspace,
                        kLarsNorms, false, call.found_inf);
-    launch_elementwise(call.rows, call.n_rows, stream, LarsFunctor<P, S>{h, call_scalars(call)});
+    launch_elementwise(call.rows, call.n_rows, stream, LarsFunctor<P, S>{h, device_scalars(call)});
   });
 }
 
@@ -208,7 +198,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* g
     clip = workspace;
     partials = workspace + 1;
   }
-  const LambBase base{h, call_scalars(call), clip};
+  const LambBase base{h, device_scalars(call), clip};
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;

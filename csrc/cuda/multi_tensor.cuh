@@ -69,6 +69,18 @@ inline std::vector<PlannedLaunch> plan_launches(const TensorRow* rows, int64_t n
   return launches;
 }
 
+// The optional device scalars of an OptimCall, read by every optimizer functor.
+struct DeviceScalars {
+  const float* lr_ptr;
+  const float* grad_scale;
+  const float* found_inf;
+  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
+  __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
+  __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
+};
+
+inline DeviceScalars device_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
+
 template <class T> __device__ __forceinline__ T* col(const TensorRow& r, int c) {
   return reinterpret_cast<T*>(r.ptr[c]);
 }

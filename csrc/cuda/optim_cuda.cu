@@ -7,17 +7,6 @@
 namespace fusedopt::cuda {
 namespace {
 
-// Scalars every optimizer functor reads from device memory.
-struct DeviceScalars {
-  const float* lr_ptr;
-  const float* grad_scale;
-  const float* found_inf;
-  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
-  __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
-  __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
-};
-
-DeviceScalars device_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
 
 template <class P, class S>
 struct AdamFunctor {

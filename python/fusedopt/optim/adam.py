@@ -10,6 +10,18 @@ from .base import FusedOptimizer, check_float
 _AMSGRAD, _MAXIMIZE, _DECOUPLED, _EPS_INSIDE = 1, 2, 4, 8
 
 
+def check_adam_hyperparameters(group: dict, gi: int) -> None:
+    """lr >= 0, eps > 0, weight_decay >= 0, betas a pair in [0, 1): shared by Adam and LAMB."""
+    check_float(group, "lr", group["lr"], gi=gi)
+    check_float(group, "eps", group["eps"], low=0.0, low_inclusive=False, gi=gi)
+    check_float(group, "weight_decay", group["weight_decay"], gi=gi)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"param_groups[{gi}]['betas'] must be a pair (beta1, beta2); got {betas!r}")
+    check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
+    check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
+
+
 class Adam(FusedOptimizer):
     r"""Adam, the same arguments, numbers and state_dict as ``torch.optim.Adam``.
 
@@ -75,14 +87,7 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
-        check_float(group, "lr", group["lr"], gi=gi)
-        check_float(group, "eps", group["eps"], low=0.0, low_inclusive=False, gi=gi)
-        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"param_groups[{gi}]['betas'] must be a pair (beta1, beta2); got {betas!r}")
-        check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
-        check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
+        check_adam_hyperparameters(group, gi)
 
     def required_state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")

@@ -7,6 +7,7 @@ import torch
 
 from .. import _kernels
 from .base import FusedOptimizer, check_float
+from .adam import check_adam_hyperparameters
 from .base import lr_value
 
 # csrc/ops/lamb.h LambFlag
@@ -81,14 +82,7 @@ class LAMB(FusedOptimizer):
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
-        check_float(group, "lr", group["lr"], gi=gi)
-        check_float(group, "eps", group["eps"], low=0.0, low_inclusive=False, gi=gi)
-        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"param_groups[{gi}]['betas'] must be a pair (beta1, beta2); got {betas!r}")
-        check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
-        check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
+        check_adam_hyperparameters(group, gi)
         if group["max_grad_norm"] is not None:
             check_float(group, "max_grad_norm", group["max_grad_norm"], low=0.0, low_inclusive=False, gi=gi)
         for key in ("bias_correction", "grad_averaging", "trust_clip", "always_adapt", "decoupled_decay"):
