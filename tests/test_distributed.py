@@ -6,6 +6,11 @@ import os
 import tempfile
 
 import pytest
+
+# Slow (run with --runslow): on this CPU torch build a spawned gloo rank has
+# aborted at exit (SIGABRT, "terminate called without an active exception")
+# and once left its peer hanging, in CI-like runs. Root cause open (notes).
+pytestmark = pytest.mark.slow
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -101,9 +106,6 @@ def test_ddp_matches_single_process(name):
 
 
 @pytest.mark.parametrize("name", list(OPTS))
-# Marked slow: once aborted (SIGABRT, "terminate called without an active exception"
-# in a spawned rank) in a CI-like run; passes otherwise. Open problem, see the notes.
-@pytest.mark.slow
 def test_fsdp2_matches_unsharded(name):
     got, want = run("fsdp", name), single_process(name)
     for a, b in zip(got, want):
