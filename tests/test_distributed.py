@@ -10,14 +10,14 @@ import pytest
 # Slow (run with --runslow): on this CPU torch build a spawned gloo rank has
 # aborted at exit (SIGABRT, "terminate called without an active exception")
 # and once left its peer hanging, in CI-like runs. Root cause open (notes).
-pytestmark = pytest.mark.slow
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedopt
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
 
 WORLD = 2
 STEPS = 4
