@@ -44,6 +44,7 @@ class RefLAMB:
     def __init__(self, groups):
         self.groups = groups
         self.m, self.v, self.t = {}, {}, {}
+        self.round_state = lambda t: t  # bf16-state references round m, v as stored
 
     def step(self, grads):
         total = math.sqrt(sum(g.norm().item() ** 2 for gs in grads for g in gs))
@@ -56,8 +57,8 @@ class RefLAMB:
             for i, (p, g) in enumerate(zip(group["params"], gs)):
                 g = g / c
                 key = (gi, i)
-                m = self.m[key] = b1 * self.m.get(key, torch.zeros_like(p)) + b3 * g
-                v = self.v[key] = b2 * self.v.get(key, torch.zeros_like(p)) + (1 - b2) * g * g
+                m = self.m[key] = self.round_state(b1 * self.m.get(key, torch.zeros_like(p)) + b3 * g)
+                v = self.v[key] = self.round_state(b2 * self.v.get(key, torch.zeros_like(p)) + (1 - b2) * g * g)
                 u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + group["eps"])
                 if wd != 0:
                     if group["decoupled_decay"]:

@@ -50,6 +50,9 @@ void lamb_moment_piece(const TensorRow& r, int64_t b, int64_t e, const LambScala
     const C pv = load_as<P, C>(p[i]);
     C mv = load_as<S, C>(m[i]), vv = load_as<S, C>(v[i]);
     lamb_moments<C>(load_as<P, C>(g[i]), mv, vv, s);
+    // u from m, v as stored (bf16 state: rounded), as the apply pass sees them.
+    mv = round_as<S, C>(mv);
+    vv = round_as<S, C>(vv);
     store_as(m[i], mv);
     store_as(v[i], vv);
     const C u = lamb_direction<C>(pv, mv, vv, s);

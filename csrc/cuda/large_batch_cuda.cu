@@ -108,6 +108,8 @@ struct LambMomentFunctor : LambBase {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       lamb_moments<C>(g[k], m[k], v[k], s);
+      m[k] = round_as<S, C>(m[k]);  // u from m, v as stored, as the apply pass sees them
+      v[k] = round_as<S, C>(v[k]);
       const C u = lamb_direction<C>(p[k], m[k], v[k], s);
       if constexpr (kApply) {
         p[k] = lamb_apply<C>(p[k], u, s);

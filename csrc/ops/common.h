@@ -86,6 +86,14 @@ template <> struct StoreFrom<Half> { template <class C> FO_HD static Half conv(C
 template <> struct StoreFrom<BFloat16> { template <class C> FO_HD static BFloat16 conv(C v) { return BFloat16{float_to_bf16_bits(static_cast<float>(v))}; } };
 template <class T, class C> FO_HD void store_as(T& dst, C v) { dst = StoreFrom<T>::template conv<C>(v); }
 
+// v as the storage type S holds it (round to nearest even for 16-bit S; the
+// identity for fp32/fp64): for math that must use a state exactly as stored.
+template <class S, class C> FO_HD C round_as(C v) {
+  S tmp;
+  store_as(tmp, v);
+  return load_as<S, C>(tmp);
+}
+
 // sqrt in the compute type (an unqualified sqrt(float) may resolve to the
 // double overload, which is slower and rounds differently from torch).
 FO_HD float fo_sqrt(float x) { return sqrtf(x); }

@@ -57,6 +57,9 @@ class LAMB(FusedOptimizer):
         always_adapt (bool): use the trust ratio even where weight_decay is 0.
         decoupled_decay (bool): AdamW-style decay of p instead of adding
             :math:`\lambda p` to u.
+        state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``:
+            ``torch.float32`` (default) or ``torch.bfloat16`` (the math stays fp32;
+            the moments are rounded to nearest even when stored). fp64 params keep fp64.
 
     Passes over memory per step: (1) when any group clips, read every grad once for
     the per-tensor grad norms (one ``_C`` call per (device, dtype) for all groups);
@@ -67,17 +70,18 @@ class LAMB(FusedOptimizer):
     for the host. fp32 params: 4 + 24 + 16 = 44 bytes per element per step.
 
     State per param: ``step`` (fp32 scalar tensor on the param's device),
-    ``exp_avg``, ``exp_avg_sq`` (fp32 for fp32/fp16/bf16 params, fp64 for fp64).
+    ``exp_avg``, ``exp_avg_sq`` (``state_dtype``: fp32 by default, or bf16; fp64 for
+    fp64 params).
     The step count is kept per param as in torch.optim.Adam; it equals the group's
     step count when every param of the group has a grad at every step.
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
-                 decoupled_decay=False):
+                 decoupled_decay=False, *, state_dtype=None):
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
                         grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
-                        always_adapt=always_adapt, decoupled_decay=decoupled_decay)
+                        always_adapt=always_adapt, decoupled_decay=decoupled_decay, state_dtype=state_dtype)
         self._grad_sq: Dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
 
@@ -106,7 +110,6 @@ class LAMB(FusedOptimizer):
             raise ValueError(f"state of {name} has no 'step'")
 
     master_column = None  # the LAMB kernel has no master-weight column
-    supports_bf16_state = False
 
     def state_columns(self, group):
         return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h

@@ -44,6 +44,9 @@ class LARS(SGD):
         eps (float): :math:`\epsilon` (default 1e-8).
         trust_clip (bool): clip the ratio as :math:`\min(r/\gamma, 1)` (LARC).
         always_adapt (bool): use the trust ratio even where weight_decay is 0.
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
+            ``torch.bfloat16`` for the momentum buffer (the math stays fp32; the
+            buffer is rounded to nearest even when stored). fp64 params keep fp64.
 
     Passes over memory per step, per (device, dtype) batch of a group, all in
     one ``_C`` call: (1) read p and g once for the per-tensor norms (skipped
@@ -51,15 +54,15 @@ class LARS(SGD):
     On CUDA the norms stay on the device and each block computes its tensor's
     ratio from them: no host synchronization. The norm sums are deterministic.
 
-    State per param: ``momentum_buffer`` (fp32 for fp32/fp16/bf16 params, fp64 for
-    fp64), only when momentum != 0, as in torch.optim.SGD.
+    State per param: ``momentum_buffer`` (``state_dtype``: fp32 by default, or bf16;
+    fp64 for fp64 params), only when momentum != 0, as in torch.optim.SGD.
     """
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False):
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, state_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
-                        always_adapt=always_adapt)
+                        always_adapt=always_adapt, state_dtype=state_dtype)
         super(SGD, self).__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
@@ -76,7 +79,6 @@ class LARS(SGD):
             raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
 
     master_column = None  # the LARS kernel has no master-weight column
-    supports_bf16_state = False
 
     def fill_table(self, table, group, states):
         _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lars"])

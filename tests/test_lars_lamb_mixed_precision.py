@@ -1,0 +1,93 @@
+"""LARS and LAMB with state_dtype=torch.bfloat16 and master_weights=True, in the
+manner of test_mixed_precision.py (which covers SGD, Adam, AdamW). References:
+the per-tensor LARS/LAMB of test_lars_lamb.py, run in fp32."""
+import io
+
+import pytest
+import torch
+
+import fusedopt
+from test_lars_lamb import RefLAMB, RefLARS
+
+SHAPES = [(7, 5), (33,), (4, 3, 2)]
+LARS_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)
+# max_grad_norm well below the norm of the grads drawn here, so clipping is active.
+LAMB_KW = dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.5)
+CASES = [(fusedopt.LARS, RefLARS, LARS_KW), (fusedopt.LAMB, RefLAMB, LAMB_KW)]
+IDS = ["LARS", "LAMB"]
+
+
+def ref_defaults(fcls, kw):
+    if fcls is fusedopt.LARS:
+        base = dict(dampening=0.0, nesterov=False, eps=1e-8, trust_clip=False, always_adapt=False)
+    else:
+        base = dict(betas=(0.9, 0.999), eps=1e-6, bias_correction=True, grad_averaging=True, trust_clip=False,
+                    always_adapt=False, decoupled_decay=False)
+    return dict(base, **kw)
+
+
+def ref_states(ref):
+    """The reference's state dicts (key -> tensor), to round or compare."""
+    return [ref.buf] if isinstance(ref, RefLARS) else [ref.m, ref.v]
+
+
+def opt_states(fcls, opt, params):
+    keys = ["momentum_buffer"] if fcls is fusedopt.LARS else ["exp_avg", "exp_avg_sq"]
+    return [{i: opt.state[p][k] for i, p in enumerate(params)} for k in keys]
+
+
+def ref_keyed(ref, d):
+    # RefLARS keys (id(group), i), RefLAMB (group index, i): reorder by i.
+    return {k[1]: v for k, v in d.items()}
+
+
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_bf16_state_is_fp32_math_with_rounded_state(fcls, rcls, kw):
+    """Reference: fp32 LARS/LAMB whose states are rounded to bf16 after every step."""
+    ps = [torch.randn(s).requires_grad_() for s in SHAPES]
+    ref_params = [p.detach().clone() for p in ps]
+    opt = fcls(ps, state_dtype=torch.bfloat16, **kw)
+    ref = rcls([dict(ref_defaults(fcls, kw), params=ref_params)])
+    # LAMB: u (and so the step) comes from m, v as stored; LARS: the step uses the
+    # fp32 buffer of this step, which is then stored rounded (as SGD).
+    ref.round_state = lambda t: t.bfloat16().float()
+    for _ in range(5):
+        gs = [torch.randn(s) for s in SHAPES]
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([gs])
+        for d in ref_states(ref):
+            for k in d:
+                d[k] = d[k].bfloat16().float()
+        for p, r in zip(ps, ref_params):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+        for got, want in zip(opt_states(fcls, opt, ps), ref_states(ref)):
+            want = ref_keyed(ref, want)
+            for i, t in got.items():
+                assert t.dtype is torch.bfloat16
+                torch.testing.assert_close(t.float(), want[i], rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_bf16_state_differs_from_fp32_state(fcls, rcls, kw):
+    """The option does something: the same run with fp32 state gives other bits."""
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(4)]
+    out = []
+    for sd in (None, torch.bfloat16):
+        ps = [x.clone().requires_grad_() for x in init]
+        opt = fcls(ps, state_dtype=sd, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        out.append(ps)
+    assert any(not torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_state_dtype_is_validated():
+    p = torch.randn(3, requires_grad=True)
+    for cls in (fusedopt.LARS, fusedopt.LAMB):
+        with pytest.raises(ValueError, match="state_dtype"):
+            cls([p], state_dtype=torch.float16)
