@@ -91,3 +91,87 @@ def test_state_dtype_is_validated():
     for cls in (fusedopt.LARS, fusedopt.LAMB):
         with pytest.raises(ValueError, match="state_dtype"):
             cls([p], state_dtype=torch.float16)
+
+
+# ---- master_weights=True ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_master_weights_track_fp32_reference(fcls, rcls, kw, dtype):
+    """The fp32 reference runs on the master values; the trust ratio must come from
+    them too. Half way, the masters are scaled by 1.003 (less than a bf16 ulp, so the
+    16-bit params barely change): a ratio taken from the params would now be off."""
+    ps = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
+    ref_params = [p.detach().float() for p in ps]
+    opt = fcls(ps, master_weights=True, **kw)
+    ref = rcls([dict(ref_defaults(fcls, kw), params=ref_params)])
+    for step in range(6):
+        if step == 3:
+            for p, r in zip(ps, ref_params):
+                opt.state[p]["master"].mul_(1.003)
+                r.copy_(opt.state[p]["master"])
+        gs = [torch.randn(s).to(dtype) for s in SHAPES]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        ref.step([[g.float() for g in gs]])
+        for p, r in zip(ps, ref_params):
+            master = opt.state[p]["master"]
+            assert master.dtype is torch.float32
+            torch.testing.assert_close(master, r, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p.detach(), master.to(dtype))  # param = master rounded to nearest even
+
+
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_without_master_16bit_params_drift(fcls, rcls, kw):
+    """What master weights are for: small updates are lost when bf16 params are rounded."""
+    p = (torch.ones(64) + torch.rand(64)).bfloat16().requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    kw = dict(kw, lr=kw["lr"] / 50)
+    a, b = fcls([p], **kw), fcls([q], master_weights=True, **kw)
+    for _ in range(40):
+        g = (torch.rand(64) + 0.5).bfloat16()
+        p.grad, q.grad = g, g.clone()
+        a.step(), b.step()
+    assert "master" not in a.state[p] and "master" in b.state[q]
+    assert not torch.equal(p, q)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_checkpoint_resume_is_bit_exact(fcls, rcls, kw, state_dtype):
+    ps = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+    grads = [[torch.randn(s).bfloat16() for s in SHAPES] for _ in range(6)]
+    opt = fcls(ps, master_weights=True, state_dtype=state_dtype, **kw)
+
+    def run(params, o, gs):
+        for step_grads in gs:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            o.step()
+
+    run(ps, opt, grads[:3])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in ps], "opt": opt.state_dict()}, buf)
+    run(ps, opt, grads[3:])
+
+    buf.seek(0)
+    ck = torch.load(buf)
+    resumed = [t.clone().requires_grad_() for t in ck["params"]]
+    opt2 = fcls(resumed, master_weights=True, state_dtype=state_dtype, **kw)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.state[resumed[0]]["master"].dtype is torch.float32
+    run(resumed, opt2, grads[3:])
+    for a, b in zip(ps, resumed):
+        assert torch.equal(a, b)
+        assert set(opt.state[a]) == set(opt2.state[b]) and "master" in opt.state[a]
+        for k, v in opt.state[a].items():
+            assert torch.equal(v, opt2.state[b][k]), k
+
+
+@pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
+def test_master_weights_ignored_for_fp32_params(fcls, rcls, kw):
+    p = torch.randn(10, requires_grad=True)
+    p.grad = torch.randn(10)
+    opt = fcls([p], master_weights=True, **kw)
+    opt.step()
+    assert "master" not in opt.state[p]

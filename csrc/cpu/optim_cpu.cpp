@@ -48,12 +48,6 @@ void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C> s) 
   }
 }
 
-bool any_master(const OptimCall& call, int column) {
-  for (int64_t r = 0; r < call.n_rows; ++r)
-    if (call.rows[r].ptr[column]) return true;
-  return false;
-}
-
 }  // namespace
 
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {

@@ -16,4 +16,10 @@ FO_OPTIM_CPU_DECLS
 inline bool step_is_skipped(const OptimCall& call) { return call.found_inf && *call.found_inf != 0.0f; }
 inline double effective_lr(const OptimCall& call, double lr) { return call.lr_ptr ? *call.lr_ptr : lr; }
 inline double grad_divisor(const OptimCall& call) { return call.grad_scale ? *call.grad_scale : 1.0; }
+// True when any row has a master-weight pointer in `column` (then all have).
+inline bool any_master(const OptimCall& call, int column) {
+  for (int64_t r = 0; r < call.n_rows; ++r)
+    if (call.rows[r].ptr[column]) return true;
+  return false;
+}
 }  // namespace fusedopt::cpu

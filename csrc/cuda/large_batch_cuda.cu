@@ -2,6 +2,8 @@
 // math (ops/norms.h, ops/lars.h, ops/lamb.h) run by the multi-tensor kernels.
 // Trust ratios are computed per block from norms left on the device by the
 // previous pass, so a step never waits for the host.
+#include <stdexcept>
+
 #include "../ops/dispatch.h"
 #include "cuda_api.h"
 #include "reduce.cuh"
@@ -9,6 +11,20 @@
 namespace fusedopt::cuda {
 namespace {
 
+
+// p as the math sees it: the fp32 master when the row has one, else the param.
+template <int V, class P, class C>
+__device__ __forceinline__ void load_param(const TensorRow& r, int param_column, int master_column, int64_t i,
+                                           C (&p)[V]) {
+  if (r.ptr[master_column]) load_elems<V>(col<float>(r, master_column), i, p);
+  else load_elems<V>(col<P>(r, param_column), i, p);
+}
+template <int V, class P, class C>
+__device__ __forceinline__ void store_param(const TensorRow& r, int param_column, int master_column, int64_t i,
+                                            const C (&p)[V]) {
+  if (r.ptr[master_column]) store_elems<V>(col<float>(r, master_column), i, p);
+  store_elems<V>(col<P>(r, param_column), i, p);
+}
 
 template <class T>
 struct NormsFunctor {
@@ -36,7 +52,7 @@ struct LarsNormsFunctor {
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, int, Acc (&acc)[2]) const {
     Acc p[V], g[V];
-    load_elems<V>(col<P>(r, kLarsParam), i, p);
+    load_param<V, P>(r, kLarsParam, kLarsMaster, i, p);
     load_elems<V>(col<P>(r, kLarsGrad), i, g);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -67,12 +83,12 @@ struct LarsFunctor {
   __device__ void apply(const TensorRow& r, int64_t i, const LarsScalars<C>& s) const {
     C p[V], g[V], buf[V];
     const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-    load_elems<V>(col<P>(r, kLarsParam), i, p);
+    load_param<V, P>(r, kLarsParam, kLarsMaster, i, p);
     load_elems<V>(col<P>(r, kLarsGrad), i, g);
     if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
 #pragma unroll
     for (int k = 0; k < V; ++k) lars_element<C>(p[k], g[k], buf[k], first, s);
-    store_elems<V>(col<P>(r, kLarsParam), i, p);
+    store_param<V, P>(r, kLarsParam, kLarsMaster, i, p);
     if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
   }
 };
@@ -101,7 +117,7 @@ struct LambMomentFunctor : LambBase {
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s, Acc (&acc)[2]) const {
     C p[V], g[V], m[V], v[V];
-    load_elems<V>(col<P>(r, kLambParam), i, p);
+    load_param<V, P>(r, kLambParam, kLambMaster, i, p);
     load_elems<V>(col<P>(r, kLambGrad), i, g);
     load_elems<V>(col<S>(r, kLambExpAvg), i, m);
     load_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
@@ -121,7 +137,7 @@ struct LambMomentFunctor : LambBase {
     }
     store_elems<V>(col<S>(r, kLambExpAvg), i, m);
     store_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
-    if constexpr (kApply) store_elems<V>(col<P>(r, kLambParam), i, p);
+    if constexpr (kApply) store_param<V, P>(r, kLambParam, kLambMaster, i, p);
   }
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s) const {
@@ -142,12 +158,12 @@ struct LambApplyFunctor : LambBase {
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s) const {
     C p[V], m[V], v[V];
-    load_elems<V>(col<P>(r, kLambParam), i, p);
+    load_param<V, P>(r, kLambParam, kLambMaster, i, p);
     load_elems<V>(col<S>(r, kLambExpAvg), i, m);
     load_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = lamb_apply<C>(p[k], lamb_direction<C>(p[k], m[k], v[k], s), s);
-    store_elems<V>(col<P>(r, kLambParam), i, p);
+    store_param<V, P>(r, kLambParam, kLambMaster, i, p);
   }
 };
 
@@ -182,15 +198,19 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* worksp
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
-    if (lars_adapts(h))
+    if (lars_adapts(h) && !(h.flags & kLarsNormsGiven))
       launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{device_scalars(call)}, workspace,
                        kLarsNorms, false, call.found_inf);
+    if (h.flags & kLarsNormsOnly) return;
     launch_elementwise(call.rows, call.n_rows, stream, LarsFunctor<P, S>{h, device_scalars(call)});
   });
 }
 
 void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
                        double* workspace) {
+  const bool moments_only = h.flags & kLambMomentsOnly, apply_only = h.flags & kLambApplyOnly;
+  if ((moments_only || apply_only) && !lamb_adapts(h))
+    throw std::invalid_argument("fusedopt: a split LAMB step needs a step that adapts (no norms otherwise)");
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
   const double* clip = nullptr;
@@ -207,12 +227,15 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* g
     if (!lamb_adapts(h)) {
       launch_elementwise(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, true>{base});
     } else {
-      launch_reduce<2>(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, false>{base}, partials, kLambNorms,
-                       false, call.found_inf);
-      launch_elementwise(call.rows, call.n_rows, stream, LambApplyFunctor<P, S>{base});
+      // A split step (kLambMomentsOnly, then kLambApplyOnly) runs one pass per
+      // call; the apply pass reads the norms column either way.
+      if (!apply_only)
+        launch_reduce<2>(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, false>{base}, partials, kLambNorms,
+                         false, call.found_inf);
+      if (!moments_only) launch_elementwise(call.rows, call.n_rows, stream, LambApplyFunctor<P, S>{base});
     }
   });
-  advance_steps(call.rows, call.n_rows, kLambStep, call.found_inf, stream);
+  if (!moments_only) advance_steps(call.rows, call.n_rows, kLambStep, call.found_inf, stream);
 }
 
 }  // namespace fusedopt::cuda

@@ -11,10 +11,18 @@
 namespace fusedopt {
 
 // kLambNorms: float[2] = {sum p'^2, sum u^2}, written by the moment pass.
-enum LambColumn { kLambParam = 0, kLambGrad, kLambExpAvg, kLambExpAvgSq, kLambStep, kLambNorms };
+// kLambMaster: optional fp32 master copy of a 16-bit param; when present p
+// (also in the norms) is read from and written to it, and the param gets it
+// rounded to nearest even.
+enum LambColumn { kLambParam = 0, kLambGrad, kLambExpAvg, kLambExpAvgSq, kLambStep, kLambNorms, kLambMaster };
 enum LambFlag : int {
   kLambBiasCorrection = 1, kLambGradAveraging = 2, kLambTrustClip = 4, kLambAlwaysAdapt = 8,
   kLambDecoupled = 16, kLambClipGrads = 32,
+  // A step split in two calls, so that sharded (FSDP2) norms can be all-reduced
+  // in between (only when the step adapts): the first runs the moment pass
+  // (m, v, norms column) and leaves the step counters alone, the second reads
+  // the norms column, runs the apply pass and advances the counters.
+  kLambMomentsOnly = 64, kLambApplyOnly = 128,
 };
 
 struct LambHyper {

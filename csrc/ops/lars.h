@@ -10,9 +10,17 @@
 namespace fusedopt {
 
 // Columns of a LARS row. kLarsNorms: float[2] = {sum p^2, sum g^2} (raw, still
-// AMP-scaled grad), written by the norms pass of the same call.
-enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms };
-enum LarsFlag : int { kLarsNesterov = 1, kLarsTrustClip = 2, kLarsAlwaysAdapt = 4 };
+// AMP-scaled grad), written by the norms pass of the same call. kLarsMaster:
+// optional fp32 master copy of a 16-bit param; when present the math (norms
+// included) reads and writes it and the param gets it rounded to nearest even.
+enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster };
+enum LarsFlag : int {
+  kLarsNesterov = 1, kLarsTrustClip = 2, kLarsAlwaysAdapt = 4,
+  // A step split in two calls, so that sharded (FSDP2) norms can be all-reduced
+  // in between: the first only writes the norms column, the second reads it
+  // instead of running the norms pass.
+  kLarsNormsOnly = 8, kLarsNormsGiven = 16,
+};
 
 struct LarsHyper {
   double lr, momentum, dampening, weight_decay, trust_coeff, eps;

@@ -296,8 +296,8 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 # ---- per-tensor norms, LARS, LAMB (csrc/ops/norms.h, lars.h, lamb.h) ----------
-LARS_COLUMNS = ("param", "grad", "momentum_buffer", "norms")
-LAMB_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "norms")
+LARS_COLUMNS = ("param", "grad", "momentum_buffer", "norms", "master")
+LAMB_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "norms", "master")
 NORMS_COLUMN = {"lars": 3, "lamb": 5}
 
 

@@ -57,6 +57,10 @@ class LAMB(FusedOptimizer):
         always_adapt (bool): use the trust ratio even where weight_decay is 0.
         decoupled_decay (bool): AdamW-style decay of p instead of adding
             :math:`\lambda p` to u.
+        master_weights (bool): keep an fp32 master copy of fp16/bf16 params in
+            ``state['master']``; p, p' and the norms come from the master (so the
+            trust ratio comes from fp32 weights), the kernel writes it and the
+            param rounded to nearest even (ignored for fp32/fp64 params).
         state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``:
             ``torch.float32`` (default) or ``torch.bfloat16`` (the math stays fp32;
             the moments are rounded to nearest even when stored). fp64 params keep fp64.
@@ -78,10 +82,11 @@ class LAMB(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
-                 decoupled_decay=False, *, state_dtype=None):
+                 decoupled_decay=False, *, master_weights=False, state_dtype=None):
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
                         grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
-                        always_adapt=always_adapt, decoupled_decay=decoupled_decay, state_dtype=state_dtype)
+                        always_adapt=always_adapt, decoupled_decay=decoupled_decay, master_weights=master_weights,
+                        state_dtype=state_dtype)
         self._grad_sq: Dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
 
@@ -109,7 +114,7 @@ class LAMB(FusedOptimizer):
         if "step" not in st:
             raise ValueError(f"state of {name} has no 'step'")
 
-    master_column = None  # the LAMB kernel has no master-weight column
+    master_column = 6  # csrc/ops/lamb.h kLambMaster
 
     def state_columns(self, group):
         return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h

@@ -44,6 +44,10 @@ class LARS(SGD):
         eps (float): :math:`\epsilon` (default 1e-8).
         trust_clip (bool): clip the ratio as :math:`\min(r/\gamma, 1)` (LARC).
         always_adapt (bool): use the trust ratio even where weight_decay is 0.
+        master_weights (bool): keep an fp32 master copy of fp16/bf16 params in
+            ``state['master']``; the norms and the update read the master (so the
+            trust ratio comes from fp32 weights), the kernel writes it and the
+            param rounded to nearest even (ignored for fp32/fp64 params).
         state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
             ``torch.bfloat16`` for the momentum buffer (the math stays fp32; the
             buffer is rounded to nearest even when stored). fp64 params keep fp64.
@@ -59,10 +63,12 @@ class LARS(SGD):
     """
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, state_dtype=None):
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, master_weights=False,
+                 state_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
-                        always_adapt=always_adapt, state_dtype=state_dtype)
+                        always_adapt=always_adapt, master_weights=master_weights,
+                        state_dtype=state_dtype)
         super(SGD, self).__init__(params, defaults)
 
     def check_hyperparameters(self, group, gi):
@@ -78,7 +84,7 @@ class LARS(SGD):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
 
-    master_column = None  # the LARS kernel has no master-weight column
+    master_column = 4  # csrc/ops/lars.h kLarsMaster
 
     def fill_table(self, table, group, states):
         _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lars"])
