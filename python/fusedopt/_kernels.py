@@ -387,36 +387,37 @@ def set_norms_column(table: RowTable, column: int) -> None:
     table.rows[:, column] = table.norms.data_ptr() + 8 * np.arange(len(table.params), dtype=np.int64)
 
 
-def multi_tensor_lars(table: RowTable, state_dtype: torch.dtype, *, lr: float, lr_tensor: Optional[torch.Tensor],
-                      momentum: float, dampening: float, weight_decay: float, trust_coeff: float, eps: float,
-                      flags: int, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    _require_cuda(table.device)
-    dev = table.device
-    ws, ws_ptr = reduction_workspace(table.rows, 2, dev)
-    _C.multi_tensor_lars(
-        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
-        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
-        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev), ws_ptr,
-        float(lr), float(momentum), float(dampening), float(weight_decay), float(trust_coeff), float(eps), int(flags))
-    del ws
+LARGE_BATCH_KERNELS = ("lars", "lamb")
 
 
-def multi_tensor_lamb(table: RowTable, state_dtype: torch.dtype, *, grad_sq: Optional[torch.Tensor], lr: float,
-                      lr_tensor: Optional[torch.Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
-                      max_grad_norm: float, flags: int, grad_scale: Optional[torch.Tensor],
-                      found_inf: Optional[torch.Tensor]) -> None:
-    """grad_sq: per-grad sums of squares of every grad the clipping norm covers (None: no clipping)."""
+def launch_large_batch(kernel: str, table: RowTable, state_dtype: torch.dtype, *, lr: float,
+                       lr_tensor: Optional[torch.Tensor], hyper: Sequence[float], flags: int,
+                       grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                       grad_sq: Optional[torch.Tensor] = None) -> None:
+    """Calls ``_C.multi_tensor_lars`` or ``_C.multi_tensor_lamb`` over ``table``
+    (whose norms column was set by ``set_norms_column``).
+
+    hyper (csrc/ops/lars.h, lamb.h order): LARS (momentum, dampening, weight_decay,
+    trust_coeff, eps); LAMB (beta1, beta2, eps, weight_decay, max_grad_norm).
+    grad_sq (LAMB): per-grad sums of squares of every grad the clipping norm
+    covers; None: no clipping.
+    """
+    if kernel not in LARGE_BATCH_KERNELS:
+        raise ValueError(f"kernel must be one of {LARGE_BATCH_KERNELS}; got {kernel!r}")
     _require_cuda(table.device)
     dev = table.device
-    gs_ptr, n_gs = 0, 0
-    if grad_sq is not None:
-        if grad_sq.dtype is not torch.float32 or grad_sq.device != dev or not grad_sq.is_contiguous():
-            raise ValueError(f"grad_sq must be a contiguous float32 tensor on {dev}; got {shape_str(grad_sq)}")
-        gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
-    ws, ws_ptr = reduction_workspace(table.rows, 2, dev, extra=1)
-    _C.multi_tensor_lamb(
-        table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
-        scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
-        scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev), ws_ptr, gs_ptr, n_gs,
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(max_grad_norm), int(flags))
-    del ws
+    head = (table.rows, DTYPE_CODES[table.dtype], state_dtype_code(state_dtype), device_index(dev),
+            scalar_pointer(lr_tensor, dev, "lr"), scalar_pointer(grad_scale, dev, "grad_scale"),
+            scalar_pointer(found_inf, dev, "found_inf"), stream_of(dev))
+    if kernel == "lars":
+        ws, ws_ptr = reduction_workspace(table.rows, 2, dev)
+        _C.multi_tensor_lars(*head, ws_ptr, float(lr), *map(float, hyper), int(flags))
+    else:
+        gs_ptr, n_gs = 0, 0
+        if grad_sq is not None:
+            if grad_sq.dtype is not torch.float32 or grad_sq.device != dev or not grad_sq.is_contiguous():
+                raise ValueError(f"grad_sq must be a contiguous float32 tensor on {dev}; got {shape_str(grad_sq)}")
+            gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
+        ws, ws_ptr = reduction_workspace(table.rows, 2, dev, extra=1)
+        _C.multi_tensor_lamb(*head, ws_ptr, gs_ptr, n_gs, float(lr), *map(float, hyper), int(flags))
+    del ws  # the caching allocator keeps it alive for the stream's pending work

@@ -55,6 +55,16 @@ def is_dtensor(t: Any) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
+def shard_groups(t: Any) -> tuple:
+    """The process groups over which a DTensor is sharded (one per sharded mesh
+    dim); () for plain tensors and replicated DTensors."""
+    if not is_dtensor(t):
+        return ()
+    from torch.distributed.tensor import Shard
+    mesh = t.device_mesh
+    return tuple(mesh.get_group(d) for d, pl in enumerate(t.placements) if isinstance(pl, Shard))
+
+
 class TrackedState(dict):
     """A param's state dict that tells its optimizer when an entry is replaced."""
 
@@ -148,7 +158,7 @@ def _eager_step_outside_compile(opt: "FusedOptimizer", closure):
 class _Batch:
     """The params of one group on one (device, dtype), and their kernel rows."""
 
-    __slots__ = ("index", "table", "pending", "sources")
+    __slots__ = ("index", "table", "pending", "sources", "sharded")
 
     def __init__(self, index: List[int], table: RowTable, pending: Dict[torch.Tensor, dict],
                  sources: List[torch.Tensor]):
@@ -156,6 +166,9 @@ class _Batch:
         self.table = table
         self.pending = pending  # param -> complete new state, committed only when every check passed
         self.sources = sources  # the group's params (DTensors under FSDP2); table.params are their locals
+        # True when some source is a sharded DTensor: per-tensor sums over the
+        # local shards must then be all-reduced (reduce_rows_over_shards).
+        self.sharded = any(shard_groups(p) for p in sources)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -292,12 +305,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 committed = True
         self.before_launch(work)
         for group, batch in work:
-            self.launch(batch.table, group, *amp[batch.table.device])
+            self.launch(batch.table, group, *amp[batch.table.device], batch=batch)
         if committed:
             self._epoch[0] += 1  # first-step flags and pointers change: rebuild next time
         return loss
 
-    def launch(self, table: RowTable, group: dict, grad_scale, found_inf) -> None:
+    def launch(self, table: RowTable, group: dict, grad_scale, found_inf, batch: Optional[_Batch] = None) -> None:
+        """One batch's kernel call(s). ``batch`` (its ``sources`` and ``sharded``) lets
+        norm-based optimizers all-reduce shard sums between passes."""
         lr, lr_tensor = lr_value(group, table.device)
         hyper, flags = self.kernel_hyper(group)
         _kernels.launch(self.kernel, table, self.state_dtype(group, table.params[0]), lr=lr, lr_tensor=lr_tensor,
@@ -509,6 +524,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(placement, Shard):
                 dist.all_reduce(square_norms, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
         return square_norms
+
+    @classmethod
+    def reduce_rows_over_shards(cls, sums: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        """In place: row i of ``sums`` (sums of squares over the local shard of
+        ``sources[i]``) becomes the sum over all shards of that tensor. Rows of
+        plain or replicated tensors are left alone; rows sharded over the same
+        process groups go through one all-reduce (the whole tensor when every
+        row is, the common FSDP2 case: no copies)."""
+        rows: Dict[tuple, List[int]] = {}
+        for i, p in enumerate(sources):
+            key = shard_groups(p)
+            if key:
+                rows.setdefault(key, []).append(i)
+        for idx in rows.values():
+            if len(idx) == len(sources) and sums.is_contiguous():
+                cls.reduce_square_norms(sums, sources[idx[0]])
+            else:
+                at = torch.tensor(idx, dtype=torch.long).to(sums.device, non_blocking=True)
+                part = sums.index_select(0, at)
+                cls.reduce_square_norms(part, sources[idx[0]])
+                sums.index_copy_(0, at, part)
+        return sums
 
     # ---- bookkeeping ---------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:

@@ -12,6 +12,7 @@ from .base import lr_value
 
 # csrc/ops/lamb.h LambFlag
 _BIAS_CORRECTION, _GRAD_AVERAGING, _TRUST_CLIP, _ALWAYS_ADAPT, _DECOUPLED, _CLIP_GRADS = 1, 2, 4, 8, 16, 32
+_MOMENTS_ONLY, _APPLY_ONLY = 64, 128  # internal: a step split around an all-reduce of the norms
 
 
 class LAMB(FusedOptimizer):
@@ -119,38 +120,71 @@ class LAMB(FusedOptimizer):
     def state_columns(self, group):
         return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h
 
+    kernel = "lamb"
+    # Private switch (tests): take the two-call path of sharded params for plain
+    # tensors too, so that CI covers it without spawning ranks.
+    _split_steps = False
+
     def fill_table(self, table, group, states):
         _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lamb"])
 
-    def before_launch(self, work):
-        """Per-tensor grad sums of squares of every grad of every group, per device."""
-        self._grad_sq = {}
-        if not any(group["max_grad_norm"] is not None for group, _ in work):
-            return
-        by_device: Dict[torch.device, list] = {}
-        for _, batch in work:
-            by_device.setdefault(batch.table.device, []).append(batch.table)
-        local = {}
-        for dev, tables in by_device.items():
-            out = torch.empty(sum(len(t.params) for t in tables), dtype=torch.float32, device=dev)
-            _kernels.grad_sq_norms_into(tables, out)
-            local[dev] = out
-        if len(local) == 1:
-            self._grad_sq = local
-        else:  # every device sees all sums, in one fixed order
-            self._grad_sq = {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()])
-                             for dev in local}
-
-    def launch(self, table, group, grad_scale, found_inf):
-        lr, lr_tensor = lr_value(group, table.device)
+    def kernel_hyper(self, group):
         clip = group["max_grad_norm"] is not None
         flags = ((_BIAS_CORRECTION if group["bias_correction"] else 0)
                  | (_GRAD_AVERAGING if group["grad_averaging"] else 0)
                  | (_TRUST_CLIP if group["trust_clip"] else 0) | (_ALWAYS_ADAPT if group["always_adapt"] else 0)
                  | (_DECOUPLED if group["decoupled_decay"] else 0) | (_CLIP_GRADS if clip else 0))
         beta1, beta2 = (float(b) for b in group["betas"])
-        _kernels.multi_tensor_lamb(
-            table, self.state_dtype(group, table.params[0]), grad_sq=self._grad_sq.get(table.device) if clip else None,
-            lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], max_grad_norm=float(group["max_grad_norm"] or 0.0), flags=flags,
-            grad_scale=grad_scale, found_inf=found_inf)
+        return (beta1, beta2, group["eps"], group["weight_decay"], float(group["max_grad_norm"] or 0.0)), flags
+
+    @staticmethod
+    def adapts(group) -> bool:
+        return group["weight_decay"] != 0 or group["always_adapt"]
+
+    def before_launch(self, work):
+        """Per-tensor grad sums of squares of every grad of every group, per device.
+        Under FSDP2 each sum is all-reduced over its shard group first, so the
+        clipping norm is that of the full grads."""
+        self._grad_sq = {}
+        if not any(group["max_grad_norm"] is not None for group, _ in work):
+            return
+        by_device: Dict[torch.device, list] = {}
+        for _, batch in work:
+            by_device.setdefault(batch.table.device, []).append(batch)
+        local = {}
+        for dev, batches in by_device.items():
+            tables = [b.table for b in batches]
+            out = torch.empty(sum(len(t.params) for t in tables), dtype=torch.float32, device=dev)
+            _kernels.grad_sq_norms_into(tables, out)
+            if any(b.sharded for b in batches):
+                self.reduce_rows_over_shards(out, [p for b in batches for p in b.sources])
+            local[dev] = out
+        self._grad_sq = self.share_grad_sq(local)
+
+    @staticmethod
+    def share_grad_sq(local: Dict[torch.device, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
+        if len(local) == 1:
+            return local
+        # every device sees all sums, in one fixed order
+        return {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}
+
+    def launch(self, table, group, grad_scale, found_inf, batch=None):
+        lr, lr_tensor = lr_value(group, table.device)
+        hyper, flags = self.kernel_hyper(group)
+        grad_sq = self._grad_sq.get(table.device) if group["max_grad_norm"] is not None else None
+
+        def call(extra_flags):
+            _kernels.launch_large_batch("lamb", table, self.state_dtype(group, table.params[0]), lr=lr,
+                                        lr_tensor=lr_tensor, hyper=hyper, flags=flags | extra_flags,
+                                        grad_scale=grad_scale, found_inf=found_inf, grad_sq=grad_sq)
+
+        sharded = batch is not None and batch.sharded
+        if not ((sharded or self._split_steps) and self.adapts(group)):
+            call(0)  # moments, norms and update in one _C call
+            return
+        # FSDP2: moments and the shard sums of |p'|^2, |u|^2; all-reduce; apply
+        # (which advances the step counters; found_inf skips both calls on the device).
+        call(_MOMENTS_ONLY)
+        if sharded:
+            self.reduce_rows_over_shards(table.norms, batch.sources)
+        call(_APPLY_ONLY)
