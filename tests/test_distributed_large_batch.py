@@ -1,0 +1,93 @@
+"""LARS and LAMB under FSDP2 (fully_shard, DTensor params) on 2 CPU processes
+with gloo: the per-tensor norms (LARS |p|, |g|; LAMB |p'|, |u|) and LAMB's
+global grad norm are all-reduced over the shard group, so a sharded run must
+match one process training on the whole batch. Model, data and the spawn
+harness conventions are those of test_distributed.py."""
+import datetime
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedopt
+from test_distributed import STEPS, WORLD, data, make_model
+
+# Slow for the same reason as test_distributed.py: spawned gloo ranks have
+# aborted or hung at exit on this CPU torch build (open problem).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
+
+OPTS = {
+    # weight decay: the trust ratios are used.
+    "LARS": (fusedopt.LARS, dict(lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coeff=0.02)),
+    # max_grad_norm far below the grad norms of this model and data: clipping is active.
+    "LAMB": (fusedopt.LAMB, dict(lr=2e-2, weight_decay=0.05, max_grad_norm=0.05)),
+    "LAMB-trustclip-decoupled": (fusedopt.LAMB, dict(lr=2e-2, weight_decay=0.05, max_grad_norm=0.05,
+                                                     trust_clip=True, decoupled_decay=True)),
+}
+
+
+def single_process(name):
+    cls, kw = OPTS[name]
+    model = make_model()
+    opt = cls(model.parameters(), **kw)
+    grad_norms = []
+    for x, y in data():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grad_norms.append(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))))
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], grad_norms
+
+
+def fsdp_worker(rank, store, name, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+        cls, kw = OPTS[name]
+        model = make_model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.parameters(), **kw)
+        for x, y in data():
+            xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xs), ys).backward()
+            opt.step()
+        for p in model.parameters():
+            assert isinstance(p, DTensor), type(p)
+            if "step" in opt.state[p]:
+                assert float(opt.state[p]["step"]) == STEPS  # advanced once per step by the split step
+        params = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if rank == 0:
+            torch.save(params, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_fsdp(name):
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "params.pt")
+        mp.spawn(fsdp_worker, args=(os.path.join(d, "store"), name, out), nprocs=WORLD, join=True)
+        return torch.load(out)
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_fsdp2_large_batch_matches_unsharded(name):
+    want, grad_norms = single_process(name)
+    kw = OPTS[name][1]
+    if "max_grad_norm" in kw:
+        assert min(grad_norms) > 2 * kw["max_grad_norm"]  # the clip really acts
+    got = run_fsdp(name)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
