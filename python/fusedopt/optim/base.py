@@ -267,9 +267,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             closure (Callable, optional): re-evaluates the model and returns the loss.
         """
         if torch.compiler.is_compiling():
-            if type(self).launch is not FusedOptimizer.launch:
-                # Optimizers with their own launch (LARS, LAMB: norm passes between
-                # kernels) have no custom op yet: they run eagerly (a graph break).
+            if type(self).launch is not FusedOptimizer.launch and self._any_dtensor_param():
+                # LARS/LAMB with DTensor params (FSDP2) all-reduce norms between
+                # kernel passes: that step runs eagerly (a graph break).
                 return _eager_step_outside_compile(self, closure)
             return self._compiled_step(closure)
         return self._eager_step(closure)
@@ -476,26 +476,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        work = []  # (group, params of one (device, dtype)): the eager step's batches, in its order
         for group in self.param_groups:
             buckets: Dict[tuple, List[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), ps in buckets.items():
-                cols = dict(self.state_columns(group))
-                if self.uses_master(group, ps[0]):
-                    cols[self.master_column] = "master"
-                hyper, flags = self.kernel_hyper(group)
-                lr = group["lr"]
-                _ops.fused_step(
-                    self.kernel, ps, [p.grad for p in ps],
-                    [self.state[p][key] for key in cols.values() for p in ps],
+            work.extend((group, ps) for ps in buckets.values())
+        ctx = self.compiled_before_launch(work)
+        for group, ps in work:
+            cols = dict(self.state_columns(group))
+            if self.uses_master(group, ps[0]):
+                cols[self.master_column] = "master"
+            hyper, flags = self.kernel_hyper(group)
+            lr = group["lr"]
+            args = (ps, [p.grad for p in ps], [self.state[p][key] for key in cols.values() for p in ps],
                     list(cols.keys()), [_ops.column_kind(key) for key in cols.values()],
                     _kernels.DTYPE_CODES[self.state_dtype(group, ps[0])],
                     0.0 if isinstance(lr, torch.Tensor) else float(lr),
                     lr if isinstance(lr, torch.Tensor) else None,
                     [float(h) for h in hyper], int(flags), grad_scale, found_inf)
+            self.compiled_launch(group, args, ctx)
         return loss
+
+    def compiled_before_launch(self, work) -> Any:
+        """Compiled counterpart of ``before_launch``; work is [(group, params)].
+        Returns what ``compiled_launch`` needs (LAMB: the clipping sums)."""
+        return None
+
+    def compiled_launch(self, group: dict, args: tuple, ctx: Any) -> None:
+        """One (device, dtype) batch under torch.compile: args are those of
+        ``fusedopt::fused_step`` after the kernel name."""
+        _ops.fused_step(self.kernel, *args)
+
+    def _any_dtensor_param(self) -> bool:
+        return any(is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None)
 
     def _needs_completion(self, group: dict, p: torch.Tensor) -> bool:
         st = self.state[p]

@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-from .. import _kernels
+from .. import _kernels, _ops
 from .base import FusedOptimizer, check_float
 from .adam import check_adam_hyperparameters
 from .base import lr_value
@@ -160,6 +160,18 @@ class LAMB(FusedOptimizer):
                 self.reduce_rows_over_shards(out, [p for b in batches for p in b.sources])
             local[dev] = out
         self._grad_sq = self.share_grad_sq(local)
+
+    def compiled_before_launch(self, work):
+        if not any(group["max_grad_norm"] is not None for group, _ in work):
+            return {}
+        by_device: Dict[torch.device, list] = {}
+        for _, ps in work:
+            by_device.setdefault(ps[0].device, []).extend(p.grad for p in ps)
+        return self.share_grad_sq({dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()})
+
+    def compiled_launch(self, group, args, ctx):
+        grad_sq = ctx.get(args[0][0].device) if group["max_grad_norm"] is not None else None
+        _ops.large_batch_step("lamb", *args, grad_sq)
 
     @staticmethod
     def share_grad_sq(local: Dict[torch.device, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Fused LARS (You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks")."""
 from __future__ import annotations
 
-from .. import _kernels
+from .. import _kernels, _ops
 from .base import check_float
 from .base import lr_value
 from .sgd import SGD
@@ -100,6 +100,9 @@ class LARS(SGD):
                  | (_ALWAYS_ADAPT if group["always_adapt"] else 0))
         return (group["momentum"], group["dampening"], group["weight_decay"], group["trust_coeff"],
                 group["eps"]), flags
+
+    def compiled_launch(self, group, args, ctx):
+        _ops.large_batch_step("lars", *args, None)
 
     @staticmethod
     def adapts(group) -> bool:

@@ -1,0 +1,102 @@
+"""torch.compile with LARS and LAMB: opt.step() inside compiled code traces
+through the fusedopt::large_batch_step (and, for LAMB's clipping,
+fusedopt::grad_sq_norms) custom ops, without graph breaks, with the numbers of
+the eager step."""
+import pytest
+import torch
+
+import fusedopt
+from helpers import assert_params_close, tiny_model, twin
+
+OPTS = [
+    (fusedopt.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
+    (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.1)),
+    (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True)),
+]
+IDS = ["LARS", "LAMB-clip", "LAMB-noclip"]
+
+
+def test_custom_ops_are_registered_with_fake_impls():
+    op = torch.ops.fusedopt.large_batch_step.default
+    assert op._schema.arguments[1].alias_info.is_write  # params are declared mutated
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        p, g, m, v, s = torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(())
+        sq = torch.ops.fusedopt.grad_sq_norms([g])
+        assert sq.shape == (1,) and sq.dtype is torch.float32
+        torch.ops.fusedopt.large_batch_step("lamb", [p], [g], [m, v, s], [2, 3, 4], [0, 0, 1], 0, 1e-3, None,
+                                            [0.9, 0.999, 1e-6, 0.01, 1.0], 32, None, None, sq)
+
+
+def test_custom_op_eager_matches_optimizer():
+    p = torch.nn.Parameter(torch.randn(9))
+    q = p.detach().clone()
+    g = torch.randn(9)
+    p.grad = g.clone()
+    opt = fusedopt.LAMB([p], lr=1e-2, max_grad_norm=0.5)
+    opt.step()
+    m, v, s = torch.zeros(9), torch.zeros(9), torch.zeros(())
+    hyper, flags = opt.kernel_hyper(opt.param_groups[0])
+    sq = torch.ops.fusedopt.grad_sq_norms([g])
+    torch.ops.fusedopt.large_batch_step("lamb", [q], [g], [m, v, s], [2, 3, 4], [0, 0, 1], 0, 1e-2, None,
+                                        list(hyper), flags, None, None, sq)
+    assert torch.equal(p.detach(), q) and torch.equal(opt.state[p]["exp_avg"], m) and float(s) == 1.0
+
+
+def train(model, opt, batches, step):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        step()
+
+
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("cls,kw", OPTS, ids=IDS)
+def test_compiled_step_has_no_graph_break_and_matches_eager(cls, kw, master):
+    torch._dynamo.reset()
+    model = tiny_model()
+    if master:
+        model = model.bfloat16()
+        kw = dict(kw, master_weights=True)
+    ref = twin(model)
+    opt, ref_opt = cls(model.parameters(), **kw), cls(ref.parameters(), **kw)
+    batches = [(torch.randn(8, 6, dtype=next(model.parameters()).dtype),
+                torch.randn(8, 3, dtype=next(model.parameters()).dtype)) for _ in range(4)]
+    # The first step creates the state eagerly (as for SGD/Adam); after that the
+    # step must trace as one graph: fullgraph=True raises on any graph break.
+    train(model, opt, batches[:1], opt.step)
+    train(ref, ref_opt, batches[:1], ref_opt.step)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        opt.step()
+
+    train(model, opt, batches[1:], compiled_step)
+    train(ref, ref_opt, batches[1:], ref_opt.step)
+    assert_params_close(model, ref, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        for k, v in ref_opt.state[q].items():
+            assert torch.equal(opt.state[p][k], v), k
+    assert counter.frame_count >= 1
+    code = "\n".join(str(g.graph) for g in counter.graphs)
+    assert "large_batch_step" in code
+    if kw.get("max_grad_norm") is not None:
+        assert "grad_sq_norms" in code
+
+
+@pytest.mark.parametrize("cls,kw", OPTS[:2], ids=IDS[:2])
+def test_compiled_model_trains(cls, kw):
+    torch._dynamo.reset()
+    model = tiny_model()
+    ref = twin(model)
+    compiled = torch.compile(model, backend="eager")
+    opt, ref_opt = cls(model.parameters(), **kw), cls(ref.parameters(), **kw)
+    for _ in range(3):
+        x, y = torch.randn(8, 6), torch.randn(8, 3)
+        for m, o in ((compiled, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert_params_close(model, ref)
