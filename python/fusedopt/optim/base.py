@@ -15,10 +15,13 @@ Options every subclass gets from here (see README "Mixed precision"):
 ``master_weights`` (fp32 master copy of 16-bit params in ``state['master']``,
 written to the kernel's master column ``master_column``) and ``state_dtype``
 (fp32 or bf16 moment/momentum states). DTensor params (FSDP2) are updated
-through their local shards; ``reduce_square_norms`` is the hook for norm-based
-optimizers (LARS, LAMB) to sum squared norms over the shard group. Under
-``torch.compile`` the step goes through the ``fusedopt::fused_step`` custom op
-(python/fusedopt/_ops.py) instead of the cached tables.
+through their local shards; ``reduce_rows_over_shards`` (over
+``reduce_square_norms``) is how norm-based optimizers (LARS, LAMB) sum squared
+norms over the shard group between passes: ``launch`` gets the batch, whose
+``sharded`` says whether that is needed. Under ``torch.compile`` the step goes
+through the ``fusedopt::fused_step`` custom op (``compiled_launch``; LARS/LAMB
+use ``fusedopt::large_batch_step``, python/fusedopt/_ops.py) instead of the
+cached tables.
 """
 from __future__ import annotations
 

@@ -73,10 +73,16 @@ class LAMB(FusedOptimizer):
     not stored), (3) read p, m, v, recompute u, write p. A group that does not
     adapt fuses (2) and (3) into one pass. Norms stay on the device; nothing waits
     for the host. fp32 params: 4 + 24 + 16 = 44 bytes per element per step.
+    With sharded DTensor params (FSDP2) the per-grad sums of (1) and the norm
+    sums of (2) are all-reduced over the shard group, (2) and (3) being two
+    calls. Under ``torch.compile`` the step is the ``fusedopt::grad_sq_norms`` and
+    ``fusedopt::large_batch_step`` custom ops (plain params; DTensor params run
+    eagerly).
 
     State per param: ``step`` (fp32 scalar tensor on the param's device),
     ``exp_avg``, ``exp_avg_sq`` (``state_dtype``: fp32 by default, or bf16; fp64 for
-    fp64 params).
+    fp64 params); with master weights ``master``. Bytes per param as Adam
+    (README "Mixed precision").
     The step count is kept per param as in torch.optim.Adam; it equals the group's
     step count when every param of the group has a grad at every step.
     """

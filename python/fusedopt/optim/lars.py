@@ -58,9 +58,15 @@ class LARS(SGD):
     when the group does not adapt), (2) the update: read p, g, b; write p, b.
     On CUDA the norms stay on the device and each block computes its tensor's
     ratio from them: no host synchronization. The norm sums are deterministic.
+    With sharded DTensor params (FSDP2) the two passes are two calls, and the
+    local norm sums are all-reduced over the shard group between them. Under
+    ``torch.compile`` the step is the ``fusedopt::large_batch_step`` custom op
+    (plain params; DTensor params run eagerly).
 
     State per param: ``momentum_buffer`` (``state_dtype``: fp32 by default, or bf16;
-    fp64 for fp64 params), only when momentum != 0, as in torch.optim.SGD.
+    fp64 for fp64 params), only when momentum != 0, as in torch.optim.SGD; with
+    master weights ``master``. Bytes per param (param + grad + buffer [+ master]):
+    as SGD, README "Mixed precision".
     """
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
