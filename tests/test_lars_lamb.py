@@ -336,3 +336,18 @@ def test_cuda_deterministic(cls, kw, keys):
         drive(cls(params, **kw), params, [[g.cuda() for g in gs] for gs in grads])
         out.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("cls", [fusedopt.LARS, fusedopt.LAMB])
+def test_norm_slots_keep_rows_vector_aligned(cls):
+    # Every row's pointers, the norms slot included, must be 16-byte aligned,
+    # or CUDA runs that row element by element (the flag is set the same on CPU).
+    from fusedopt import _kernels
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (64, 32, 128, 16, 8)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, lr=0.1, weight_decay=1e-3)
+    opt.step()
+    opt.step()
+    table = opt._group_cache[0][2][0].table
+    assert all(int(f) & _kernels.ROW_ALIGNED16 for f in table.rows[:, _kernels.FLAGS_COLUMN])

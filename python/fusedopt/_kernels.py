@@ -382,9 +382,13 @@ def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
 
 
 def set_norms_column(table: RowTable, column: int) -> None:
-    """Gives every row a float[2] slot of a fresh per-table buffer for its norms."""
-    table.norms = torch.empty((len(table.params), 2), dtype=torch.float32, device=table.device)
-    table.rows[:, column] = table.norms.data_ptr() + 8 * np.arange(len(table.params), dtype=np.int64)
+    """Gives every row a float[2] slot of a fresh per-table buffer for its norms.
+
+    Slots are 16 bytes apart: a row takes the CUDA vector path only when all its
+    pointers are 16-byte aligned (refresh_grads), and 8-byte slots would send
+    every other row to the scalar path."""
+    table.norms = torch.zeros((len(table.params), 4), dtype=torch.float32, device=table.device)
+    table.rows[:, column] = table.norms.data_ptr() + 16 * np.arange(len(table.params), dtype=np.int64)
 
 
 LARGE_BATCH_KERNELS = ("lars", "lamb")
