@@ -14,7 +14,8 @@ aliasing its param, an invalid hyperparameter). Properties:
   (``test_fuzz_in_child_process``); a crash fails that test and prints the
   case that was running.
 
-Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis examples.
+Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis examples;
+FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB restricts them to some registry entries.
 """
 import os
 import signal
@@ -32,6 +33,9 @@ from optim_registry import OPTIMIZERS, snapshot
 CHILD = os.environ.get("FUSEDOPT_FUZZ_CHILD") == "1"
 EXAMPLES = int(os.environ.get("FUSEDOPT_FUZZ_EXAMPLES", "100"))
 LOG = os.environ.get("FUSEDOPT_FUZZ_LOG")
+# FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB: fuzz only the registry entries whose names start so.
+ONLY = tuple(x for x in os.environ.get("FUSEDOPT_FUZZ_OPTIMIZERS", "").split(",") if x)
+FUZZED = [s for s in OPTIMIZERS if not ONLY or s.name.startswith(ONLY)]
 
 SHAPES = [(), (0,), (1,), (3,), (7,), (33,), (1025,), (3, 0, 2), (5, 3), (2, 3, 5), (4, 1, 9), (130, 67)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -43,7 +47,7 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-5, 1e-6),
 
 @st.composite
 def cases(draw):
-    spec = draw(st.sampled_from(OPTIMIZERS))
+    spec = draw(st.sampled_from(FUZZED))
     n_groups = draw(st.integers(1, 3))
     groups = []
     for _ in range(n_groups):
@@ -140,6 +144,11 @@ def run_case(case):
     ref = spec.reference([{"params": ps, **h} for ps, h in zip(ref_groups, hypers)])
     flat, ref_flat = [p for ps in groups for p in ps], [p for ps in ref_groups for p in ps]
 
+    # Largest |value| each reference param passed through: a rounding that went the
+    # other way at an earlier step stays as an offset of one ulp *of that step's
+    # magnitude*, even when the param shrinks afterwards (LARS with a large
+    # trust_coeff can nearly cancel a param), so the bound scales with it.
+    peak = [q.detach().abs().double() for q in ref_flat]
     for step in range(case["steps"]):
         grads = new_grads(flat, gen, case["none_grad_p"] if step else 0.0, pinned)
         for p, q, g in zip(flat, ref_flat, grads):
@@ -157,14 +166,19 @@ def run_case(case):
         opt.step()
         ref.step()
         with torch.no_grad():
-            for p, q in zip(flat, ref_flat):
+            for i, (p, q) in enumerate(zip(flat, ref_flat)):
                 if p.dtype in (torch.float16, torch.bfloat16):
                     q.copy_(q.to(p.dtype).float())  # the fused param is stored rounded each step
+                peak[i] = torch.maximum(peak[i], q.abs().double())
     for i, (p, q) in enumerate(zip(flat, ref_flat)):
         rtol, atol = TOL[p.dtype]
-        torch.testing.assert_close(p.detach().float() if p.dtype != torch.float64 else p.detach(),
-                                   q.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32),
-                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"param {i}: {m}")
+        got, want = p.detach().double(), q.detach().double()
+        same = (got == want) | (got.isnan() & want.isnan())
+        close = (got - want).abs() <= atol + rtol * peak[i]
+        bad = ~(same | close)
+        assert not bad.any(), (f"param {i} ({p.dtype}, shape {list(p.shape)}): {int(bad.sum())} of {p.numel()} "
+                               f"elements differ beyond {rtol} x peak + {atol}; first: got "
+                               f"{got[bad][:4].tolist()}, want {want[bad][:4].tolist()}")
     return "accepted"
 
 

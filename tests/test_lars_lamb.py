@@ -1,76 +1,18 @@
 """fusedopt.LARS and fusedopt.LAMB against plain per-tensor fp64 implementations
-of the formulas of issue 3, written here."""
+of the formulas of issue 3 (tests/reference_optim.py, shared with the hardening
+suites through tests/optim_registry.py)."""
 import copy
-import math
 import random
 
 import pytest
 import torch
 
 import fusedopt
+from reference_optim import RefLAMB, RefLARS
 
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not fusedopt.cuda_available(), reason="needs a CUDA GPU and CUDA kernels")
 STEPS = 50
-
-
-# ---- references (fp64, one tensor at a time) --------------------------------
-class RefLARS:
-    def __init__(self, groups):
-        self.groups = groups  # [{"params": [fp64 tensors], hyper...}]
-        self.buf = {}
-
-    def step(self, grads):  # grads: per group, per param (fp64)
-        for group, gs in zip(self.groups, grads):
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            for i, (p, g) in enumerate(zip(group["params"], gs)):
-                if wd != 0 or group["always_adapt"]:
-                    pn, gn = p.norm().item(), g.norm().item()
-                    r = group["trust_coeff"] * pn / (gn + wd * pn + group["eps"]) if pn > 0 and gn > 0 else 1.0
-                    if group["trust_clip"]:
-                        r = min(r / lr, 1.0)
-                    d = (g + wd * p) * r
-                else:
-                    d = g
-                if mom != 0:
-                    key = (id(group), i)
-                    b = d.clone() if key not in self.buf else self.buf[key] * mom + (1 - group["dampening"]) * d
-                    self.buf[key] = b
-                    d = d + mom * b if group["nesterov"] else b
-                p -= lr * d
-
-
-class RefLAMB:
-    def __init__(self, groups):
-        self.groups = groups
-        self.m, self.v, self.t = {}, {}, {}
-
-    def step(self, grads):
-        total = math.sqrt(sum(g.norm().item() ** 2 for gs in grads for g in gs))
-        for gi, (group, gs) in enumerate(zip(self.groups, grads)):
-            self.t[gi] = t = self.t.get(gi, 0) + 1
-            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
-            b3 = 1 - b1 if group["grad_averaging"] else 1.0
-            bc1, bc2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
-            c = 1.0 if group["max_grad_norm"] is None else max(total / group["max_grad_norm"], 1.0)
-            for i, (p, g) in enumerate(zip(group["params"], gs)):
-                g = g / c
-                key = (gi, i)
-                m = self.m[key] = b1 * self.m.get(key, torch.zeros_like(p)) + b3 * g
-                v = self.v[key] = b2 * self.v.get(key, torch.zeros_like(p)) + (1 - b2) * g * g
-                u = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + group["eps"])
-                if wd != 0:
-                    if group["decoupled_decay"]:
-                        p -= lr * wd * p
-                    else:
-                        u = u + wd * p
-                if wd != 0 or group["always_adapt"]:
-                    pn, un = p.norm().item(), u.norm().item()
-                    r = pn / un if pn > 0 and un > 0 else 1.0
-                    if group["trust_clip"]:
-                        r = min(r, 1.0)
-                    u = u * r
-                p -= lr * u
 
 
 # ---- models ------------------------------------------------------------------
@@ -97,25 +39,26 @@ def draw_grads(params, dtype, zero_index=1):
 
 def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu"):
     w, b = make_params(dtype, device)
-    ref_groups = [dict(hyper, params=[p.detach().double().cpu().clone() for p in w]),
-                  dict(hyper, params=[p.detach().double().cpu().clone() for p in b], **groups_extra)]
+    ref_w = [torch.nn.Parameter(p.detach().double().cpu().clone()) for p in w]
+    ref_b = [torch.nn.Parameter(p.detach().double().cpu().clone()) for p in b]
     opt = opt_cls([{"params": w}, dict(params=b, **groups_extra)], **hyper)
-    ref = ref_cls(ref_groups)
+    ref = ref_cls([{"params": ref_w}, dict(params=ref_b, **groups_extra)], **hyper)
     for _ in range(steps):
         grads = draw_grads([w, b], dtype)
-        for ps, gs in zip([w, b], grads):
-            for p, g in zip(ps, gs):
+        for ps, qs, gs in zip([w, b], [ref_w, ref_b], grads):
+            for p, q, g in zip(ps, qs, gs):
                 p.grad = g.to(device)
+                q.grad = g.double()
         kept = [[p.grad.clone() for p in ps] for ps in (w, b)]
         opt.step()
         for ps, ks in zip([w, b], kept):  # p.grad is never modified
             assert all(torch.equal(p.grad, k) for p, k in zip(ps, ks))
-        ref.step([[g.double() for g in gs] for gs in grads])
+        ref.step()
         if dtype is not torch.float32:  # the reference keeps what a bf16 param can hold
-            for group in ref_groups:
-                for p in group["params"]:
-                    p.copy_(p.to(dtype).double())
-    return [p.detach().double().cpu() for p in w + b], [p for g in ref_groups for p in g["params"]]
+            with torch.no_grad():
+                for q in ref_w + ref_b:
+                    q.copy_(q.to(dtype).double())
+    return [p.detach().double().cpu() for p in w + b], [q.detach() for q in ref_w + ref_b]
 
 
 def check(got, want, dtype):
