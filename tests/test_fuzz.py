@@ -18,21 +18,16 @@ Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis exampl
 FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB restricts them to some registry entries.
 """
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from crash_guard import CHILD, log_case, run_in_child
 from optim_registry import OPTIMIZERS, snapshot
 
-CHILD = os.environ.get("FUSEDOPT_FUZZ_CHILD") == "1"
 EXAMPLES = int(os.environ.get("FUSEDOPT_FUZZ_EXAMPLES", "100"))
-LOG = os.environ.get("FUSEDOPT_FUZZ_LOG")
 # FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB: fuzz only the registry entries whose names start so.
 ONLY = tuple(x for x in os.environ.get("FUSEDOPT_FUZZ_OPTIMIZERS", "").split(",") if x)
 FUZZED = [s for s in OPTIMIZERS if not ONLY or s.name.startswith(ONLY)]
@@ -187,10 +182,7 @@ def run_case(case):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
 def test_fuzz_body(case):
-    if LOG:
-        with open(LOG, "a") as f:  # written before running: a crash leaves the case in the log
-            printable = {**case, "spec": case["spec"].name}
-            f.write(repr(printable) + "\n")
+    log_case(repr({**case, "spec": case["spec"].name}))  # before running: a crash leaves it in the log
     event(f"{case['spec'].name}: {run_case(case)}")
 
 
@@ -198,16 +190,5 @@ def test_fuzz_in_child_process(request, tmp_path):
     """Runs test_fuzz_body in a child; a signal (segfault, abort) fails this test."""
     if CHILD:
         pytest.skip("this is the child")
-    log = tmp_path / "cases.log"
     examples = 1000 if request.config.getoption("--runslow") else EXAMPLES
-    env = dict(os.environ, FUSEDOPT_FUZZ_CHILD="1", FUSEDOPT_FUZZ_EXAMPLES=str(examples), FUSEDOPT_FUZZ_LOG=str(log))
-    here = Path(__file__)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           f"{here}::test_fuzz_body"], cwd=here.parent, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode < 0:
-        last = log.read_text().splitlines()[-1:] if log.exists() else ["(no case logged)"]
-        pytest.fail(f"fuzz child died by signal {signal.Signals(-proc.returncode).name}; last case:\n"
-                    f"{last[0]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    run_in_child(__file__, "test_fuzz_body", examples, tmp_path)
