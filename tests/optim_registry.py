@@ -1,13 +1,13 @@
 """The optimizers the hardening tests run, and bitwise snapshots of their state.
 
 Every hardening test (test_validation_nothing_lost, test_fuzz, test_determinism,
-test_memory) is parametrized over ``OPTIMIZERS``. To cover a new optimizer
+test_memory, test_nonfinite) is parametrized over ``OPTIMIZERS``. To cover a new optimizer
 (LARS, LAMB, ...) add one ``OptimSpec`` to ``OPTIMIZERS`` below:
 
 - ``make(params, **hyper)`` builds the fused optimizer;
 - ``reference(params, **hyper)`` builds an object with ``step()`` computing the
-  same update in plain torch (torch.optim with foreach=False, or a per-tensor
-  Python reference class for optimizers torch lacks);
+  same update in plain torch (torch.optim with foreach=False, or for optimizers
+  torch lacks a per-tensor fp64 class from tests/reference_optim.py);
 - ``hyper``: a typical valid setting; ``space``: a hypothesis strategy of valid
   settings (keyword dicts) for the fuzz test;
 - ``bad_hyper``: (key, value, exception, message regex) that must be rejected.
@@ -22,6 +22,7 @@ import torch
 from hypothesis import strategies as st
 
 import fusedopt
+from reference_optim import RefLAMB, RefLARS
 
 NAN, INF = float("nan"), float("inf")
 
@@ -59,6 +60,39 @@ ADAM_BAD = COMMON_BAD + [
     ("eps", -1e-8, ValueError, _invalid("eps")),
     ("eps", NAN, ValueError, _invalid("eps")),
     ("eps", INF, ValueError, _invalid("eps")),
+]
+
+def _must_be_bool(key: str) -> str:
+    return rf"param_groups\[\d+\]\['{key}'\] must be a bool"
+
+
+LARS_BAD = COMMON_BAD + [
+    ("momentum", -0.5, ValueError, _invalid("momentum")),
+    ("momentum", NAN, ValueError, _invalid("momentum")),
+    ("dampening", NAN, ValueError, _invalid("dampening")),
+    ("trust_coeff", -1e-3, ValueError, _invalid("trust_coeff")),
+    ("trust_coeff", NAN, ValueError, _invalid("trust_coeff")),
+    ("trust_coeff", INF, ValueError, _invalid("trust_coeff")),
+    ("trust_coeff", None, TypeError, r"param_groups\[\d+\]\['trust_coeff'\] must be a number"),
+    ("eps", -1e-8, ValueError, _invalid("eps")),
+    ("eps", NAN, ValueError, _invalid("eps")),
+    ("eps", INF, ValueError, _invalid("eps")),
+    ("nesterov", "yes", TypeError, _must_be_bool("nesterov")),
+    ("trust_clip", 1, TypeError, _must_be_bool("trust_clip")),
+    ("always_adapt", None, TypeError, _must_be_bool("always_adapt")),
+]
+
+LAMB_BAD = ADAM_BAD + [
+    ("max_grad_norm", 0.0, ValueError, _invalid("max_grad_norm")),
+    ("max_grad_norm", -1.0, ValueError, _invalid("max_grad_norm")),
+    ("max_grad_norm", NAN, ValueError, _invalid("max_grad_norm")),
+    ("max_grad_norm", INF, ValueError, _invalid("max_grad_norm")),
+    ("max_grad_norm", "1", TypeError, r"param_groups\[\d+\]\['max_grad_norm'\] must be a number"),
+    ("bias_correction", 1, TypeError, _must_be_bool("bias_correction")),
+    ("grad_averaging", None, TypeError, _must_be_bool("grad_averaging")),
+    ("trust_clip", "no", TypeError, _must_be_bool("trust_clip")),
+    ("always_adapt", 0, TypeError, _must_be_bool("always_adapt")),
+    ("decoupled_decay", 1.0, TypeError, _must_be_bool("decoupled_decay")),
 ]
 
 
@@ -100,6 +134,37 @@ def _adam_space(decoupled_default: bool):
     })
 
 
+def _lars_space():
+    # trust_coeff <= 0.1: a step then moves p by at most ~tc * ||p|| (times the momentum
+    # gain), so no 3-step case drives a tensor's norm to ~0, where the ratio jumps to 1
+    # ("r = 1 where ||p|| = 0"): there fp32 and the fp64 reference can land on opposite sides.
+    def build(momentum, dampening, nesterov, wd, lr, trust_coeff, eps, trust_clip, always_adapt):
+        if nesterov:
+            dampening = 0.0
+            momentum = momentum or 0.5
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd,
+                    trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
+
+    return st.builds(build, st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.1, 0.5]), st.booleans(),
+                     st.sampled_from([0.0, 1e-4, 0.05]), st.floats(0.0, 1.0), st.sampled_from([0.0, 1e-3, 0.02, 0.1]),
+                     st.sampled_from([0.0, 1e-8, 1e-3]), st.booleans(), st.booleans())
+
+
+def _lamb_space():
+    return st.fixed_dictionaries({
+        "lr": st.floats(0.0, 0.1),
+        "betas": st.tuples(st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.9, 0.999])),
+        "eps": st.sampled_from([1e-8, 1e-6, 1e-3]),
+        "weight_decay": st.sampled_from([0.0, 1e-2, 0.1]),
+        "bias_correction": st.booleans(),
+        "grad_averaging": st.booleans(),
+        "max_grad_norm": st.sampled_from([None, 0.5, 1.0, 100.0]),
+        "trust_clip": st.booleans(),
+        "always_adapt": st.booleans(),
+        "decoupled_decay": st.booleans(),
+    })
+
+
 def _torch(cls):
     def make(params, **hyper):
         return cls(params, foreach=False, **hyper)
@@ -117,7 +182,16 @@ OPTIMIZERS: List[OptimSpec] = [
               _adam_space(False), ADAM_BAD, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
     OptimSpec("AdamW", fusedopt.AdamW, _torch(torch.optim.AdamW), dict(lr=1e-2, weight_decay=0.05),
               _adam_space(True), ADAM_BAD, ("exp_avg", "exp_avg_sq")),
-    # LARS / LAMB: append OptimSpec entries here (reference = a per-tensor Python class with step()).
+    # LARS / LAMB: torch has none; the references are tests/reference_optim.py (fp64 math).
+    OptimSpec("LARS", fusedopt.LARS, RefLARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+              _lars_space(), LARS_BAD, ("momentum_buffer",)),
+    OptimSpec("LARS-clip-nomomentum", fusedopt.LARS, RefLARS,
+              dict(lr=0.5, trust_coeff=0.02, trust_clip=True, always_adapt=True), _lars_space(), LARS_BAD),
+    OptimSpec("LAMB", fusedopt.LAMB, RefLAMB, dict(lr=1e-2, weight_decay=0.05), _lamb_space(), LAMB_BAD,
+              ("exp_avg", "exp_avg_sq")),
+    OptimSpec("LAMB-decoupled-noclip", fusedopt.LAMB, RefLAMB,
+              dict(lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True, trust_clip=True,
+                   bias_correction=False), _lamb_space(), LAMB_BAD, ("exp_avg", "exp_avg_sq")),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}

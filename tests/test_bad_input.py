@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import fusedopt
+from reference_optim import RefLAMB, RefLARS
 
 OPTIMIZERS = {
     "SGD": lambda params, **kw: fusedopt.SGD(params, lr=0.1, momentum=0.9, **kw),
     "Adam": lambda params, **kw: fusedopt.Adam(params, lr=0.1, amsgrad=True, **kw),
     "AdamW": lambda params, **kw: fusedopt.AdamW(params, lr=0.1, **kw),
+    "LARS": lambda params, **kw: fusedopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw),
+    "LAMB": lambda params, **kw: fusedopt.LAMB(params, lr=0.1, weight_decay=0.01, **kw),
 }
 
 
@@ -45,8 +48,9 @@ def snapshot(opt):
 def same(a, b) -> bool:
     if type(a) is not type(b):
         return False
-    if isinstance(a, torch.Tensor):
-        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, torch.Tensor):  # bitwise, so a NaN (e.g. a tensor lr) equals itself
+        return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and (torch.equal(a, b) or (a.device.type != "meta" and torch.equal(bits(a), bits(b)))))
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -174,7 +178,8 @@ def test_params_sharing_memory(name):
 
 
 # ---- state ----------------------------------------------------------------------------------
-STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg_sq", "AdamW": "exp_avg"}
+STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg_sq", "AdamW": "exp_avg", "LARS": "momentum_buffer",
+             "LAMB": "exp_avg_sq"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,7 +189,7 @@ def test_state_does_not_fit_param(name, what):
     key = STATE_KEY[name]
     st = opt.state[params[1]]
     old = st[key]
-    if what == "missing" and name == "SGD":
+    if what == "missing" and name in ("SGD", "LARS"):
         pytest.skip("torch.optim.SGD treats a missing momentum buffer as the first step")
     bad = {"shape": lambda: torch.zeros(old.numel() + 2), "dtype": lambda: old.to(torch.float16),
            "device": lambda: torch.empty(old.shape, device="meta"), "missing": None}[what]
@@ -238,8 +243,26 @@ BAD_HYPER = [
     ("AdamW", dict(eps=float("nan")), "eps"),
     ("AdamW", dict(weight_decay=-0.01), "weight_decay"),
     ("AdamW", dict(lr=torch.tensor(-1.0)), "lr"),
+    ("LARS", dict(lr=float("nan")), "lr"),
+    ("LARS", dict(trust_coeff=-1e-3), "trust_coeff"),
+    ("LARS", dict(trust_coeff=float("inf")), "trust_coeff"),
+    ("LARS", dict(eps=-1e-8), "eps"),
+    ("LARS", dict(momentum=-0.9), "momentum"),
+    ("LARS", dict(weight_decay=float("nan")), "weight_decay"),
+    ("LARS", dict(nesterov=True, momentum=0.0), "nesterov"),
+    ("LARS", dict(lr=torch.tensor(float("nan"))), "lr"),
+    ("LAMB", dict(lr=-1e-3), "lr"),
+    ("LAMB", dict(betas=(1.0, 0.999)), "betas[0]"),
+    ("LAMB", dict(betas=(0.9, -0.5)), "betas[1]"),
+    ("LAMB", dict(eps=0.0), "eps"),
+    ("LAMB", dict(eps=float("nan")), "eps"),
+    ("LAMB", dict(max_grad_norm=0.0), "max_grad_norm"),
+    ("LAMB", dict(max_grad_norm=-1.0), "max_grad_norm"),
+    ("LAMB", dict(max_grad_norm=float("nan")), "max_grad_norm"),
+    ("LAMB", dict(weight_decay=-0.01), "weight_decay"),
 ]
-CLASSES = {"SGD": fusedopt.SGD, "Adam": fusedopt.Adam, "AdamW": fusedopt.AdamW}
+CLASSES = {"SGD": fusedopt.SGD, "Adam": fusedopt.Adam, "AdamW": fusedopt.AdamW, "LARS": fusedopt.LARS,
+           "LAMB": fusedopt.LAMB}
 
 
 @pytest.mark.parametrize("name,kwargs,key", BAD_HYPER, ids=[f"{n}-{k}-{v}" for n, kw, k in BAD_HYPER
@@ -318,7 +341,9 @@ def test_optimizer_usable_after_rejected_step(name, seed):
     ref_params = [p.clone() for p in params]
     ref = {"SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False),
            "Adam": lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True, foreach=False),
-           "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False)}[name](ref_params)
+           "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False),
+           "LARS": lambda ps: RefLARS(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+           "LAMB": lambda ps: RefLAMB(ps, lr=0.1, weight_decay=0.01)}[name](ref_params)
     # deepcopy: torch's load_state_dict keeps (does not copy) tensors already of the right dtype/device
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
     for rp, p in zip(ref_params, params):

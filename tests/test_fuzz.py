@@ -14,24 +14,23 @@ aliasing its param, an invalid hyperparameter). Properties:
   (``test_fuzz_in_child_process``); a crash fails that test and prints the
   case that was running.
 
-Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis examples.
+Runs FUSEDOPT_FUZZ_EXAMPLES (default 100, 1000 with --runslow) hypothesis examples;
+FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB restricts them to some registry entries.
 """
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from crash_guard import CHILD, log_case, run_in_child
 from optim_registry import OPTIMIZERS, snapshot
 
-CHILD = os.environ.get("FUSEDOPT_FUZZ_CHILD") == "1"
 EXAMPLES = int(os.environ.get("FUSEDOPT_FUZZ_EXAMPLES", "100"))
-LOG = os.environ.get("FUSEDOPT_FUZZ_LOG")
+# FUSEDOPT_FUZZ_OPTIMIZERS=LARS,LAMB: fuzz only the registry entries whose names start so.
+ONLY = tuple(x for x in os.environ.get("FUSEDOPT_FUZZ_OPTIMIZERS", "").split(",") if x)
+FUZZED = [s for s in OPTIMIZERS if not ONLY or s.name.startswith(ONLY)]
 
 SHAPES = [(), (0,), (1,), (3,), (7,), (33,), (1025,), (3, 0, 2), (5, 3), (2, 3, 5), (4, 1, 9), (130, 67)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -43,7 +42,7 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-5, 1e-6),
 
 @st.composite
 def cases(draw):
-    spec = draw(st.sampled_from(OPTIMIZERS))
+    spec = draw(st.sampled_from(FUZZED))
     n_groups = draw(st.integers(1, 3))
     groups = []
     for _ in range(n_groups):
@@ -140,6 +139,11 @@ def run_case(case):
     ref = spec.reference([{"params": ps, **h} for ps, h in zip(ref_groups, hypers)])
     flat, ref_flat = [p for ps in groups for p in ps], [p for ps in ref_groups for p in ps]
 
+    # Largest |value| each reference param passed through: a rounding that went the
+    # other way at an earlier step stays as an offset of one ulp *of that step's
+    # magnitude*, even when the param shrinks afterwards (LARS with a large
+    # trust_coeff can nearly cancel a param), so the bound scales with it.
+    peak = [q.detach().abs().double() for q in ref_flat]
     for step in range(case["steps"]):
         grads = new_grads(flat, gen, case["none_grad_p"] if step else 0.0, pinned)
         for p, q, g in zip(flat, ref_flat, grads):
@@ -157,14 +161,19 @@ def run_case(case):
         opt.step()
         ref.step()
         with torch.no_grad():
-            for p, q in zip(flat, ref_flat):
+            for i, (p, q) in enumerate(zip(flat, ref_flat)):
                 if p.dtype in (torch.float16, torch.bfloat16):
                     q.copy_(q.to(p.dtype).float())  # the fused param is stored rounded each step
+                peak[i] = torch.maximum(peak[i], q.abs().double())
     for i, (p, q) in enumerate(zip(flat, ref_flat)):
         rtol, atol = TOL[p.dtype]
-        torch.testing.assert_close(p.detach().float() if p.dtype != torch.float64 else p.detach(),
-                                   q.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32),
-                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"param {i}: {m}")
+        got, want = p.detach().double(), q.detach().double()
+        same = (got == want) | (got.isnan() & want.isnan())
+        close = (got - want).abs() <= atol + rtol * peak[i]
+        bad = ~(same | close)
+        assert not bad.any(), (f"param {i} ({p.dtype}, shape {list(p.shape)}): {int(bad.sum())} of {p.numel()} "
+                               f"elements differ beyond {rtol} x peak + {atol}; first: got "
+                               f"{got[bad][:4].tolist()}, want {want[bad][:4].tolist()}")
     return "accepted"
 
 
@@ -173,10 +182,7 @@ def run_case(case):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
 def test_fuzz_body(case):
-    if LOG:
-        with open(LOG, "a") as f:  # written before running: a crash leaves the case in the log
-            printable = {**case, "spec": case["spec"].name}
-            f.write(repr(printable) + "\n")
+    log_case(repr({**case, "spec": case["spec"].name}))  # before running: a crash leaves it in the log
     event(f"{case['spec'].name}: {run_case(case)}")
 
 
@@ -184,16 +190,5 @@ def test_fuzz_in_child_process(request, tmp_path):
     """Runs test_fuzz_body in a child; a signal (segfault, abort) fails this test."""
     if CHILD:
         pytest.skip("this is the child")
-    log = tmp_path / "cases.log"
     examples = 1000 if request.config.getoption("--runslow") else EXAMPLES
-    env = dict(os.environ, FUSEDOPT_FUZZ_CHILD="1", FUSEDOPT_FUZZ_EXAMPLES=str(examples), FUSEDOPT_FUZZ_LOG=str(log))
-    here = Path(__file__)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           f"{here}::test_fuzz_body"], cwd=here.parent, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode < 0:
-        last = log.read_text().splitlines()[-1:] if log.exists() else ["(no case logged)"]
-        pytest.fail(f"fuzz child died by signal {signal.Signals(-proc.returncode).name}; last case:\n"
-                    f"{last[0]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    run_in_child(__file__, "test_fuzz_body", examples, tmp_path)

@@ -1,13 +1,13 @@
 """LARS and LAMB with state_dtype=torch.bfloat16 and master_weights=True, in the
 manner of test_mixed_precision.py (which covers SGD, Adam, AdamW). References:
-the per-tensor LARS/LAMB of test_lars_lamb.py, run in fp32."""
+tests/reference_optim.py (fp64 math, states stored in the reference params' fp32)."""
 import io
 
 import pytest
 import torch
 
 import fusedopt
-from test_lars_lamb import RefLAMB, RefLARS
+from reference_optim import RefLAMB, RefLARS
 
 SHAPES = [(7, 5), (33,), (4, 3, 2)]
 LARS_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)
@@ -17,28 +17,18 @@ CASES = [(fusedopt.LARS, RefLARS, LARS_KW), (fusedopt.LAMB, RefLAMB, LAMB_KW)]
 IDS = ["LARS", "LAMB"]
 
 
-def ref_defaults(fcls, kw):
-    if fcls is fusedopt.LARS:
-        base = dict(dampening=0.0, nesterov=False, eps=1e-8, trust_clip=False, always_adapt=False)
-    else:
-        base = dict(betas=(0.9, 0.999), eps=1e-6, bias_correction=True, grad_averaging=True, trust_clip=False,
-                    always_adapt=False, decoupled_decay=False)
-    return dict(base, **kw)
+STATE_KEYS = {fusedopt.LARS: ("momentum_buffer",), fusedopt.LAMB: ("exp_avg", "exp_avg_sq")}
 
 
-def ref_states(ref):
-    """The reference's state dicts (key -> tensor), to round or compare."""
-    return [ref.buf] if isinstance(ref, RefLARS) else [ref.m, ref.v]
+def ref_step(ref, ref_params, grads):
+    for q, g in zip(ref_params, grads):
+        q.grad = g.float()
+    ref.step()
 
 
-def opt_states(fcls, opt, params):
-    keys = ["momentum_buffer"] if fcls is fusedopt.LARS else ["exp_avg", "exp_avg_sq"]
-    return [{i: opt.state[p][k] for i, p in enumerate(params)} for k in keys]
-
-
-def ref_keyed(ref, d):
-    # RefLARS keys (id(group), i), RefLAMB (group index, i): reorder by i.
-    return {k[1]: v for k, v in d.items()}
+def states(fcls, opt, params):
+    """[(key, [state[p][key] for p in params])] of the fused or the reference optimizer."""
+    return [(k, [opt.state[p][k] for p in params]) for k in STATE_KEYS[fcls]]
 
 
 @pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
@@ -47,26 +37,25 @@ def test_bf16_state_is_fp32_math_with_rounded_state(fcls, rcls, kw):
     ps = [torch.randn(s).requires_grad_() for s in SHAPES]
     ref_params = [p.detach().clone() for p in ps]
     opt = fcls(ps, state_dtype=torch.bfloat16, **kw)
-    ref = rcls([dict(ref_defaults(fcls, kw), params=ref_params)])
+    ref = rcls(ref_params, **kw)
     # LAMB: u (and so the step) comes from m, v as stored; LARS: the step uses the
     # fp32 buffer of this step, which is then stored rounded (as SGD).
-    ref.round_state = lambda t: t.bfloat16().float()
+    ref.round_state = lambda t: t.bfloat16().to(t.dtype)
     for _ in range(5):
         gs = [torch.randn(s) for s in SHAPES]
         for p, g in zip(ps, gs):
             p.grad = g.clone()
         opt.step()
-        ref.step([gs])
-        for d in ref_states(ref):
-            for k in d:
-                d[k] = d[k].bfloat16().float()
+        ref_step(ref, ref_params, gs)
+        for _, ts in states(fcls, ref, ref_params):
+            for t in ts:
+                t.copy_(t.bfloat16())
         for p, r in zip(ps, ref_params):
             torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
-        for got, want in zip(opt_states(fcls, opt, ps), ref_states(ref)):
-            want = ref_keyed(ref, want)
-            for i, t in got.items():
-                assert t.dtype is torch.bfloat16
-                torch.testing.assert_close(t.float(), want[i], rtol=8e-3, atol=1e-6)
+        for (key, got), (_, want) in zip(states(fcls, opt, ps), states(fcls, ref, ref_params)):
+            for t, w in zip(got, want):
+                assert t.dtype is torch.bfloat16, key
+                torch.testing.assert_close(t.float(), w, rtol=8e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
@@ -103,7 +92,7 @@ def test_master_weights_track_fp32_reference(fcls, rcls, kw, dtype):
     ps = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
     ref_params = [p.detach().float() for p in ps]
     opt = fcls(ps, master_weights=True, **kw)
-    ref = rcls([dict(ref_defaults(fcls, kw), params=ref_params)])
+    ref = rcls(ref_params, **kw)
     for step in range(6):
         if step == 3:
             for p, r in zip(ps, ref_params):
@@ -113,7 +102,7 @@ def test_master_weights_track_fp32_reference(fcls, rcls, kw, dtype):
         for p, g in zip(ps, gs):
             p.grad = g
         opt.step()
-        ref.step([[g.float() for g in gs]])
+        ref_step(ref, ref_params, gs)
         for p, r in zip(ps, ref_params):
             master = opt.state[p]["master"]
             assert master.dtype is torch.float32

@@ -11,9 +11,15 @@ import warnings
 import pytest
 import torch
 
+import fusedopt
 from optim_registry import OPTIMIZERS, snapshot, state_dict_bits
 
 STATEFUL = [s for s in OPTIMIZERS if s.state_keys]
+
+
+def sgd_family(spec) -> bool:
+    """SGD and LARS (a subclass): a missing momentum buffer means "first step", as in torch."""
+    return isinstance(spec.make, type) and issubclass(spec.make, fusedopt.SGD)
 
 
 def fresh(spec, n=3, dtype=torch.float32):
@@ -336,8 +342,8 @@ def test_bad_hyperparameter_set_between_steps(spec, key, value, exc, match, seed
 
 @ids
 def test_nesterov_needs_momentum(spec):
-    if spec.make is not OPTIMIZERS[0].make:
-        pytest.skip("SGD only")
+    if not sgd_family(spec):
+        pytest.skip("SGD and LARS only")
     with pytest.raises(ValueError, match=r"nesterov momentum requires a momentum and zero dampening"):
         spec.make([torch.nn.Parameter(torch.randn(3))], lr=0.1, momentum=0.0, nesterov=True)
 
@@ -410,7 +416,7 @@ def test_load_unknown_param_id(spec, seed):
 def test_load_missing_state_key(spec, seed):
     opt, _ = fresh(spec)
     sd = opt.state_dict()
-    if spec.make.__name__ == "SGD":
+    if sgd_family(spec):
         pytest.skip("a missing momentum buffer means 'first step', as in torch")
     key = spec.state_keys[-1]
     del sd["state"][1][key]
@@ -445,7 +451,7 @@ def test_load_state_not_a_dict(spec, seed):
     assert_load_rejected(opt, sd, ValueError, r"loaded state of param_groups\[0\]\['params'\]\[0\] must be a dict")
 
 
-@pytest.mark.parametrize("spec", [s for s in STATEFUL if s.name.startswith("Adam")], ids=repr)
+@pytest.mark.parametrize("spec", [s for s in STATEFUL if s.name.startswith(("Adam", "LAMB"))], ids=repr)
 def test_load_step_with_many_elements(spec, seed):
     opt, _ = fresh(spec)
     sd = opt.state_dict()

@@ -26,7 +26,10 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a list of tensors; wrap a single tensor as [t]")
-    tensors = list(tensors)
+    try:
+        tensors = list(tensors)
+    except TypeError:  # e.g. None: say which argument, not "'NoneType' object is not iterable"
+        raise TypeError(f"tensors must be a list or tuple of tensors; got {type(tensors).__name__}") from None
     device = _kernels.check_norm_inputs(tensors, "tensors")
     out = torch.empty((len(tensors),), dtype=torch.float32, device=device)  # every entry is written
     _kernels.tensor_norms_into(tensors, out, take_sqrt=True)

@@ -66,7 +66,8 @@ class EigshResult:
 
     eigenvalues:  (k,) float64 CPU tensor, ascending (as scipy returns them).
     eigenvectors: (n, k) tensor on the operator's device; column i goes with eigenvalues[i].
-    residuals:    (k,) float64, ``||A x_i - lambda_i x_i||``.
+    residuals:    (k,) float64, ``||A x_i - lambda_i x_i||`` (an upper bound of it after the
+                  restart of ``multiplicity_check``, which drops the locked vectors' couplings).
     converged:    (k,) bool, residual <= tol * max(|lambda|, eps * ||T||).
     num_matvecs:  operator applications used.
     num_restarts: thick restarts done.
@@ -120,12 +121,22 @@ def _validate(op, k, which, tol, ncv, max_matvecs, v0):
         raise ValueError(f"ncv must be an int with k < ncv <= n (k={k}, n={n}); got {ncv!r}")
     if max_matvecs is None:
         max_matvecs = max(100 * ncv, 10 * n) if n <= 10_000 else 100 * ncv
-    elif isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1:
-        raise ValueError(f"max_matvecs must be a positive int; got {max_matvecs!r}")
+    elif isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < k:
+        # Fewer than k matvecs cannot produce k Ritz pairs: the result would silently be
+        # shorter than the documented (k,) shape.
+        raise ValueError(f"max_matvecs must be an int >= k (k={k}); got {max_matvecs!r}")
     if v0 is not None:
         if not isinstance(v0, torch.Tensor) or v0.numel() != n:
             raise ValueError(f"v0 must be a tensor of {n} elements; got "
                              f"{list(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+        # Checked here, not left to torch: a complex v0 would silently lose its imaginary
+        # part, and sparse/meta/bool ones failed inside with unrelated errors.
+        if v0.layout is not torch.strided:
+            raise TypeError(f"v0 must be a dense tensor; got layout {v0.layout}")
+        if v0.is_complex() or v0.dtype is torch.bool:
+            raise TypeError(f"v0 must be a real tensor (float or integer); got {v0.dtype}")
+        if v0.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"v0 must be on a cpu or cuda device; got {v0.device}")
         if not torch.isfinite(v0).all() or not bool(v0.abs().sum() > 0):
             raise ValueError("v0 must be finite and nonzero")
     return op, n, ncv, max_matvecs
@@ -143,7 +154,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
             "BE" both ends (half from each; one more from the top when k is odd).
         tol: relative residual: converged when ``||A x - l x|| <= tol * max(|l|, eps ||T||)``.
         ncv: basis size (memory ~ncv vectors); default ``min(n, max(2k + 1, 20))``.
-        max_matvecs: cap on operator applications; default ``max(100 ncv, 10 n)`` (``100 ncv`` for n > 10^4).
+        max_matvecs: cap on operator applications (at least k); default ``max(100 ncv, 10 n)`` (``100 ncv`` for n > 10^4).
         v0: start vector (warm start, e.g. last step's top eigenvector); random normal by default.
         generator: torch.Generator for the random start / refresh vectors (CPU generator).
         multiplicity_check: verify that no copy of a repeated eigenvalue was missed (see module doc).
@@ -160,6 +171,11 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
     eps = float(torch.finfo(dtype).eps)
     V = torch.empty(ncv, n, dtype=dtype, device=dev)
     T = np.zeros((ncv, ncv))
+    # Coupling of each basis vector to the residual direction dropped when the multiplicity
+    # check locks the converged vectors (zero until then). Without it the reported residuals
+    # after the lock ignored that coupling and understated ||A x - lambda x|| (found by
+    # tests/test_fuzz_functional.py): a Ritz vector V^T y has up to |dropped . y| more.
+    dropped = np.zeros(ncv)
 
     def random_vector() -> torch.Tensor:
         return torch.randn(n, dtype=dtype, generator=generator).to(dev)
@@ -210,6 +226,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
         invariant = beta <= 10 * eps * max(anorm, 1e-300) * math.sqrt(n)
         if invariant:
             res[:] = 0.0 if beta == 0 else np.minimum(res, beta)
+        res = res + np.abs(dropped[:m] @ U)  # triangle inequality: an upper bound after a lock
         order = _ranking(theta, which)
         wanted = order[:k]
         conv = res <= tol * np.maximum(np.abs(theta), eps * anorm)
@@ -221,7 +238,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
             # Lock the converged wanted vectors (their couplings are below tol) and go on from
             # a fresh random vector orthogonal to them.
             checking = True
-            m = _restart(V, T, theta, U, order, k, k + 1, m, 0.0, None, dtype) - 1
+            m = _restart(V, T, theta, U, order, k, k + 1, m, 0.0, None, dtype, dropped, lock_beta=beta) - 1
+            dropped[m] = 0.0
             restarts += 1
             invariant = True
         elif done:
@@ -229,10 +247,11 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
         if invariant:
             # Krylov space invariant: continue from a random vector orthogonal to the basis.
             if m == ncv:
-                m = _restart(V, T, theta, U, order, k, ncv, m, 0.0, None, dtype)
+                m = _restart(V, T, theta, U, order, k, ncv, m, 0.0, None, dtype, dropped)
                 restarts += 1
                 m -= 1  # _restart reserved V[m-1] for the residual; there is none
             T[m, :] = 0.0
+            dropped[m] = 0.0
             T[:, m] = 0.0
             for _ in range(3):
                 if orthonormal_into(m, random_vector()):
@@ -242,7 +261,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
             m += 1
             continue
         if m == ncv:
-            m = _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype)
+            m = _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype, dropped)
             restarts += 1
         else:
             V[m].copy_(w / beta_t.to(dtype))
@@ -271,13 +290,19 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
     return result
 
 
-def _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype) -> int:
-    """Thick restart: keep the most wanted Ritz vectors, then the residual. Returns the new m."""
+def _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype, dropped, lock_beta=0.0) -> int:
+    """Thick restart: keep the most wanted Ritz vectors, then the residual. Returns the new m.
+
+    ``dropped`` (updated in place) follows the basis rotation; ``lock_beta`` is the coupling
+    to the residual that a lock (``w is None``) discards, added to it."""
     p = max(k, min(ncv - 1, k + (ncv - k) // 2))
     p = min(p, m - 1) if m > 1 else 1
     keep = np.sort(order[:p])
     Y = torch.from_numpy(np.ascontiguousarray(U[:, keep])).to(device=V.device, dtype=dtype)
     V[:p].copy_(Y.T @ V[:m])  # transient p x n
+    rotated = dropped[:m] @ U[:, keep] + lock_beta * U[m - 1, keep]
+    dropped[:] = 0.0
+    dropped[:p] = rotated
     T[:, :] = 0.0
     T[np.arange(p), np.arange(p)] = theta[keep]
     T[p, :p] = T[:p, p] = beta * U[m - 1, keep]

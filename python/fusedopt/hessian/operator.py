@@ -42,6 +42,17 @@ def as_operator(op):
         raise ValueError(f"op.shape must be (n, n) with n >= 1; got {shape}")
     if not callable(op.matvec):
         raise TypeError("op.matvec must be callable")
+    # The Lanczos vectors live on op.device and go through the fused CPU/CUDA
+    # kernels: a meta (or other) device or a non-float dtype would fail deep inside
+    # with an unrelated message, so reject them here.
+    if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
+        raise TypeError(f"op.dtype must be a real floating-point torch.dtype; got {op.dtype!r}")
+    try:
+        device = torch.device(op.device)
+    except (TypeError, RuntimeError):
+        raise TypeError(f"op.device must be a torch.device; got {op.device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"op.device must be a cpu or cuda device; got {device}")
     return op
 
 

@@ -16,6 +16,12 @@ def _rademacher(n: int, dtype, device, generator) -> torch.Tensor:
     return (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
 
 
+def _check_seed(seed) -> None:
+    # int(seed) would silently truncate 1.5 and fail on "x" with a message not naming seed.
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int or None; got {seed!r}")
+
+
 def _generator(seed: Optional[int]) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(0 if seed is None else int(seed))
@@ -39,6 +45,7 @@ def trace(op, num_probes: int = 64, seed: Optional[int] = 0) -> TraceResult:
     op = as_operator(op)
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 2:
         raise ValueError(f"num_probes must be an int >= 2; got {num_probes!r}")
+    _check_seed(seed)
     n, dtype, g = op.shape[0], basis_dtype(op.dtype), _generator(seed)
     samples = []
     for _ in range(num_probes):
@@ -108,6 +115,12 @@ def density(op, num_runs: int = 10, num_steps: int = 80, num_points: int = 1000,
     for name, val, lo in (("num_runs", num_runs, 1), ("num_steps", num_steps, 1), ("num_points", num_points, 2)):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an int >= {lo}; got {val!r}")
+    _check_seed(seed)
+    # Checked before the runs (not after them, wasting num_runs * num_steps matvecs); an inf
+    # sigma used to give an all-NaN grid and density.
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+                              or not math.isfinite(sigma) or not sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number or None; got {sigma!r}")
     n, dtype, g = op.shape[0], basis_dtype(op.dtype), _generator(seed)
     nodes, weights, matvecs = [], [], 0
     for _ in range(num_runs):
@@ -121,8 +134,6 @@ def density(op, num_runs: int = 10, num_steps: int = 80, num_points: int = 1000,
     hi = max(t.max() for t in nodes)
     span = max(hi - lo, 1e-12 * max(abs(hi), abs(lo), 1.0))
     s = float(sigma) if sigma is not None else 0.01 * span
-    if not s > 0:
-        raise ValueError(f"sigma must be positive; got {sigma!r}")
     grid = np.linspace(lo - 5 * s, hi + 5 * s, num_points)
     dens = np.zeros(num_points)
     for t, w in zip(nodes, weights):

@@ -1,0 +1,126 @@
+"""Plain-torch references for the optimizers torch.optim lacks (LARS, LAMB).
+
+Written from the formulas in the docstrings of fusedopt.LARS and fusedopt.LAMB,
+one tensor at a time, in fp64 (the result is stored back in the param's dtype,
+so an fp64 param gets an fp64 trajectory and an fp32 param an fp32 one). They
+are torch.optim.Optimizer subclasses: ``step()`` reads ``p.grad`` (params
+without a grad are skipped), ``state[p]`` holds the same keys as the fused
+optimizer (same dtypes for fp32/fp64 params), so the hardening suites
+(tests/optim_registry.py) and tests/test_lars_lamb.py can compare state too.
+
+The ratios are computed on 0-d fp64 tensors, not Python floats, so that a
+division by zero (trust_clip with lr = 0) or a non-finite norm follows IEEE
+rules exactly as the C++ code does. "r = 1 where a norm is 0" is written as
+``pn > 0 and gn > 0`` (as in csrc/ops and timm): a NaN norm also gives r = 1.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _f64(x: float) -> torch.Tensor:
+    return torch.tensor(float(x), dtype=torch.float64)
+
+
+def _where(cond: torch.Tensor, a, b) -> torch.Tensor:
+    return torch.where(cond, torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+
+class RefLARS(torch.optim.Optimizer):
+    """fusedopt.LARS's docstring formulas, per tensor, fp64 math."""
+
+    def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
+                                      always_adapt=always_adapt))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, mom = float(group["lr"]), group["weight_decay"], group["momentum"]
+            adapt = wd != 0 or group["always_adapt"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                x, g = p.double(), p.grad.double()
+                d = g + wd * x if wd != 0 else g
+                if adapt:
+                    pn, gn = x.norm(), g.norm()
+                    r = _where((pn > 0) & (gn > 0), group["trust_coeff"] * pn / (gn + wd * pn + group["eps"]), 1.0)
+                    if group["trust_clip"]:
+                        q = r / _f64(lr)  # IEEE: lr = 0 gives inf or nan, both clip to 1
+                        r = _where(q < 1.0, q, 1.0)
+                    d = d * r
+                if mom != 0:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        b = d.clone()
+                    else:
+                        b = mom * st["momentum_buffer"].double() + (1 - group["dampening"]) * d
+                    st["momentum_buffer"] = b.to(p.dtype)
+                    d = d + mom * b if group["nesterov"] else b
+                p.copy_((x - lr * d).to(p.dtype))
+
+
+class RefLAMB(torch.optim.Optimizer):
+    """fusedopt.LAMB's docstring formulas, per tensor, fp64 math.
+
+    The clipping norm covers every grad of every group (all params are on one
+    device here); the step count is kept per param (``state[p]['step']``, an
+    fp32 scalar tensor) as in torch.optim.Adam and fusedopt.LAMB.
+    """
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
+                 decoupled_decay=False):
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, grad_averaging=grad_averaging,
+                                      max_grad_norm=max_grad_norm, trust_clip=trust_clip,
+                                      always_adapt=always_adapt, decoupled_decay=decoupled_decay))
+        # A bf16-state reference rounds m, v as stored before u is formed from
+        # them, as fusedopt.LAMB does with state_dtype=torch.bfloat16.
+        self.round_state = lambda t: t
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt() if grads else _f64(0.0)
+        for group in self.param_groups:
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            b1, b2 = (float(b) for b in group["betas"])
+            b3 = 1 - b1 if group["grad_averaging"] else 1.0
+            if group["max_grad_norm"] is None:
+                c = _f64(1.0)
+            else:
+                c = total / group["max_grad_norm"]
+                c = _where(c < 1.0, 1.0, c)  # NaN stays NaN
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["step"] += 1
+                t = float(st["step"])
+                x, g = p.double(), p.grad.double() / c
+                m = self.round_state(b1 * st["exp_avg"].double() + b3 * g)
+                v = self.round_state(b2 * st["exp_avg_sq"].double() + (1 - b2) * g * g)
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                bc1, bc2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
+                u = (m / bc1) / (v.sqrt() / bc2 ** 0.5 + group["eps"])
+                if wd != 0:
+                    if group["decoupled_decay"]:
+                        x = x * (1 - lr * wd)
+                    else:
+                        u = u + wd * x
+                if wd != 0 or group["always_adapt"]:
+                    pn, un = x.norm(), u.norm()
+                    r = _where((pn > 0) & (un > 0), pn / un, 1.0)
+                    if group["trust_clip"]:
+                        r = _where(r < 1.0, r, 1.0)
+                    u = u * r
+                p.copy_((x - lr * u).to(p.dtype))
