@@ -1,26 +1,34 @@
 """DDP and FSDP2 (fully_shard, DTensor params) on 2 CPU processes with gloo.
 Each rank trains on its half of the batch; the result must match one process
-training on the whole batch."""
+training on the whole batch.
+
+The harness (spawn_ranks / rank_main) is shared with other distributed test
+files. How a rank ends matters, see rank_main: on torch 2.13 a gloo rank that
+tears its process group down normally can hang or abort at exit."""
 import datetime
+import faulthandler
 import os
+import sys
 import tempfile
+import time
+import traceback
 
 import pytest
-
-# Slow (run with --runslow): on this CPU torch build a spawned gloo rank has
-# aborted at exit (SIGABRT, "terminate called without an active exception")
-# and once left its peer hanging, in CI-like runs. Root cause open (notes).
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedopt
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 WORLD = 2
 STEPS = 4
+# Bound on one spawn_ranks call: a rank still running after this prints every
+# thread's Python stack and exits 1 (faulthandler); the parent gives up a little
+# later. A normal run takes a few seconds.
+RANK_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)  # a collective whose peer died fails
 OPTS = {
     "SGD": (fusedopt.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "Adam": (fusedopt.Adam, dict(lr=1e-2, weight_decay=1e-3)),
@@ -28,6 +36,84 @@ OPTS = {
 }
 
 
+# --------------------------------------------------------------------------- harness
+def rank_main(rank, store, out, fn, args=()):
+    """Body of one spawned rank: joins the gloo group through the file `store`,
+    runs fn(rank, *args), saves rank 0's return value to `out`, then ends the
+    process with os._exit after every rank has finished communicating.
+
+    Why os._exit, never destroy_process_group + a normal exit: the collectives
+    DDP and FSDP2 launch inside backward() capture the thread-local state, which
+    on torch 2.13 holds a Python object (the contextvars.Context that
+    torch.autograd stashes in TLS for the duration of backward). A gloo worker
+    thread that drops the last reference to such a Work must take the GIL to
+    free it. If that happens (a) while the main thread holds the GIL in
+    ~ProcessGroupGloo joining that very worker (the group is freed by
+    destroy_process_group, by DDP's Reducer or by gc), the rank deadlocks and
+    its peer waits forever; (b) after Py_Finalize has begun, CPython ends the
+    worker with pthread_exit, whose forced unwind meets a noexcept destructor
+    (~AsyncWork) and calls std::terminate: "terminate called without an active
+    exception", SIGABRT. Skipping the group's destruction and the interpreter's
+    finalization avoids both; the barrier plus the store rendezvous first make
+    sure no rank leaves while a peer still needs it.
+    """
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
+    code = 1
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                                timeout=COLLECTIVE_TIMEOUT)
+        torch.set_num_threads(1)
+        result = fn(rank, *args)
+        if rank == 0:
+            torch.save(result, out)
+        # Every collective of every rank has completed once the barrier returns
+        # (gloo's barrier waits for the rank's earlier work first) ...
+        dist.barrier()
+        # ... and once every rank has counted itself here, every rank is past the
+        # barrier too: no gloo message is left in flight when one process exits.
+        done = dist.FileStore(store + ".done", WORLD)
+        done.add("finished", 1)
+        while done.add("finished", 0) < WORLD:
+            time.sleep(0.005)
+        code = 0
+    except BaseException:  # the parent shows this; peers are killed by spawn_ranks
+        with open(f"{out}.rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def spawn_ranks(fn, *args, timeout_s=RANK_TIMEOUT_S):
+    """Runs fn(rank, *args) on WORLD spawned CPU processes sharing a gloo default
+    group; returns rank 0's return value (anything torch.save can store). A rank
+    that raises fails the caller with the rank's traceback; a rank that hangs
+    fails it after `timeout_s` instead of hanging the test run."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.pt")
+        # A fresh file store per call: no TCP port to pick, nothing reused.
+        ctx = mp.start_processes(rank_main, args=(os.path.join(d, "store"), out, fn, args),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s + 30  # the ranks' own watchdog fires first
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+                    pytest.fail(f"ranks {alive} of {fn.__name__} still running after {timeout_s + 30}s")
+        except mp.ProcessExitedException as e:
+            errors = [open(f"{out}.rank{r}.err").read() for r in range(WORLD)
+                      if os.path.exists(f"{out}.rank{r}.err")]
+            raise AssertionError(f"{e}\n" + "\n".join(errors)) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+        return torch.load(out)
+
+
+# --------------------------------------------------------------------------- the tests
 def make_model():
     torch.manual_seed(1234)
     # Linear widths divisible by WORLD so FSDP2 shards every param evenly on dim 0.
@@ -50,66 +136,89 @@ def single_process(name):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def train(rank, mode, name):
+    """One rank's share of the training ("ddp" or "fsdp"); returns the full params."""
+    cls, kw = OPTS[name]
+    model = make_model()
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = cls(model.parameters(), **kw)
+    for x, y in data():
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+    if mode == "fsdp":
+        from torch.distributed.tensor import DTensor
+        p0 = next(model.parameters())
+        assert isinstance(p0, DTensor), type(p0)
+        st = opt.state[p0]
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                assert isinstance(v, DTensor), (k, type(v))  # torch.optim-compatible layout
+        return [p.full_tensor().detach().clone() for p in model.parameters()]
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def train_each(rank, mode, names):
+    return {name: train(rank, mode, name) for name in names}
+
+
 def worker(rank, store, mode, name, out):
-    # A file store: no TCP port to pick, so back-to-back runs cannot collide.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
-        cls, kw = OPTS[name]
-        model = make_model()
-        if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        opt = cls(model.parameters(), **kw)
-        for x, y in data():
-            xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        if mode == "fsdp":
-            from torch.distributed.tensor import DTensor
-            p0 = next(model.parameters())
-            assert isinstance(p0, DTensor), type(p0)
-            st = opt.state[p0]
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    assert isinstance(v, DTensor), (k, type(v))  # torch.optim-compatible layout
-            params = [p.full_tensor().detach().clone() for p in model.parameters()]
-        else:
-            params = [p.detach().clone() for p in model.parameters()]
-        if rank == 0:
-            torch.save(params, out)
-    finally:
-        dist.destroy_process_group()
+    """mp.spawn entry kept for callers of the old harness: trains `name` in `mode`
+    and saves rank 0's params to `out`. Ends the process (see rank_main)."""
+    rank_main(rank, store, out, train, (mode, name))
 
 
 def run(mode, name):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "params.pt")
-        mp.spawn(worker, args=(os.path.join(d, "store"), mode, name, out), nprocs=WORLD, join=True)
-        return torch.load(out)
+    return spawn_ranks(train, mode, name)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """One spawn per mode trains every optimizer (spawning costs seconds)."""
+    cache = {}
+
+    def get(mode):
+        if mode not in cache:
+            cache[mode] = spawn_ranks(train_each, mode, list(OPTS))
+        return cache[mode]
+    return get
 
 
 @pytest.mark.parametrize("name", list(OPTS))
-def test_ddp_matches_single_process(name):
-    got, want = run("ddp", name), single_process(name)
+def test_ddp_matches_single_process(trained, name):
+    got, want = trained("ddp")[name], single_process(name)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(OPTS))
-def test_fsdp2_matches_unsharded(name):
-    got, want = run("fsdp", name), single_process(name)
+def test_fsdp2_matches_unsharded(trained, name):
+    got, want = trained("fsdp")[name], single_process(name)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fail_on_rank_1(rank):
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    dist.barrier()  # rank 0 waits for a peer that never comes: the harness must not hang
+
+
+def test_harness_reports_a_failing_rank_without_hanging():
+    t = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
+        spawn_ranks(_fail_on_rank_1)
+    assert time.monotonic() - t < 60
 
 
 def test_reduce_square_norms_is_identity_for_plain_tensors():

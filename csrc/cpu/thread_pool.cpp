@@ -34,8 +34,11 @@ struct Pool {
     for (int64_t i; (i = next.fetch_add(1)) < n;) (*fn)(i);
   }
 
-  void worker_loop() {
-    uint64_t seen = 0;
+  // `seen` starts at the generation current when the worker is created: a
+  // worker started by a resize must not mistake the last finished job for a new
+  // one (it would decrement `active` once too often, and with two or more
+  // workers run() could return while another worker still runs an item).
+  void worker_loop(uint64_t seen) {
     std::unique_lock<std::mutex> lock(mu);
     while (true) {
       wake.wait(lock, [&] { return stopping || generation != seen; });
@@ -60,9 +63,8 @@ struct Pool {
     for (auto& t : workers) t.join();
     workers.clear();
     stopping = false;
-    uint64_t start = generation;
-    for (size_t i = 0; i < want; ++i)
-      workers.emplace_back([this, start] { (void)start; worker_loop(); });
+    const uint64_t start = generation;  // stable: only run() changes it, under call_mu
+    for (size_t i = 0; i < want; ++i) workers.emplace_back([this, start] { worker_loop(start); });
   }
 
   void run(int64_t count, const std::function<void(int64_t)>& f) {
