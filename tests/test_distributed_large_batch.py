@@ -2,23 +2,15 @@
 with gloo: the per-tensor norms (LARS |p|, |g|; LAMB |p'|, |u|) and LAMB's
 global grad norm are all-reduced over the shard group, so a sharded run must
 match one process training on the whole batch. Model, data and the spawn
-harness conventions are those of test_distributed.py."""
-import datetime
-import os
-import tempfile
-
+harness (spawn_ranks: bounded, clean rank exit) come from test_distributed.py."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedopt
-from test_distributed import STEPS, WORLD, data, make_model
+from test_distributed import STEPS, WORLD, data, make_model, spawn_ranks
 
-# Slow for the same reason as test_distributed.py: spawned gloo ranks have
-# aborted or hung at exit on this CPU torch build (open problem).
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 OPTS = {
     # weight decay: the trust ratios are used.
@@ -43,51 +35,47 @@ def single_process(name):
     return [p.detach().clone() for p in model.parameters()], grad_norms
 
 
-def fsdp_worker(rank, store, name, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-        cls, kw = OPTS[name]
-        model = make_model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = cls(model.parameters(), **kw)
-        for x, y in data():
-            xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        for p in model.parameters():
-            assert isinstance(p, DTensor), type(p)
-            if "step" in opt.state[p]:
-                assert float(opt.state[p]["step"]) == STEPS  # advanced once per step by the split step
-        params = [p.full_tensor().detach().clone() for p in model.parameters()]
-        if rank == 0:
-            torch.save(params, out)
-    finally:
-        dist.destroy_process_group()
+def fsdp_train(rank, name):
+    """One rank's share of the sharded training; returns the full params."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    cls, kw = OPTS[name]
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = cls(model.parameters(), **kw)
+    for x, y in data():
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+    for p in model.parameters():
+        assert isinstance(p, DTensor), type(p)
+        if "step" in opt.state[p]:
+            assert float(opt.state[p]["step"]) == STEPS  # advanced once per step by the split step
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def run_fsdp(name):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "params.pt")
-        mp.spawn(fsdp_worker, args=(os.path.join(d, "store"), name, out), nprocs=WORLD, join=True)
-        return torch.load(out)
+def fsdp_train_each(rank, names):
+    return {name: fsdp_train(rank, name) for name in names}
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """One spawn trains every optimizer (spawning costs seconds)."""
+    return spawn_ranks(fsdp_train_each, list(OPTS))
 
 
 @pytest.mark.parametrize("name", list(OPTS))
-def test_fsdp2_large_batch_matches_unsharded(name):
+def test_fsdp2_large_batch_matches_unsharded(sharded, name):
     want, grad_norms = single_process(name)
     kw = OPTS[name][1]
     if "max_grad_norm" in kw:
         assert min(grad_norms) > 2 * kw["max_grad_norm"]  # the clip really acts
-    got = run_fsdp(name)
+    got = sharded[name]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

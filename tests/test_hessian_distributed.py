@@ -1,17 +1,11 @@
-import os
-import socket
-
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fusedopt.hessian import HessianOperator, eigsh
+from test_distributed import spawn_ranks
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 
 def _problem():
@@ -26,23 +20,18 @@ def _problem():
     return model, X, y
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        model, X, y = _problem()
-        shard = slice(0, 12) if rank == 0 else slice(12, 30)  # unequal shards: weights matter
-        op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]))
-        res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(3))
-        out[rank] = res.eigenvalues.clone()
-    finally:
-        dist.destroy_process_group()
+def _rank_eigenvalues(rank):
+    model, X, y = _problem()
+    shard = slice(0, 12) if rank == 0 else slice(12, 30)  # unequal shards: weights matter
+    op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]))
+    res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(3))
+    theirs = [torch.empty_like(res.eigenvalues) for _ in range(dist.get_world_size())]
+    dist.all_gather(theirs, res.eigenvalues)
+    return theirs
 
 
 def test_two_ranks_agree_with_full_data():
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    out = spawn_ranks(_rank_eigenvalues)
     model, X, y = _problem()
     ref = eigsh(HessianOperator(model, torch.nn.functional.cross_entropy, (X, y)), k=2, which="BE", tol=1e-10)
     assert torch.equal(out[0], out[1])
