@@ -131,16 +131,38 @@ class RowTable:
         numels = np.fromiter((p.numel() for p in self.params), np.int64, count=n)
         if not (np.array_equal(ptrs, self.rows[:, 0]) and np.array_equal(numels, self.rows[:, NUMEL_COLUMN])):
             return True
-        return any(p.shape != shape or p.dtype is not self.dtype or p.device != self.device
-                   or not p.is_contiguous() for p, shape in zip(self.params, self.shapes))
+        # Same pointers imply the same device; dtype, shape and strides can still
+        # change under an unchanged pointer and size (p.data = p.data.view(...)).
+        dtype = self.dtype
+        return any(p.dtype is not dtype or p.shape != shape or not p.is_contiguous()
+                   for p, shape in zip(self.params, self.shapes))
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
-        check_grads(self.params, grads, self.names)
+        if not self._grads_look_right(grads):
+            check_grads(self.params, grads, self.names)  # raises, naming the grad and what was expected
         self.rows[:, 1] = np.fromiter((g.data_ptr() for g in grads), np.int64, count=len(grads))
         self._check_grads_do_not_alias()
         aligned = (self.rows[:, :8] % 16 == 0).all(axis=1)
         self.rows[:, FLAGS_COLUMN] = np.where(aligned, self.rows[:, FLAGS_COLUMN] | ROW_ALIGNED16,
                                               self.rows[:, FLAGS_COLUMN] & ~ROW_ALIGNED16)
+
+    def _grads_look_right(self, grads: Sequence[torch.Tensor]) -> bool:
+        """The per-step grad check at the cost of a few attribute reads per grad
+        (this runs for every grad of every step): dtype, layout, shape,
+        contiguity and device of each grad against its param's."""
+        dtype, strided = self.dtype, torch.strided
+        if self.device.type == "cpu":
+            for g, shape in zip(grads, self.shapes):
+                if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
+                        or not g.is_cpu):
+                    return False
+            return True
+        index = device_index(self.device)
+        for g, shape in zip(grads, self.shapes):
+            if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
+                    or not g.is_cuda or g.get_device() != index):
+                return False
+        return True
 
     def _check_grads_do_not_alias(self) -> None:
         # A grad that shares a byte with any tensor the kernel writes (any
