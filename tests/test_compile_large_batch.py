@@ -7,6 +7,7 @@ import torch
 
 import fusedopt
 from helpers import assert_params_close, tiny_model, twin
+from test_compile import assert_compiled_model_trains
 
 OPTS = [
     (fusedopt.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
@@ -88,15 +89,4 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(cls, kw, master):
 
 @pytest.mark.parametrize("cls,kw", OPTS[:2], ids=IDS[:2])
 def test_compiled_model_trains(cls, kw):
-    torch._dynamo.reset()
-    model = tiny_model()
-    ref = twin(model)
-    compiled = torch.compile(model, backend="eager")
-    opt, ref_opt = cls(model.parameters(), **kw), cls(ref.parameters(), **kw)
-    for _ in range(3):
-        x, y = torch.randn(8, 6), torch.randn(8, 3)
-        for m, o in ((compiled, opt), (ref, ref_opt)):
-            o.zero_grad()
-            torch.nn.functional.mse_loss(m(x), y).backward()
-            o.step()
-    assert_params_close(model, ref)
+    assert_compiled_model_trains(lambda ps: cls(ps, **kw), lambda ps: cls(ps, **kw))

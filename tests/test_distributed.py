@@ -136,6 +136,18 @@ def single_process(name):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def fsdp_wrap(model):
+    """FSDP2 over all ranks: each Linear its own unit, then the whole model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def train(rank, mode, name):
     """One rank's share of the training ("ddp" or "fsdp"); returns the full params."""
     cls, kw = OPTS[name]
@@ -143,13 +155,7 @@ def train(rank, mode, name):
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fsdp_wrap(model)
     opt = cls(model.parameters(), **kw)
     for x, y in data():
         xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import fusedopt
-from test_distributed import STEPS, WORLD, data, make_model, spawn_ranks
+from test_distributed import STEPS, WORLD, data, fsdp_wrap, make_model, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -37,16 +37,9 @@ def single_process(name):
 
 def fsdp_train(rank, name):
     """One rank's share of the sharded training; returns the full params."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     cls, kw = OPTS[name]
-    model = make_model()
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp_wrap(make_model())
     opt = cls(model.parameters(), **kw)
     for x, y in data():
         xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]

@@ -1,13 +1,13 @@
 """LARS and LAMB with state_dtype=torch.bfloat16 and master_weights=True, in the
 manner of test_mixed_precision.py (which covers SGD, Adam, AdamW). References:
 tests/reference_optim.py (fp64 math, states stored in the reference params' fp32)."""
-import io
 
 import pytest
 import torch
 
 import fusedopt
 from reference_optim import RefLAMB, RefLARS
+from test_mixed_precision import assert_checkpoint_resume_is_bit_exact
 
 SHAPES = [(7, 5), (33,), (4, 3, 2)]
 LARS_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)
@@ -128,33 +128,7 @@ def test_without_master_16bit_params_drift(fcls, rcls, kw):
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
 def test_checkpoint_resume_is_bit_exact(fcls, rcls, kw, state_dtype):
-    ps = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
-    grads = [[torch.randn(s).bfloat16() for s in SHAPES] for _ in range(6)]
-    opt = fcls(ps, master_weights=True, state_dtype=state_dtype, **kw)
-
-    def run(params, o, gs):
-        for step_grads in gs:
-            for p, g in zip(params, step_grads):
-                p.grad = g.clone()
-            o.step()
-
-    run(ps, opt, grads[:3])
-    buf = io.BytesIO()
-    torch.save({"params": [p.detach() for p in ps], "opt": opt.state_dict()}, buf)
-    run(ps, opt, grads[3:])
-
-    buf.seek(0)
-    ck = torch.load(buf)
-    resumed = [t.clone().requires_grad_() for t in ck["params"]]
-    opt2 = fcls(resumed, master_weights=True, state_dtype=state_dtype, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.state[resumed[0]]["master"].dtype is torch.float32
-    run(resumed, opt2, grads[3:])
-    for a, b in zip(ps, resumed):
-        assert torch.equal(a, b)
-        assert set(opt.state[a]) == set(opt2.state[b]) and "master" in opt.state[a]
-        for k, v in opt.state[a].items():
-            assert torch.equal(v, opt2.state[b][k]), k
+    assert_checkpoint_resume_is_bit_exact(fcls, kw, state_dtype)
 
 
 @pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
