@@ -165,6 +165,7 @@ def test_analyze_with_a_nan_parameter_raises(seed):
         analyze(model, torch.nn.functional.mse_loss, (X, y), k=2)
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")  # torch's note on complex modules
 def test_hessian_operator_rejects_complex_params():
     model = torch.nn.Linear(2, 2).to(torch.complex64)
     op = HessianOperator(model, lambda out, y: out.abs().mean(), (torch.randn(3, 2, dtype=torch.complex64), None))

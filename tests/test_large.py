@@ -1,6 +1,7 @@
 """int64 indexing end to end: one tensor of more than 2**31 elements (slow).
 
-CPU: SGD without momentum on a bf16 param + bf16 grad (2 x 4.3 GB). CUDA:
+CPU: SGD without momentum on a bf16 param + bf16 grad (2 x 4.3 GB), then
+the per-tensor norm of the result (the LARS/LAMB reduction path). CUDA:
 Adam on an fp32 param (param, grad, exp_avg, exp_avg_sq: 4 x 8.6 GB). Both
 check elements on either side of 2**31 and the very last ones, where an int32
 index would wrap. Skipped when the memory is not there.
@@ -47,6 +48,12 @@ def test_cpu_bf16_sgd_past_2_31_elements(seed):
     idx = idx[~torch.isin(idx, torch.tensor(EDGES))]
     assert (p.detach()[idx] == 0.875).all()
     assert (p.detach()[-4096:-2] == 0.875).all()
+    # The reduction path (LARS/LAMB norms) over the same tensor: int64 chunk
+    # offsets, every element counted once.
+    edge_sq = float((want.double() ** 2).sum())
+    expected = ((N - len(EDGES)) * 0.875 ** 2 + edge_sq) ** 0.5
+    got_norm = float(fusedopt.functional.tensor_norms([p.detach()])[0])
+    assert abs(got_norm - expected) <= 1e-5 * expected, (got_norm, expected)
 
 
 @pytest.mark.cuda

@@ -43,7 +43,7 @@ def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu")
     ref_b = [torch.nn.Parameter(p.detach().double().cpu().clone()) for p in b]
     opt = opt_cls([{"params": w}, dict(params=b, **groups_extra)], **hyper)
     ref = ref_cls([{"params": ref_w}, dict(params=ref_b, **groups_extra)], **hyper)
-    peaks = [float(q.abs().max()) for q in ref_w + ref_b]
+    peaks = [float(q.detach().abs().max()) for q in ref_w + ref_b]
     for _ in range(steps):
         grads = draw_grads([w, b], dtype)
         for ps, qs, gs in zip([w, b], [ref_w, ref_b], grads):
@@ -59,7 +59,7 @@ def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu")
             with torch.no_grad():
                 for q in ref_w + ref_b:
                     q.copy_(q.to(dtype).double())
-        peaks = [max(m, float(q.abs().max())) for m, q in zip(peaks, ref_w + ref_b)]
+        peaks = [max(m, float(q.detach().abs().max())) for m, q in zip(peaks, ref_w + ref_b)]
     return [p.detach().double().cpu() for p in w + b], [q.detach() for q in ref_w + ref_b], peaks
 
 
