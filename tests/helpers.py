@@ -4,12 +4,17 @@ import copy
 import torch
 
 import fusedopt
+from reference_optim import RefLAMB, RefLARS
 
-# (fusedopt class, torch reference class, hyperparameters)
+# (fusedopt class, reference class, hyperparameters): torch.optim where it has
+# the optimizer, else the plain-torch references of tests/reference_optim.py.
+# LARS and LAMB use weight decay (so the trust ratios act) and LAMB clips.
 PAIRS = [
     (fusedopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)),
     (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    (fusedopt.LARS, RefLARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
+    (fusedopt.LAMB, RefLAMB, dict(lr=1e-2, weight_decay=0.05, max_grad_norm=0.5)),
 ]
 PAIR_IDS = [c.__name__ for c, _, _ in PAIRS]
 

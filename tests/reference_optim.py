@@ -7,6 +7,8 @@ are torch.optim.Optimizer subclasses: ``step()`` reads ``p.grad`` (params
 without a grad are skipped), ``state[p]`` holds the same keys as the fused
 optimizer (same dtypes for fp32/fp64 params), so the hardening suites
 (tests/optim_registry.py) and tests/test_lars_lamb.py can compare state too.
+``foreach`` is accepted and ignored, as the integration tests pass it to every
+reference (tests/helpers.py PAIRS).
 
 The ratios are computed on 0-d fp64 tensors, not Python floats, so that a
 division by zero (trust_clip with lr = 0) or a non-finite norm follows IEEE
@@ -30,7 +32,7 @@ class RefLARS(torch.optim.Optimizer):
     """fusedopt.LARS's docstring formulas, per tensor, fp64 math."""
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False):
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
                                       always_adapt=always_adapt))
@@ -73,7 +75,7 @@ class RefLAMB(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
-                 decoupled_decay=False):
+                 decoupled_decay=False, foreach=None):
         super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
                                       weight_decay=weight_decay, grad_averaging=grad_averaging,
                                       max_grad_norm=max_grad_norm, trust_clip=trust_clip,
