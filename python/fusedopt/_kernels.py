@@ -128,11 +128,10 @@ class RowTable:
         the size): the table must then be rebuilt and everything re-checked."""
         n = len(self.params)
         ptrs = np.fromiter((p.data_ptr() for p in self.params), np.int64, count=n)
-        numels = np.fromiter((p.numel() for p in self.params), np.int64, count=n)
-        if not (np.array_equal(ptrs, self.rows[:, 0]) and np.array_equal(numels, self.rows[:, NUMEL_COLUMN])):
+        if not np.array_equal(ptrs, self.rows[:, 0]):
             return True
-        # Same pointers imply the same device; dtype, shape and strides can still
-        # change under an unchanged pointer and size (p.data = p.data.view(...)).
+        # Same pointers imply the same device; dtype, shape (hence size) and
+        # strides can still change under an unchanged pointer (p.data = p.data[:5]).
         dtype = self.dtype
         return any(p.dtype is not dtype or p.shape != shape or not p.is_contiguous()
                    for p, shape in zip(self.params, self.shapes))
