@@ -148,6 +148,15 @@ def fsdp_wrap(model):
     return model
 
 
+def train_on_shard(rank, model, opt):
+    """Every step of data() on this rank's share of each batch."""
+    for x, y in data():
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+
+
 def train(rank, mode, name):
     """One rank's share of the training ("ddp" or "fsdp"); returns the full params."""
     cls, kw = OPTS[name]
@@ -157,11 +166,7 @@ def train(rank, mode, name):
     else:
         fsdp_wrap(model)
     opt = cls(model.parameters(), **kw)
-    for x, y in data():
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
+    train_on_shard(rank, model, opt)
     if mode == "fsdp":
         from torch.distributed.tensor import DTensor
         p0 = next(model.parameters())

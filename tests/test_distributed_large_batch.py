@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import fusedopt
-from test_distributed import STEPS, WORLD, data, fsdp_wrap, make_model, spawn_ranks
+from test_distributed import STEPS, WORLD, data, fsdp_wrap, make_model, spawn_ranks, train_on_shard
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -41,11 +41,7 @@ def fsdp_train(rank, name):
     cls, kw = OPTS[name]
     model = fsdp_wrap(make_model())
     opt = cls(model.parameters(), **kw)
-    for x, y in data():
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
+    train_on_shard(rank, model, opt)
     for p in model.parameters():
         assert isinstance(p, DTensor), type(p)
         if "step" in opt.state[p]:

@@ -7,7 +7,7 @@ import torch
 
 import fusedopt
 from reference_optim import RefLAMB, RefLARS
-from test_mixed_precision import assert_checkpoint_resume_is_bit_exact
+from test_mixed_precision import assert_16bit_params_drift_without_master, assert_checkpoint_resume_is_bit_exact
 
 SHAPES = [(7, 5), (33,), (4, 3, 2)]
 LARS_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)
@@ -112,17 +112,7 @@ def test_master_weights_track_fp32_reference(fcls, rcls, kw, dtype):
 
 @pytest.mark.parametrize("fcls,rcls,kw", CASES, ids=IDS)
 def test_without_master_16bit_params_drift(fcls, rcls, kw):
-    """What master weights are for: small updates are lost when bf16 params are rounded."""
-    p = (torch.ones(64) + torch.rand(64)).bfloat16().requires_grad_()
-    q = p.detach().clone().requires_grad_()
-    kw = dict(kw, lr=kw["lr"] / 50)
-    a, b = fcls([p], **kw), fcls([q], master_weights=True, **kw)
-    for _ in range(40):
-        g = (torch.rand(64) + 0.5).bfloat16()
-        p.grad, q.grad = g, g.clone()
-        a.step(), b.step()
-    assert "master" not in a.state[p] and "master" in b.state[q]
-    assert not torch.equal(p, q)
+    assert_16bit_params_drift_without_master(fcls, dict(kw, lr=kw["lr"] / 50))
 
 
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
