@@ -157,6 +157,14 @@ def make(shapes, device, n_state):
     return params, grads, states
 
 
+def time_fused(cls, params, grads, hp, device, warmup, steps):
+    """Time of cls(params, **hp).step() with the given grads (params wrapped, not copied)."""
+    ps = [torch.nn.Parameter(p) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    return time_steps(cls(ps, **hp).step, device, warmup, steps)
+
+
 def bench_lars(shapes, device, warmup, steps):
     hp = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coeff=1e-3, eps=1e-8)
     results = {}
@@ -164,11 +172,7 @@ def bench_lars(shapes, device, warmup, steps):
     args = (hp["lr"], hp["momentum"], hp["weight_decay"], hp["trust_coeff"], hp["eps"])
     results["loop"] = time_steps(lambda: lars_loop(params, grads, bufs, *args), device, warmup, steps)
     results["foreach"] = time_steps(lambda: lars_foreach(params, grads, bufs, *args), device, warmup, steps)
-    ps = [torch.nn.Parameter(p) for p in params]
-    for p, g in zip(ps, grads):
-        p.grad = g
-    opt = fusedopt.LARS(ps, **hp)
-    results["fusedopt"] = time_steps(opt.step, device, warmup, steps)
+    results["fusedopt"] = time_fused(fusedopt.LARS, params, grads, hp, device, warmup, steps)
     n = sum(p.numel() for p in params)
     # pass 1 reads p, g; pass 2 reads p, g, buf and writes p, buf (fp32).
     return results, n, n * 4 * (2 + 5)
@@ -181,11 +185,7 @@ def bench_lamb(shapes, device, warmup, steps):
     args = (hp["lr"], 0.9, 0.999, hp["eps"], hp["weight_decay"], hp["max_grad_norm"])
     results["loop"] = time_steps(lambda: lamb_loop(params, grads, ms, vs, 10, *args), device, warmup, steps)
     results["foreach"] = time_steps(lambda: lamb_foreach(params, grads, ms, vs, 10, *args), device, warmup, steps)
-    ps = [torch.nn.Parameter(p) for p in params]
-    for p, g in zip(ps, grads):
-        p.grad = g
-    opt = fusedopt.LAMB(ps, **hp)
-    results["fusedopt"] = time_steps(opt.step, device, warmup, steps)
+    results["fusedopt"] = time_fused(fusedopt.LAMB, params, grads, hp, device, warmup, steps)
     n = sum(p.numel() for p in params)
     # pass 1 reads g; pass 2 reads p, g, m, v, writes m, v; pass 3 reads p, m, v, writes p (fp32).
     return results, n, n * 4 * (1 + 6 + 4)

@@ -25,20 +25,6 @@ void store_sums(const TensorRow& row, int column, const double* sums, float (&ou
   }
 }
 
-// p as the math sees it: the fp32 master when the row has one, else the param.
-template <class P, class C, bool kMaster>
-struct ParamIO {
-  P* p;
-  float* master;
-  ParamIO(const TensorRow& r, int param_column, int master_column)
-      : p(col<P>(r, param_column)), master(col<float>(r, master_column)) {}
-  C load(int64_t i) const { return kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]); }
-  void store(int64_t i, C v) const {
-    if (kMaster) master[i] = static_cast<float>(v);
-    store_as(p[i], v);
-  }
-};
-
 template <class P, class C, bool kMaster>
 void lars_norms_piece(const TensorRow& r, int64_t b, int64_t e, double* out) {
   const ParamIO<P, C, kMaster> p(r, kLarsParam, kLarsMaster);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../ops/common.h"
 #include "../ops/tensor_row.h"
 #include "thread_pool.h"
 
@@ -45,5 +46,21 @@ void for_each_piece(const std::vector<int64_t>& offsets, int64_t chunk, Fn&& fn)
 }
 
 template <class T> inline T* col(const TensorRow& r, int c) { return reinterpret_cast<T*>(r.ptr[c]); }
+
+// A param as the optimizer math sees it: its fp32 master copy when the row has
+// one (kMaster), else the param itself; a store writes the master and the
+// param rounded from it.
+template <class P, class C, bool kMaster>
+struct ParamIO {
+  P* __restrict__ p;
+  float* __restrict__ master;
+  ParamIO(const TensorRow& r, int param_column, int master_column)
+      : p(col<P>(r, param_column)), master(col<float>(r, master_column)) {}
+  C load(int64_t i) const { return kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]); }
+  void store(int64_t i, C v) const {
+    if (kMaster) master[i] = static_cast<float>(v);
+    store_as(p[i], v);
+  }
+};
 
 }  // namespace fusedopt::cpu

@@ -12,19 +12,17 @@ namespace {
 
 template <class P, class S, bool kAmsgrad, bool kMaster, class C>
 void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s) {
-  P* __restrict__ p = col<P>(r, kAdamParam);
+  const ParamIO<P, C, kMaster> p(r, kAdamParam, kAdamMaster);
   const P* __restrict__ g = col<P>(r, kAdamGrad);
   S* __restrict__ m = col<S>(r, kAdamExpAvg);
   S* __restrict__ v = col<S>(r, kAdamExpAvgSq);
   S* __restrict__ vmax = col<S>(r, kAdamMaxExpAvgSq);
-  float* __restrict__ master = col<float>(r, kAdamMaster);
   for (int64_t i = b; i < e; ++i) {
-    C pv = kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]);
+    C pv = p.load(i);
     C mv = load_as<S, C>(m[i]), vv = load_as<S, C>(v[i]);
     C vmaxv = kAmsgrad ? load_as<S, C>(vmax[i]) : C(0);
     adam_element<C>(pv, load_as<P, C>(g[i]), mv, vv, vmaxv, s);
-    if (kMaster) master[i] = static_cast<float>(pv);
-    store_as(p[i], pv);
+    p.store(i, pv);
     store_as(m[i], mv);
     store_as(v[i], vv);
     if (kAmsgrad) store_as(vmax[i], vmaxv);
@@ -33,17 +31,15 @@ void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s
 
 template <class P, class S, bool kMaster, class C>
 void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C> s) {
-  P* __restrict__ p = col<P>(r, kSgdParam);
+  const ParamIO<P, C, kMaster> p(r, kSgdParam, kSgdMaster);
   const P* __restrict__ g = col<P>(r, kSgdGrad);
   S* __restrict__ buf = col<S>(r, kSgdMomentumBuffer);
-  float* __restrict__ master = col<float>(r, kSgdMaster);
   const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
   for (int64_t i = b; i < e; ++i) {
-    C pv = kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]);
+    C pv = p.load(i);
     C bv = buf ? load_as<S, C>(buf[i]) : C(0);
     sgd_element<C>(pv, load_as<P, C>(g[i]), bv, first, s);
-    if (kMaster) master[i] = static_cast<float>(pv);
-    store_as(p[i], pv);
+    p.store(i, pv);
     if (buf) store_as(buf[i], bv);
   }
 }

@@ -12,20 +12,6 @@ namespace fusedopt::cuda {
 namespace {
 
 
-// p as the math sees it: the fp32 master when the row has one, else the param.
-template <int V, class P, class C>
-__device__ __forceinline__ void load_param(const TensorRow& r, int param_column, int master_column, int64_t i,
-                                           C (&p)[V]) {
-  if (r.ptr[master_column]) load_elems<V>(col<float>(r, master_column), i, p);
-  else load_elems<V>(col<P>(r, param_column), i, p);
-}
-template <int V, class P, class C>
-__device__ __forceinline__ void store_param(const TensorRow& r, int param_column, int master_column, int64_t i,
-                                            const C (&p)[V]) {
-  if (r.ptr[master_column]) store_elems<V>(col<float>(r, master_column), i, p);
-  store_elems<V>(col<P>(r, param_column), i, p);
-}
-
 template <class T>
 struct NormsFunctor {
   using Acc = typename ComputeOf<T>::type;

@@ -113,8 +113,40 @@ __device__ __forceinline__ void store_elems(T* base, int64_t i, const C (&in)[V]
   }
 }
 
-// One block per table entry: the block walks its chunk with V-wide packets
-// when the row is 16-byte aligned, one element per thread otherwise.
+// p as the math sees it: the fp32 master when the row has one, else the param.
+template <int V, class P, class C>
+__device__ __forceinline__ void load_param(const TensorRow& r, int param_column, int master_column, int64_t i,
+                                           C (&p)[V]) {
+  if (r.ptr[master_column]) load_elems<V>(col<float>(r, master_column), i, p);
+  else load_elems<V>(col<P>(r, param_column), i, p);
+}
+template <int V, class P, class C>
+__device__ __forceinline__ void store_param(const TensorRow& r, int param_column, int master_column, int64_t i,
+                                            const C (&p)[V]) {
+  if (r.ptr[master_column]) store_elems<V>(col<float>(r, master_column), i, p);
+  store_elems<V>(col<P>(r, param_column), i, p);
+}
+
+template <int V> struct Width { static constexpr int value = V; };
+
+// The elements of one block's chunk: visit(Width<V>{}, i) over V-wide packets
+// when the row is 16-byte aligned, then visit(Width<1>{}, i) one element per
+// thread for the rest. Blocks run kThreads threads.
+template <int V, class Visit>
+__device__ __forceinline__ void for_each_chunk_element(const TensorRow& row, int32_t chunk, Visit&& visit) {
+  const int64_t begin = static_cast<int64_t>(chunk) * kChunkElements;
+  const int64_t end = begin + kChunkElements < row.numel ? begin + kChunkElements : row.numel;
+  int64_t scalar_from = begin;
+  if (row.flags & kRowAligned16) {
+    const int64_t vec_end = begin + (end - begin) / V * V;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(kThreads) * V)
+      visit(Width<V>{}, i);
+    scalar_from = vec_end;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) visit(Width<1>{}, i);
+}
+
+// One block per table entry.
 // F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars).
 template <class F>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
@@ -122,17 +154,9 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_cons
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
   const auto s = f.prepare(row);
-  const int64_t begin = static_cast<int64_t>(be.chunk) * kChunkElements;
-  const int64_t end = begin + kChunkElements < row.numel ? begin + kChunkElements : row.numel;
-  int64_t scalar_from = begin;
-  if (row.flags & kRowAligned16) {
-    constexpr int V = F::kVec;
-    const int64_t vec_end = begin + (end - begin) / V * V;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(blockDim.x) * V)
-      f.template apply<V>(row, i, s);
-    scalar_from = vec_end;
-  }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) f.template apply<1>(row, i, s);
+  for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
+    f.template apply<decltype(w)::value>(row, i, s);
+  });
 }
 
 template <class F>

@@ -22,17 +22,14 @@ struct AdamFunctor {
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const AdamScalars<C>& s) const {
     C p[V], g[V], m[V], v[V], vmax[V];
-    const bool master = r.ptr[kAdamMaster] != 0;
-    if (master) load_elems<V>(col<float>(r, kAdamMaster), i, p);
-    else load_elems<V>(col<P>(r, kAdamParam), i, p);
+    load_param<V, P>(r, kAdamParam, kAdamMaster, i, p);
     load_elems<V>(col<P>(r, kAdamGrad), i, g);
     load_elems<V>(col<S>(r, kAdamExpAvg), i, m);
     load_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
     if (s.amsgrad != C(0)) load_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
 #pragma unroll
     for (int k = 0; k < V; ++k) adam_element<C>(p[k], g[k], m[k], v[k], vmax[k], s);
-    if (master) store_elems<V>(col<float>(r, kAdamMaster), i, p);
-    store_elems<V>(col<P>(r, kAdamParam), i, p);
+    store_param<V, P>(r, kAdamParam, kAdamMaster, i, p);
     store_elems<V>(col<S>(r, kAdamExpAvg), i, m);
     store_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
     if (s.amsgrad != C(0)) store_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
@@ -50,16 +47,13 @@ struct SgdFunctor {
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const SgdScalars<C>& s) const {
     C p[V], g[V], buf[V];
-    const bool master = r.ptr[kSgdMaster] != 0;
     const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-    if (master) load_elems<V>(col<float>(r, kSgdMaster), i, p);
-    else load_elems<V>(col<P>(r, kSgdParam), i, p);
+    load_param<V, P>(r, kSgdParam, kSgdMaster, i, p);
     load_elems<V>(col<P>(r, kSgdGrad), i, g);
     if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
 #pragma unroll
     for (int k = 0; k < V; ++k) sgd_element<C>(p[k], g[k], buf[k], first, s);
-    if (master) store_elems<V>(col<float>(r, kSgdMaster), i, p);
-    store_elems<V>(col<P>(r, kSgdParam), i, p);
+    store_param<V, P>(r, kSgdParam, kSgdMaster, i, p);
     if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
   }
 };

@@ -30,17 +30,9 @@ reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials
   A acc[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) acc[k] = A(0);
-  const int64_t begin = static_cast<int64_t>(be.chunk) * kChunkElements;
-  const int64_t end = begin + kChunkElements < row.numel ? begin + kChunkElements : row.numel;
-  int64_t scalar_from = begin;
-  if (row.flags & kRowAligned16) {
-    constexpr int V = F::kVec;
-    const int64_t vec_end = begin + (end - begin) / V * V;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(kThreads) * V)
-      f.template apply<V>(row, i, s, acc);
-    scalar_from = vec_end;
-  }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) f.template apply<1>(row, i, s, acc);
+  for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
+    f.template apply<decltype(w)::value>(row, i, s, acc);
+  });
 
   __shared__ A sh[K][kThreads];
 #pragma unroll

@@ -1,6 +1,6 @@
 // LARS (You et al. 2017) per-tensor trust ratio and per-element update, shared
 // by the CPU and CUDA drivers. Momentum is exactly torch.optim.SGD's
-// (momentum_direction from sgd.h).
+// (momentum_step from sgd.h).
 #pragma once
 #include <cmath>
 #include "common.h"
@@ -65,12 +65,7 @@ template <class C>
 FO_HD void lars_element(C& p, C g, C& buf, C first, const LarsScalars<C>& s) {
   g = g / s.grad_divisor;
   C d = s.has_wd != C(0) ? g + s.weight_decay * p : g;
-  d = d * s.ratio;
-  C b = buf;
-  const C dir = momentum_direction(d, b, first, s.momentum, s.one_minus_dampening, s.nesterov);
-  buf = s.has_momentum != C(0) ? b : buf;
-  d = s.has_momentum != C(0) ? dir : d;
-  p = p + s.neg_lr * d;
+  momentum_step(p, d * s.ratio, buf, first, s);
 }
 
 }  // namespace fusedopt

@@ -44,16 +44,23 @@ FO_HD C momentum_direction(C d, C& buf, C first, C momentum, C one_minus_dampeni
   return nesterov != C(0) ? d + momentum * buf : buf;
 }
 
+// p -= lr * (the momentum direction of d, with buf updated, when there is
+// momentum; else d itself). Shared by SGD and LARS; S: their scalars.
+template <class C, class S>
+FO_HD void momentum_step(C& p, C d, C& buf, C first, const S& s) {
+  C b = buf;
+  const C dir = momentum_direction(d, b, first, s.momentum, s.one_minus_dampening, s.nesterov);
+  buf = s.has_momentum != C(0) ? b : buf;
+  d = s.has_momentum != C(0) ? dir : d;
+  p = p + s.neg_lr * d;
+}
+
 template <class C>
 FO_HD void sgd_element(C& p, C g, C& buf, C first, const SgdScalars<C>& s) {
   g = g / s.grad_divisor;
   g = s.maximize != C(0) ? -g : g;
   g = s.has_wd != C(0) ? g + s.weight_decay * p : g;
-  C b = buf;
-  const C dir = momentum_direction(g, b, first, s.momentum, s.one_minus_dampening, s.nesterov);
-  buf = s.has_momentum != C(0) ? b : buf;
-  g = s.has_momentum != C(0) ? dir : g;
-  p = p + s.neg_lr * g;
+  momentum_step(p, g, buf, first, s);
 }
 
 }  // namespace fusedopt

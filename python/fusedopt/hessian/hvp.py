@@ -119,38 +119,32 @@ class HessianOperator:
             return buf[:-1] / buf[-1]
         return vecs / weight
 
+    def _batch_mean(self, per_batch):
+        """Batch-size-weighted mean over the data (and the ranks) of the flat
+        vector made of per_batch(loss)'s per-param tensors (None: zeros)."""
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        weight = 0.0
+        for inputs, targets in self.batches:
+            bs = float(len(inputs))
+            parts = per_batch(self.loss_fn(self.model(inputs), targets))
+            total += bs * torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1)
+                                     for t, p in zip(parts, self.params)])
+            weight += bs
+        return self._reduce(total, weight)
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector v (n elements); batch-size-weighted mean over the data."""
         vs = self.unflatten(v.to(device=self.device, dtype=self.dtype))
 
-        def run():
-            total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            weight = 0.0
-            for inputs, targets in self.batches:
-                bs = float(len(inputs))
-                loss = self.loss_fn(self.model(inputs), targets)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
-                dot = sum((g * u).sum() for g, u in zip(grads, vs))
-                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-                total += bs * torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
-                                         for h, p in zip(hv, self.params)])
-                weight += bs
-            return self._reduce(total, weight)
+        def hvp(loss):
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            dot = sum((g * u).sum() for g, u in zip(grads, vs))
+            return torch.autograd.grad(dot, self.params, allow_unused=True)
 
         self.num_matvecs += 1
-        return self._run(run)
+        return self._run(lambda: self._batch_mean(hvp))
 
     def gradient(self) -> torch.Tensor:
         """Flat gradient of the mean loss (same weighting and reduction as matvec)."""
-        def run():
-            total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            weight = 0.0
-            for inputs, targets in self.batches:
-                bs = float(len(inputs))
-                loss = self.loss_fn(self.model(inputs), targets)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                total += bs * torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, self.params)])
-                weight += bs
-            return self._reduce(total, weight)
-        return self._run(run)
+        return self._run(lambda: self._batch_mean(
+            lambda loss: torch.autograd.grad(loss, self.params, allow_unused=True)))

@@ -277,13 +277,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self._compiled_step(closure)
         return self._eager_step(closure)
 
-    def _eager_step(self, closure=None):
+    def _closure_and_amp(self, closure):
+        """(loss of the closure or None, GradScaler's grad_scale, its found_inf)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        return loss, getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _eager_step(self, closure=None):
+        loss, grad_scale, found_inf = self._closure_and_amp(closure)
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
@@ -433,10 +436,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_master(p: torch.Tensor) -> torch.Tensor:
         return p.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
 
-    def _fill_table(self, table: RowTable, group: dict, states: Sequence[dict]) -> None:
+    def _kernel_columns(self, group: dict, p: torch.Tensor) -> Dict[int, str]:
+        """Kernel column -> state key for the batch of p: the state columns, plus
+        the master column when p keeps an fp32 master copy."""
         cols = dict(self.state_columns(group))
-        if self.uses_master(group, table.params[0]):
+        if self.uses_master(group, p):
             cols[self.master_column] = "master"
+        return cols
+
+    def _fill_table(self, table: RowTable, group: dict, states: Sequence[dict]) -> None:
+        cols = self._kernel_columns(group, table.params[0])
         written = [table.params]
         for c, key in cols.items():
             tensors = [st[key] for st in states]
@@ -473,12 +482,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and (p not in self.state or self._needs_completion(group, p)):
                     return _eager_step_outside_compile(self, closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        loss, grad_scale, found_inf = self._closure_and_amp(closure)
         work = []  # (group, params of one (device, dtype)): the eager step's batches, in its order
         for group in self.param_groups:
             buckets: Dict[tuple, List[torch.Tensor]] = {}
@@ -488,9 +492,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             work.extend((group, ps) for ps in buckets.values())
         ctx = self.compiled_before_launch(work)
         for group, ps in work:
-            cols = dict(self.state_columns(group))
-            if self.uses_master(group, ps[0]):
-                cols[self.master_column] = "master"
+            cols = self._kernel_columns(group, ps[0])
             hyper, flags = self.kernel_hyper(group)
             lr = group["lr"]
             args = (ps, [p.grad for p in ps], [self.state[p][key] for key in cols.values() for p in ps],

@@ -6,16 +6,16 @@ from typing import Dict
 import torch
 
 from .. import _kernels, _ops
-from .base import FusedOptimizer, check_float
 from .adam import check_adam_hyperparameters
-from .base import lr_value
+from .base import FusedOptimizer, check_float
+from .large_batch import NormScaledStep
 
 # csrc/ops/lamb.h LambFlag
 _BIAS_CORRECTION, _GRAD_AVERAGING, _TRUST_CLIP, _ALWAYS_ADAPT, _DECOUPLED, _CLIP_GRADS = 1, 2, 4, 8, 16, 32
 _MOMENTS_ONLY, _APPLY_ONLY = 64, 128  # internal: a step split around an all-reduce of the norms
 
 
-class LAMB(FusedOptimizer):
+class LAMB(NormScaledStep, FusedOptimizer):
     r"""LAMB: Adam's direction, scaled per tensor by the ratio of weight norm to update norm.
 
     At step t of a param group, for each param p with grad g (after AMP unscaling):
@@ -127,12 +127,7 @@ class LAMB(FusedOptimizer):
         return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h
 
     kernel = "lamb"
-    # Private switch (tests): take the two-call path of sharded params for plain
-    # tensors too, so that CI covers it without spawning ranks.
-    _split_steps = False
-
-    def fill_table(self, table, group, states):
-        _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lamb"])
+    split_flags = (_MOMENTS_ONLY, _APPLY_ONLY)  # the apply call advances the step counters
 
     def kernel_hyper(self, group):
         clip = group["max_grad_norm"] is not None
@@ -142,10 +137,6 @@ class LAMB(FusedOptimizer):
                  | (_DECOUPLED if group["decoupled_decay"] else 0) | (_CLIP_GRADS if clip else 0))
         beta1, beta2 = (float(b) for b in group["betas"])
         return (beta1, beta2, group["eps"], group["weight_decay"], float(group["max_grad_norm"] or 0.0)), flags
-
-    @staticmethod
-    def adapts(group) -> bool:
-        return group["weight_decay"] != 0 or group["always_adapt"]
 
     def before_launch(self, work):
         """Per-tensor grad sums of squares of every grad of every group, per device.
@@ -175,9 +166,10 @@ class LAMB(FusedOptimizer):
             by_device.setdefault(ps[0].device, []).extend(p.grad for p in ps)
         return self.share_grad_sq({dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()})
 
-    def compiled_launch(self, group, args, ctx):
-        grad_sq = ctx.get(args[0][0].device) if group["max_grad_norm"] is not None else None
-        _ops.large_batch_step("lamb", *args, grad_sq)
+    def grad_sq(self, group, device, sums=None):
+        if group["max_grad_norm"] is None:
+            return None
+        return (self._grad_sq if sums is None else sums).get(device)
 
     @staticmethod
     def share_grad_sq(local: Dict[torch.device, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
@@ -185,24 +177,3 @@ class LAMB(FusedOptimizer):
             return local
         # every device sees all sums, in one fixed order
         return {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}
-
-    def launch(self, table, group, grad_scale, found_inf, batch=None):
-        lr, lr_tensor = lr_value(group, table.device)
-        hyper, flags = self.kernel_hyper(group)
-        grad_sq = self._grad_sq.get(table.device) if group["max_grad_norm"] is not None else None
-
-        def call(extra_flags):
-            _kernels.launch_large_batch("lamb", table, self.state_dtype(group, table.params[0]), lr=lr,
-                                        lr_tensor=lr_tensor, hyper=hyper, flags=flags | extra_flags,
-                                        grad_scale=grad_scale, found_inf=found_inf, grad_sq=grad_sq)
-
-        sharded = batch is not None and batch.sharded
-        if not ((sharded or self._split_steps) and self.adapts(group)):
-            call(0)  # moments, norms and update in one _C call
-            return
-        # FSDP2: moments and the shard sums of |p'|^2, |u|^2; all-reduce; apply
-        # (which advances the step counters; found_inf skips both calls on the device).
-        call(_MOMENTS_ONLY)
-        if sharded:
-            self.reduce_rows_over_shards(table.norms, batch.sources)
-        call(_APPLY_ONLY)

@@ -1,16 +1,15 @@
 """Fused LARS (You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks")."""
 from __future__ import annotations
 
-from .. import _kernels, _ops
 from .base import check_float
-from .base import lr_value
+from .large_batch import NormScaledStep
 from .sgd import SGD
 
 _NESTEROV, _TRUST_CLIP, _ALWAYS_ADAPT = 1, 2, 4  # csrc/ops/lars.h LarsFlag
 _NORMS_ONLY, _NORMS_GIVEN = 8, 16  # internal: a step split around an all-reduce of the norms
 
 
-class LARS(SGD):
+class LARS(NormScaledStep, SGD):
     r"""LARS: SGD whose step is scaled, per tensor, by a trust ratio.
 
     For each param p with grad g (after AMP unscaling), with :math:`\gamma` = lr,
@@ -94,41 +93,10 @@ class LARS(SGD):
     master_column = 4  # csrc/ops/lars.h kLarsMaster
 
     kernel = "lars"
-    # Private switch (tests): take the two-call path of sharded params for plain
-    # tensors too, so that CI covers it without spawning ranks.
-    _split_steps = False
-
-    def fill_table(self, table, group, states):
-        _kernels.set_norms_column(table, _kernels.NORMS_COLUMN["lars"])
+    split_flags = (_NORMS_ONLY, _NORMS_GIVEN)
 
     def kernel_hyper(self, group):
         flags = ((_NESTEROV if group["nesterov"] else 0) | (_TRUST_CLIP if group["trust_clip"] else 0)
                  | (_ALWAYS_ADAPT if group["always_adapt"] else 0))
         return (group["momentum"], group["dampening"], group["weight_decay"], group["trust_coeff"],
                 group["eps"]), flags
-
-    def compiled_launch(self, group, args, ctx):
-        _ops.large_batch_step("lars", *args, None)
-
-    @staticmethod
-    def adapts(group) -> bool:
-        return group["weight_decay"] != 0 or group["always_adapt"]
-
-    def launch(self, table, group, grad_scale, found_inf, batch=None):
-        lr, lr_tensor = lr_value(group, table.device)
-        hyper, flags = self.kernel_hyper(group)
-
-        def call(extra_flags):
-            _kernels.launch_large_batch("lars", table, self.state_dtype(group, table.params[0]), lr=lr,
-                                        lr_tensor=lr_tensor, hyper=hyper, flags=flags | extra_flags,
-                                        grad_scale=grad_scale, found_inf=found_inf)
-
-        sharded = batch is not None and batch.sharded
-        if not ((sharded or self._split_steps) and self.adapts(group)):
-            call(0)  # norms and update in one _C call
-            return
-        # FSDP2: the norms of the local shards, summed over the shard group, then the update.
-        call(_NORMS_ONLY)
-        if sharded:
-            self.reduce_rows_over_shards(table.norms, batch.sources)
-        call(_NORMS_GIVEN)
