@@ -143,6 +143,18 @@ def compare_states(opt_f, opt_r, fused, ref, keys, rtol, atol):
             assert float(sf["step"]) == float(sr["step"])
 
 
+def step_in_lockstep(rng, opt_f, opt_r, fused, ref, options, dtype):
+    """STEPS steps of both optimizers on the same fresh grads, params compared
+    after each; returns the (rtol, atol) used."""
+    rtol, atol = (1e-5, 1e-6) if dtype is torch.float32 else (1e-12, 1e-14)
+    for step in range(STEPS):
+        set_grads(rng, fused, ref, step, dtype)
+        opt_f.step()
+        opt_r.step()
+        assert_close_every(fused, ref, step, options, rtol, atol)
+    return rtol, atol
+
+
 # ---- the tests -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -151,12 +163,7 @@ def test_matches_torch_every_step(name, dtype, draw, seed):
     rng = random.Random(seed)
     fused, ref = make_pairs(rng, dtype, dtype)
     opt_f, opt_r, options = build(name, rng, fused, ref)
-    rtol, atol = (1e-5, 1e-6) if dtype is torch.float32 else (1e-12, 1e-14)
-    for step in range(STEPS):
-        set_grads(rng, fused, ref, step, dtype)
-        opt_f.step()
-        opt_r.step()
-        assert_close_every(fused, ref, step, options, rtol, atol)
+    rtol, atol = step_in_lockstep(rng, opt_f, opt_r, fused, ref, options, dtype)
     compare_states(opt_f, opt_r, fused, ref, OPTIMIZERS[name][3], rtol, atol)
 
 
@@ -244,12 +251,7 @@ def test_eps_inside_sqrt_matches_reference(name, dtype, seed):
                 eps_inside_sqrt=True)
     opt_r = EpsInsideSqrtAdam([dict(params=[ref[i] for i in g], **o) for g, o in zip(groups, options)],
                               **{k: v for k, v in options[0].items()})
-    rtol, atol = (1e-5, 1e-6) if dtype is torch.float32 else (1e-12, 1e-14)
-    for step in range(STEPS):
-        set_grads(rng, fused, ref, step, dtype)
-        opt_f.step()
-        opt_r.step()
-        assert_close_every(fused, ref, step, options, rtol, atol)
+    step_in_lockstep(rng, opt_f, opt_r, fused, ref, options, dtype)
 
 
 def test_eps_inside_sqrt_differs_from_torch_form(seed):
