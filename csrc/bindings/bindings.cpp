@@ -12,6 +12,7 @@ namespace fusedopt::bind {
 void register_optim(py::module_& m);
 void register_lanczos(py::module_& m);
 void register_large_batch(py::module_& m);
+void register_layout(py::module_& m);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -41,4 +42,5 @@ PYBIND11_MODULE(_C, m) {
   bind::register_optim(m);
   bind::register_lanczos(m);
   bind::register_large_batch(m);
+  bind::register_layout(m);
 }
