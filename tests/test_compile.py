@@ -1,24 +1,30 @@
 """torch.compile: compiled models train with fusedopt, and optimizer.step() inside
-compiled code runs through the fusedopt::fused_step custom op."""
+compiled code runs through the fusedopt::optimizer_step custom op."""
 import pytest
 import torch
 
 import fusedopt
+from fusedopt import _ops
 from helpers import PAIR_IDS, PAIRS, assert_params_close, tiny_model, twin
 
 
+ADAM_OPTIONS = dict(amsgrad=False, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
 def test_custom_op_is_registered_with_fake_impl():
-    op = torch.ops.fusedopt.fused_step.default
-    assert op._schema.arguments[1].alias_info.is_write  # params are declared mutated
+    op = torch.ops.fusedopt.optimizer_step.default
+    assert op._schema.arguments[2].alias_info.is_write  # params are declared mutated
+    assert op._schema.arguments[4].alias_info.is_write  # and the states
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         p, g = torch.empty(4), torch.empty(4)
         m, v, s = torch.empty(4), torch.empty(4), torch.empty(())
-        torch.ops.fusedopt.fused_step("adam", [p], [g], [m, v, s], [2, 3, 5], [0, 0, 1], 0, 1e-3, None,
-                                      [0.9, 0.999, 1e-8, 0.0], 0, None, None)
+        _ops.compiled_step("adam", [p], [g], dict(exp_avgs=[m], exp_avg_sqs=[v], state_steps=[s]), ADAM_OPTIONS,
+                           1e-3, None, None)
 
 
-def test_custom_op_eager_matches_optimizer():
+def test_custom_op_eager_matches_optimizer(seed):
+    """The op runs the same functional entry as the eager step: the same bits."""
     p = torch.randn(9, requires_grad=True)
     q = p.detach().clone()
     g = torch.randn(9)
@@ -26,9 +32,15 @@ def test_custom_op_eager_matches_optimizer():
     opt = fusedopt.Adam([p], lr=1e-2)
     opt.step()
     m, v, s = torch.zeros(9), torch.zeros(9), torch.zeros(())
-    torch.ops.fusedopt.fused_step("adam", [q], [g], [m, v, s], [2, 3, 5], [0, 0, 1], 0, 1e-2, None,
-                                  [0.9, 0.999, 1e-8, 0.0], 0, None, None)
+    _ops.compiled_step("adam", [q], [g], dict(exp_avgs=[m], exp_avg_sqs=[v], state_steps=[s]), ADAM_OPTIONS,
+                       1e-2, None, None)
     assert torch.equal(p.detach(), q) and torch.equal(opt.state[p]["exp_avg"], m) and float(s) == 1.0
+
+
+def test_options_round_trip_through_the_op_schema():
+    options = dict(amsgrad=True, beta1=0.5, max_grad_norm=None, lr=3.0)
+    names, values = _ops._encode_options(options)
+    assert _ops._decode_options(names, values) == options
 
 
 def assert_compiled_model_trains(make_opt, make_ref_opt):
@@ -77,8 +89,7 @@ def test_compiled_step_uses_custom_op_and_matches_eager(fcls, tcls, kw):
     assert_params_close(model, ref, rtol=0, atol=0)
     graphs = counter.graphs
     assert graphs, "opt.step() was not captured in any graph"
-    op = "large_batch_step" if fcls in (fusedopt.LARS, fusedopt.LAMB) else "fused_step"
-    assert any(op in str(g.code) or op in str(g.graph) for g in graphs)
+    assert any("optimizer_step" in str(g.code) or "optimizer_step" in str(g.graph) for g in graphs)
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """torch.compile with LARS and LAMB: opt.step() inside compiled code traces
-through the fusedopt::large_batch_step (and, for LAMB's clipping,
+through the fusedopt::optimizer_step (and, for LAMB's clipping,
 fusedopt::grad_sq_norms) custom ops, without graph breaks, with the numbers of
 the eager step."""
 import pytest
 import torch
 
 import fusedopt
+from fusedopt import _ops
 from helpers import assert_params_close, tiny_model, twin
 
 OPTS = [
@@ -16,19 +17,21 @@ OPTS = [
 IDS = ["LARS", "LAMB-clip", "LAMB-noclip"]
 
 
+LAMB_OPTIONS = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True, grad_averaging=True,
+                    max_grad_norm=0.5, trust_clip=False, always_adapt=False, decoupled_decay=False)
+
+
 def test_custom_ops_are_registered_with_fake_impls():
-    op = torch.ops.fusedopt.large_batch_step.default
-    assert op._schema.arguments[1].alias_info.is_write  # params are declared mutated
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         p, g, m, v, s = torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(())
         sq = torch.ops.fusedopt.grad_sq_norms([g])
         assert sq.shape == (1,) and sq.dtype is torch.float32
-        torch.ops.fusedopt.large_batch_step("lamb", [p], [g], [m, v, s], [2, 3, 4], [0, 0, 1], 0, 1e-3, None,
-                                            [0.9, 0.999, 1e-6, 0.01, 1.0], 32, None, None, sq)
+        _ops.compiled_step("lamb", [p], [g], dict(exp_avgs=[m], exp_avg_sqs=[v], state_steps=[s]), LAMB_OPTIONS,
+                           1e-3, None, None, clip_grad_sq=sq)
 
 
-def test_custom_op_eager_matches_optimizer():
+def test_custom_op_eager_matches_optimizer(seed):
     p = torch.nn.Parameter(torch.randn(9))
     q = p.detach().clone()
     g = torch.randn(9)
@@ -36,10 +39,9 @@ def test_custom_op_eager_matches_optimizer():
     opt = fusedopt.LAMB([p], lr=1e-2, max_grad_norm=0.5)
     opt.step()
     m, v, s = torch.zeros(9), torch.zeros(9), torch.zeros(())
-    hyper, flags = opt.kernel_hyper(opt.param_groups[0])
     sq = torch.ops.fusedopt.grad_sq_norms([g])
-    torch.ops.fusedopt.large_batch_step("lamb", [q], [g], [m, v, s], [2, 3, 4], [0, 0, 1], 0, 1e-2, None,
-                                        list(hyper), flags, None, None, sq)
+    _ops.compiled_step("lamb", [q], [g], dict(exp_avgs=[m], exp_avg_sqs=[v], state_steps=[s]), LAMB_OPTIONS,
+                       1e-2, None, None, clip_grad_sq=sq)
     assert torch.equal(p.detach(), q) and torch.equal(opt.state[p]["exp_avg"], m) and float(s) == 1.0
 
 
@@ -81,6 +83,6 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(cls, kw, master):
             assert torch.equal(opt.state[p][k], v), k
     assert counter.frame_count >= 1
     code = "\n".join(str(g.graph) for g in counter.graphs)
-    assert "large_batch_step" in code
+    assert "optimizer_step" in code
     if kw.get("max_grad_norm") is not None:
         assert "grad_sq_norms" in code

@@ -232,6 +232,9 @@ def test_harness_reports_a_failing_rank_without_hanging():
     assert time.monotonic() - t < 60
 
 
-def test_reduce_square_norms_is_identity_for_plain_tensors():
-    t = torch.tensor([4.0, 9.0])
-    assert fusedopt.SGD.reduce_square_norms(t, torch.randn(3)) is t
+def test_reduce_rows_over_shards_leaves_plain_tensors_alone(seed):
+    from fusedopt._dtensor import reduce_rows_over_shards
+    t = torch.rand(2) + 1.0
+    before = t.clone()
+    assert reduce_rows_over_shards(t, [torch.randn(3), torch.randn(4)]) is t
+    assert torch.equal(t, before)

@@ -296,5 +296,6 @@ def test_norm_slots_keep_rows_vector_aligned(cls):
     opt = cls(params, lr=0.1, weight_decay=1e-3)
     opt.step()
     opt.step()
-    table = opt._group_cache[0][2][0].table
-    assert all(int(f) & _kernels.ROW_ALIGNED16 for f in table.rows[:, _kernels.FLAGS_COLUMN])
+    from fusedopt._kernels.layout import FLAGS_COLUMN, ROW_FLAGS
+    table = opt._plans[0].batches[0].table
+    assert all(int(f) & ROW_FLAGS["aligned16"] for f in table.rows[:, FLAGS_COLUMN])

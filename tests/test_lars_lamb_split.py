@@ -83,9 +83,10 @@ def test_split_lamb_rejects_a_step_that_does_not_adapt():
     opt._split_steps = True
     opt.step()  # takes the fused path: nothing to all-reduce
     assert float(opt.state[p]["step"]) == 1
-    from fusedopt import _kernels
-    table = opt._group_cache[0][2][0].table
-    hyper, flags = opt.kernel_hyper(opt.param_groups[0])
+    from fusedopt._kernels import DeviceScalars, kernel_layout, launch_norm_scaled
+    table = opt._plans[0].batches[0].table
+    lamb = kernel_layout("lamb")
+    flags = lamb.flags(bias_correction=True, grad_averaging=True, moments_only=True)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="split LAMB step"):
-        _kernels.launch_large_batch("lamb", table, torch.float32, lr=1e-3, lr_tensor=None, hyper=hyper,
-                                    flags=flags | 64, grad_scale=None, found_inf=None)
+        launch_norm_scaled(table, torch.float32, DeviceScalars(1e-3, None, None, None), hyper, flags)

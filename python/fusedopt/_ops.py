@@ -1,140 +1,104 @@
-"""``fusedopt::fused_step`` (SGD, Adam, AdamW) and ``fusedopt::large_batch_step``
-(+ ``fusedopt::grad_sq_norms``, LARS and LAMB): the optimizer kernels as
-torch.library custom ops.
+"""The functional entries as torch.library custom ops, for torch.compile.
 
-torch.compile cannot trace into ``_C`` (raw pointers), so the compiled step
-(``FusedOptimizer._compiled_step``) calls this op instead: dynamo and
-AOTAutograd see one opaque call that mutates the params and states in place
-(declared in ``mutates_args``), and the fake implementation tells them it
-returns nothing. The eager step never comes here: it keeps its cached row
-tables, so the op adds no per-tensor cost outside compiled code.
-
-``states`` is the flat, column-major list of the state tensors: for each kernel
-column in ``columns``, one tensor per param. ``kinds`` says what each column
-holds (``column_kind``): a state like the param in ``state_dtype``, the fp32
-step counter, or the fp32 master copy.
+torch.compile cannot trace into ``_C`` (raw pointers), so a functional entry
+called while compiling (``fusedopt.functional.adam`` and the others, directly
+or from an optimizer's step) becomes one ``fusedopt::optimizer_step`` op:
+dynamo and AOTAutograd see one opaque call that mutates the params and states
+in place (``mutates_args``), and its implementation calls the same functional
+entry eagerly. Custom-op schemas have no string lists, so the names of the
+state lists and of the options travel as comma-separated strings.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import _kernels
-
-_STATE, _STEP, _MASTER = 0, 1, 2
-_DTYPE_OF_CODE = {code: dtype for dtype, code in _kernels.DTYPE_CODES.items()}
+_KINDS = {"b": bool, "f": float}
 
 
-def column_kind(key: str) -> int:
-    return _STEP if key == "step" else _MASTER if key == "master" else _STATE
+def _encode_options(options: Dict[str, object]):
+    """('b:amsgrad,f:beta1,n:max_grad_norm', [values]): bools, floats and None by name."""
+    names, values = [], []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            names.append("b:" + key)
+            values.append(float(value))
+        elif value is None:
+            names.append("n:" + key)
+            values.append(0.0)
+        elif isinstance(value, (int, float)):
+            names.append("f:" + key)
+            values.append(float(value))
+        # anything else (state_dtype) is implied by the tensors themselves
+    return ",".join(names), values
 
 
-def _checked_table(params, grads, states, columns, kinds, state_dtype):
-    """The RowTable of one op call, after every check (None for no params)."""
+def _decode_options(names: str, values: Sequence[float]) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for item, value in zip([n for n in names.split(",") if n], values):
+        kind, key = item.split(":", 1)
+        out[key] = None if kind == "n" else _KINDS[kind](value)
+    return out
+
+
+def compiled_step(name: str, params, grads, lists: Dict[str, Optional[List[torch.Tensor]]],
+                  options: Dict[str, object], lr, grad_scale, found_inf, clip_grad_sq=None) -> None:
+    """What a functional entry does while compiling: one custom-op call."""
     n = len(params)
-    if n == 0:
-        return None
-    if len(grads) != n or len(states) != n * len(columns) or len(kinds) != len(columns):
-        raise ValueError(f"fusedopt::fused_step: {n} params need {n} grads and {n} x {len(columns)} states; "
-                         f"got {len(grads)} grads, {len(states)} states, {len(kinds)} kinds")
-    if state_dtype not in _DTYPE_OF_CODE:
-        raise ValueError(f"state_dtype code {state_dtype} is not one of {sorted(_DTYPE_OF_CODE)}")
-    sdtype = _DTYPE_OF_CODE[state_dtype]
-    names = [f"params[{i}]" for i in range(n)]
-    p0 = params[0]
-    for p, name in zip(params, names):
-        _kernels.check_param(p, name)
-        if p.device != p0.device or p.dtype is not p0.dtype:
-            raise ValueError(f"{name} is {p.dtype} on {p.device}; one call needs one device and dtype "
-                             f"({p0.dtype} on {p0.device})")
-    table = _kernels.RowTable(params, names)
-    written = [params]
-    for c, (column, kind) in enumerate(zip(columns, kinds)):
-        col = states[c * n:(c + 1) * n]
-        for p, t, name in zip(params, col, names):
-            if kind == _STEP:
-                if t.numel() != 1 or t.dtype is not torch.float32 or t.device != p.device:
-                    raise ValueError(f"step of {name} must be a one-element float32 tensor on {p.device}")
-            else:
-                _kernels.check_like(t, p, f"state column {column} of {name}",
-                                    torch.float32 if kind == _MASTER else sdtype)
-        table.set_column(column, col)
-        if kind != _STEP:
-            written.append(col)
-    table.check_no_overlap(written)
-    table.refresh_grads(grads)
-    return table
+    used = {k: v for k, v in lists.items() if v is not None and len(v) > 0}
+    for key, lst in used.items():
+        if any(t is None for t in lst):
+            raise RuntimeError(f"fusedopt.functional.{name} under torch.compile needs every entry of {key}: "
+                               "create the state with one eager step first")
+        if len(lst) != n:
+            raise ValueError(f"{key} has {len(lst)} entries; expected {n}, one per param")
+    states = [t for lst in used.values() for t in lst]
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is None:
+        options = dict(options, lr=float(lr))
+    opt_names, opt_values = _encode_options(options)
+    if clip_grad_sq is not None and not isinstance(clip_grad_sq, torch.Tensor):
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError("under torch.compile a LAMB call with clip_grad_sq must have its params on one device")
+        clip_grad_sq = clip_grad_sq[devices.pop()]
+    optimizer_step(name, ",".join(used), list(params), list(grads), states, opt_names, opt_values, lr_tensor,
+                   grad_scale, found_inf, clip_grad_sq)
 
 
-def _scalars(dev, lr, lr_tensor, grad_scale, found_inf):
-    """(lr, device lr tensor or None, grad_scale, found_inf) as the launchers take them."""
-    lr_value, lr_dev = float(lr), None
+@torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("params", "states"))
+def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grads: List[torch.Tensor],
+                   states: List[torch.Tensor], option_names: str, option_values: List[float],
+                   lr_tensor: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+                   found_inf: Optional[torch.Tensor], clip_grad_sq: Optional[torch.Tensor]) -> None:
+    from . import functional
+    n = len(params)
+    keys = [k for k in state_lists.split(",") if k]
+    lists = {key: states[k * n:(k + 1) * n] for k, key in enumerate(keys)}
+    kwargs = _decode_options(option_names, option_values)
     if lr_tensor is not None:
-        if lr_tensor.device.type == "cpu":
-            lr_value = float(lr_tensor)
-        else:
-            lr_dev = lr_tensor.to(device=dev, dtype=torch.float32).reshape(())
-    amp = [None if t is None else t.to(device=dev, dtype=torch.float32).reshape(()) for t in (grad_scale, found_inf)]
-    return lr_value, lr_dev, amp[0], amp[1]
+        kwargs["lr"] = lr_tensor
+    if clip_grad_sq is not None:
+        kwargs["clip_grad_sq"] = clip_grad_sq
+    if name == "adam":
+        lists.setdefault("max_exp_avg_sqs", [])
+    if name in ("sgd", "lars"):
+        lists.setdefault("momentum_buffer_list", [None] * n)
+    getattr(functional, name)(params, grads, grad_scale=grad_scale, found_inf=found_inf, **lists, **kwargs)
 
 
-@torch.library.custom_op("fusedopt::fused_step", mutates_args=("params", "states"))
-def fused_step(kernel: str, params: List[torch.Tensor], grads: List[torch.Tensor], states: List[torch.Tensor],
-               columns: List[int], kinds: List[int], state_dtype: int, lr: float, lr_tensor: Optional[torch.Tensor],
-               hyper: List[float], flags: int, grad_scale: Optional[torch.Tensor],
-               found_inf: Optional[torch.Tensor]) -> None:
-    table = _checked_table(params, grads, states, columns, kinds, state_dtype)
-    if table is None:
-        return
-    lr_value, lr_dev, gs, fi = _scalars(table.device, lr, lr_tensor, grad_scale, found_inf)
-    _kernels.launch(kernel, table, _DTYPE_OF_CODE[state_dtype], lr=lr_value, lr_tensor=lr_dev, hyper=hyper,
-                    flags=flags, grad_scale=gs, found_inf=fi)
-
-
-@fused_step.register_fake
-def _(kernel, params, grads, states, columns, kinds, state_dtype, lr, lr_tensor, hyper, flags, grad_scale,
-      found_inf) -> None:
-    return None
-
-
-# ---- LARS and LAMB ---------------------------------------------------------
-@torch.library.custom_op("fusedopt::large_batch_step", mutates_args=("params", "states"))
-def large_batch_step(kernel: str, params: List[torch.Tensor], grads: List[torch.Tensor], states: List[torch.Tensor],
-                     columns: List[int], kinds: List[int], state_dtype: int, lr: float,
-                     lr_tensor: Optional[torch.Tensor], hyper: List[float], flags: int,
-                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                     grad_sq: Optional[torch.Tensor]) -> None:
-    """A LARS or LAMB step as one op: the arguments of ``fused_step`` plus LAMB's
-    per-grad sums of squares for clipping (``grad_sq_norms``; None: no clipping).
-    The norm workspace column is allocated here. Plain (non-DTensor) params only:
-    sharded params need all-reduces between passes and take the eager step."""
-    if kernel not in _kernels.LARGE_BATCH_KERNELS:
-        raise ValueError(f"fusedopt::large_batch_step: kernel must be one of {_kernels.LARGE_BATCH_KERNELS}; "
-                         f"got {kernel!r}")
-    table = _checked_table(params, grads, states, columns, kinds, state_dtype)
-    if table is None:
-        return
-    _kernels.set_norms_column(table, _kernels.NORMS_COLUMN[kernel])
-    lr_value, lr_dev, gs, fi = _scalars(table.device, lr, lr_tensor, grad_scale, found_inf)
-    _kernels.launch_large_batch(kernel, table, _DTYPE_OF_CODE[state_dtype], lr=lr_value, lr_tensor=lr_dev,
-                                hyper=hyper, flags=flags, grad_scale=gs, found_inf=fi, grad_sq=grad_sq)
-
-
-@large_batch_step.register_fake
-def _(kernel, params, grads, states, columns, kinds, state_dtype, lr, lr_tensor, hyper, flags, grad_scale,
-      found_inf, grad_sq) -> None:
+@optimizer_step.register_fake
+def _(name, state_lists, params, grads, states, option_names, option_values, lr_tensor, grad_scale, found_inf,
+      clip_grad_sq) -> None:
     return None
 
 
 @torch.library.custom_op("fusedopt::grad_sq_norms", mutates_args=())
 def grad_sq_norms(grads: List[torch.Tensor]) -> torch.Tensor:
-    """sum(g^2) of every grad (one device), float32 ``[len(grads)]``: LAMB's clipping
-    input. Same rows, so the same bits, as the eager step's per-grad sums."""
-    device = _kernels.check_norm_inputs(grads, "grads")
-    out = torch.empty((len(grads),), dtype=torch.float32, device=device)
-    _kernels.tensor_norms_into(grads, out, take_sqrt=False)
-    return out
+    """``fusedopt.functional.grad_sq_norms`` as an op: LAMB's clipping input under torch.compile."""
+    from . import functional
+    return functional.grad_sq_norms(grads)
 
 
 @grad_sq_norms.register_fake

@@ -1,3 +1,9 @@
+"""The optimizer classes: thin torch.optim.Optimizer subclasses over fusedopt.functional.
+
+- ``base``: the step protocol (prepare every group, commit new state, launch);
+- ``state``: ``TrackedState`` and checkpoint loading;
+- ``sgd``, ``adam``, ``lars``, ``lamb``: hyperparameters, state and docs per optimizer.
+"""
 from .adam import Adam, AdamW
 from .lamb import LAMB
 from .lars import LARS

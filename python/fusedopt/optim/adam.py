@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from .. import _kernels
-from .base import FusedOptimizer, check_float
-
-# csrc/ops/adam.h AdamFlag
-_AMSGRAD, _MAXIMIZE, _DECOUPLED, _EPS_INSIDE = 1, 2, 4, 8
+from .. import _hyper, functional
+from .base import FusedOptimizer
 
 
-def check_adam_hyperparameters(group: dict, gi: int) -> None:
-    """lr >= 0, eps > 0, weight_decay >= 0, betas a pair in [0, 1): shared by Adam and LAMB."""
-    check_float(group, "lr", group["lr"], gi=gi)
-    check_float(group, "eps", group["eps"], low=0.0, low_inclusive=False, gi=gi)
-    check_float(group, "weight_decay", group["weight_decay"], gi=gi)
+def check_adam_group(group: dict, where: str) -> None:
+    """Adam's hyperparameter rules with betas given as a pair: shared by Adam and LAMB."""
+    _hyper.check_adam(group, where)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"param_groups[{gi}]['betas'] must be a pair (beta1, beta2); got {betas!r}")
-    check_float(group, "betas[0]", betas[0], high=1.0, gi=gi)
-    check_float(group, "betas[1]", betas[1], high=1.0, gi=gi)
+        raise ValueError(f"{where}['betas'] must be a pair (beta1, beta2); got {betas!r}")
+    _hyper.check_betas(betas[0], betas[1], where)
+
+
+def new_moments(p: torch.Tensor, dtype: torch.dtype, keys) -> dict:
+    """A step counter and zero moments like p (DTensor params get DTensor states)."""
+    st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+    for key in keys:
+        st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    return st
 
 
 class Adam(FusedOptimizer):
@@ -70,9 +72,7 @@ class Adam(FusedOptimizer):
     step counters live on the device, so step() never waits for the GPU.
     """
 
-    kernel = "adam"
-    master_column = 6  # csrc/ops/adam.h kAdamMaster
-
+    _functional = functional.adam
     _decoupled_default = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
@@ -86,40 +86,29 @@ class Adam(FusedOptimizer):
                         master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
-    def check_hyperparameters(self, group, gi):
-        check_adam_hyperparameters(group, gi)
+    def _check_hyperparameters(self, group, where):
+        check_adam_group(group, where)
 
-    def required_state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+    def _required_state_keys(self, group):
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        return keys + ("max_exp_avg_sq",) if group["amsgrad"] else keys
 
-    def new_state(self, group, p):
-        dtype = self.state_dtype(group, p)
-        st = {
-            "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
-            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
-        }
+    def _new_state(self, group, p):
+        return new_moments(p, self._state_dtype(group, p), self._required_state_keys(group)[1:])
+
+    def _state_lists(self, group, states):
+        lists = {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+                 "state_steps": [st["step"] for st in states], "max_exp_avg_sqs": []}
         if group["amsgrad"]:
-            st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        return st
+            lists["max_exp_avg_sqs"] = [st["max_exp_avg_sq"] for st in states]
+        return lists
 
-    def check_state(self, group, p, st, name):
-        super().check_state(group, p, st, name)
-        if "step" not in st:
-            raise ValueError(f"state of {name} has no 'step'")
-
-    def state_columns(self, group):
-        cols = {2: "exp_avg", 3: "exp_avg_sq", 5: "step"}
-        if group["amsgrad"]:
-            cols[4] = "max_exp_avg_sq"
-        return cols
-
-    def kernel_hyper(self, group):
-        flags = ((_AMSGRAD if group["amsgrad"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
-                 | (_DECOUPLED if group["decoupled_weight_decay"] else 0)
-                 | (_EPS_INSIDE if group["eps_inside_sqrt"] else 0))
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return (beta1, beta2, group["eps"], group["weight_decay"]), flags
+    def _functional_kwargs(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    eps_inside_sqrt=group["eps_inside_sqrt"])
 
 
 class AdamW(Adam):

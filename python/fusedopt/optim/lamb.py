@@ -5,17 +5,12 @@ from typing import Dict
 
 import torch
 
-from .. import _kernels, _ops
-from .adam import check_adam_hyperparameters
-from .base import FusedOptimizer, check_float
-from .large_batch import NormScaledStep
-
-# csrc/ops/lamb.h LambFlag
-_BIAS_CORRECTION, _GRAD_AVERAGING, _TRUST_CLIP, _ALWAYS_ADAPT, _DECOUPLED, _CLIP_GRADS = 1, 2, 4, 8, 16, 32
-_MOMENTS_ONLY, _APPLY_ONLY = 64, 128  # internal: a step split around an all-reduce of the norms
+from .. import _hyper, _ops, functional
+from .adam import check_adam_group, new_moments
+from .base import FusedOptimizer
 
 
-class LAMB(NormScaledStep, FusedOptimizer):
+class LAMB(FusedOptimizer):
     r"""LAMB: Adam's direction, scaled per tensor by the ratio of weight norm to update norm.
 
     At step t of a param group, for each param p with grad g (after AMP unscaling):
@@ -76,16 +71,22 @@ class LAMB(NormScaledStep, FusedOptimizer):
     With sharded DTensor params (FSDP2) the per-grad sums of (1) and the norm
     sums of (2) are all-reduced over the shard group, (2) and (3) being two
     calls. Under ``torch.compile`` the step is the ``fusedopt::grad_sq_norms`` and
-    ``fusedopt::large_batch_step`` custom ops (plain params; DTensor params run
+    ``fusedopt::optimizer_step`` custom ops (plain params; DTensor params run
     eagerly).
 
     State per param: ``step`` (fp32 scalar tensor on the param's device),
     ``exp_avg``, ``exp_avg_sq`` (``state_dtype``: fp32 by default, or bf16; fp64 for
     fp64 params); with master weights ``master``. Bytes per param as Adam
     (README "Mixed precision").
+    The step is :func:`fusedopt.functional.lamb` (the clipping sums of all groups
+    from :func:`fusedopt.functional.lamb_clip_sums`).
     The step count is kept per param as in torch.optim.Adam; it equals the group's
     step count when every param of the group has a grad at every step.
     """
+
+    _functional = functional.lamb
+    _eager_for_dtensors_when_compiled = True
+    _split_steps = False  # private switch (tests): the two-call path of sharded params on plain tensors
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
@@ -94,86 +95,49 @@ class LAMB(NormScaledStep, FusedOptimizer):
                         grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
                         always_adapt=always_adapt, decoupled_decay=decoupled_decay, master_weights=master_weights,
                         state_dtype=state_dtype)
-        self._grad_sq: Dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
 
-    def check_hyperparameters(self, group, gi):
-        check_adam_hyperparameters(group, gi)
-        if group["max_grad_norm"] is not None:
-            check_float(group, "max_grad_norm", group["max_grad_norm"], low=0.0, low_inclusive=False, gi=gi)
-        for key in ("bias_correction", "grad_averaging", "trust_clip", "always_adapt", "decoupled_decay"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"param_groups[{gi}]['{key}'] must be a bool; got {group[key]!r}")
+    def _check_hyperparameters(self, group, where):
+        check_adam_group(group, where)
+        _hyper.check_lamb(group, where)
 
-    def required_state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq")
+    def _required_state_keys(self, group):
+        return ("step", "exp_avg", "exp_avg_sq")
 
-    def new_state(self, group, p):
-        dtype = self.state_dtype(group, p)
-        return {
-            "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
-            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
-        }
+    def _new_state(self, group, p):
+        return new_moments(p, self._state_dtype(group, p), ("exp_avg", "exp_avg_sq"))
 
-    def check_state(self, group, p, st, name):
-        super().check_state(group, p, st, name)
-        if "step" not in st:
-            raise ValueError(f"state of {name} has no 'step'")
+    def _state_lists(self, group, states):
+        return {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+                "state_steps": [st["step"] for st in states]}
 
-    master_column = 6  # csrc/ops/lamb.h kLambMaster
+    def _functional_kwargs(self, group):
+        beta1, beta2 = group["betas"]
+        kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
+                  max_grad_norm=group["max_grad_norm"], trust_clip=group["trust_clip"],
+                  always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"])
+        if self._split_steps and not torch.compiler.is_compiling():
+            kw["_split"] = True
+        return kw
 
-    def state_columns(self, group):
-        return {2: "exp_avg", 3: "exp_avg_sq", 4: "step"}  # csrc/ops/lamb.h
+    def _launch(self, prepared):
+        """One clipping norm over the grads of every group (per device, all-reduced
+        over shard groups under FSDP2), then each group's launch."""
+        clipping = [group["max_grad_norm"] is not None for group, _, _ in prepared]
+        sums = functional.lamb_clip_sums([call for _, _, call in prepared]) if any(clipping) else None
+        for (_, _, call), clips in zip(prepared, clipping):
+            call.launch(clip_grad_sq=sums if clips else None)
 
-    kernel = "lamb"
-    split_flags = (_MOMENTS_ONLY, _APPLY_ONLY)  # the apply call advances the step counters
-
-    def kernel_hyper(self, group):
-        clip = group["max_grad_norm"] is not None
-        flags = ((_BIAS_CORRECTION if group["bias_correction"] else 0)
-                 | (_GRAD_AVERAGING if group["grad_averaging"] else 0)
-                 | (_TRUST_CLIP if group["trust_clip"] else 0) | (_ALWAYS_ADAPT if group["always_adapt"] else 0)
-                 | (_DECOUPLED if group["decoupled_decay"] else 0) | (_CLIP_GRADS if clip else 0))
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return (beta1, beta2, group["eps"], group["weight_decay"], float(group["max_grad_norm"] or 0.0)), flags
-
-    def before_launch(self, work):
-        """Per-tensor grad sums of squares of every grad of every group, per device.
-        Under FSDP2 each sum is all-reduced over its shard group first, so the
-        clipping norm is that of the full grads."""
-        self._grad_sq = {}
-        if not any(group["max_grad_norm"] is not None for group, _ in work):
-            return
-        by_device: Dict[torch.device, list] = {}
-        for _, batch in work:
-            by_device.setdefault(batch.table.device, []).append(batch)
-        local = {}
-        for dev, batches in by_device.items():
-            tables = [b.table for b in batches]
-            out = torch.empty(sum(len(t.params) for t in tables), dtype=torch.float32, device=dev)
-            _kernels.grad_sq_norms_into(tables, out)
-            if any(b.sharded for b in batches):
-                self.reduce_rows_over_shards(out, [p for b in batches for p in b.sources])
-            local[dev] = out
-        self._grad_sq = self.share_grad_sq(local)
-
-    def compiled_before_launch(self, work):
-        if not any(group["max_grad_norm"] is not None for group, _ in work):
-            return {}
-        by_device: Dict[torch.device, list] = {}
-        for _, ps in work:
-            by_device.setdefault(ps[0].device, []).extend(p.grad for p in ps)
-        return self.share_grad_sq({dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()})
-
-    def grad_sq(self, group, device, sums=None):
-        if group["max_grad_norm"] is None:
-            return None
-        return (self._grad_sq if sums is None else sums).get(device)
-
-    @staticmethod
-    def share_grad_sq(local: Dict[torch.device, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
-        if len(local) == 1:
-            return local
-        # every device sees all sums, in one fixed order
-        return {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}
+    def _compiled_extra(self):
+        if all(group["max_grad_norm"] is None for group in self.param_groups):
+            return lambda group: {}
+        by_device: Dict[torch.device, list] = {}  # the norm covers the grads of every group
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p.grad)
+        local = {dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()}
+        if len(local) > 1:  # every device sees all sums, in one fixed order
+            local = {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}
+        return lambda group: {"clip_grad_sq": local} if group["max_grad_norm"] is not None else {}

@@ -1,15 +1,14 @@
 """Fused LARS (You, Gitman and Ginsburg 2017, "Large Batch Training of Convolutional Networks")."""
 from __future__ import annotations
 
-from .base import check_float
-from .large_batch import NormScaledStep
-from .sgd import SGD
+import torch
 
-_NESTEROV, _TRUST_CLIP, _ALWAYS_ADAPT = 1, 2, 4  # csrc/ops/lars.h LarsFlag
-_NORMS_ONLY, _NORMS_GIVEN = 8, 16  # internal: a step split around an all-reduce of the norms
+from .. import _hyper, functional
+from .base import FusedOptimizer
+from .sgd import MomentumState
 
 
-class LARS(NormScaledStep, SGD):
+class LARS(MomentumState, FusedOptimizer):
     r"""LARS: SGD whose step is scaled, per tensor, by a trust ratio.
 
     For each param p with grad g (after AMP unscaling), with :math:`\gamma` = lr,
@@ -59,8 +58,9 @@ class LARS(NormScaledStep, SGD):
     ratio from them: no host synchronization. The norm sums are deterministic.
     With sharded DTensor params (FSDP2) the two passes are two calls, and the
     local norm sums are all-reduced over the shard group between them. Under
-    ``torch.compile`` the step is the ``fusedopt::large_batch_step`` custom op
-    (plain params; DTensor params run eagerly).
+    ``torch.compile`` the step is the ``fusedopt::optimizer_step`` custom op
+    (plain params; DTensor params run eagerly). The step is
+    :func:`fusedopt.functional.lars`.
 
     State per param: ``momentum_buffer`` (``state_dtype``: fp32 by default, or bf16;
     fp64 for fp64 params), only when momentum != 0, as in torch.optim.SGD; with
@@ -68,35 +68,27 @@ class LARS(NormScaledStep, SGD):
     as SGD, README "Mixed precision".
     """
 
+    _functional = functional.lars
+    _eager_for_dtensors_when_compiled = True
+    # Private switch (tests): take the two-call path of sharded params on plain
+    # tensors too, so that CI covers it without spawning ranks.
+    _split_steps = False
+
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, master_weights=False,
                  state_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
-                        always_adapt=always_adapt, master_weights=master_weights,
-                        state_dtype=state_dtype)
-        super(SGD, self).__init__(params, defaults)
+                        always_adapt=always_adapt, master_weights=master_weights, state_dtype=state_dtype)
+        super().__init__(params, defaults)
 
-    def check_hyperparameters(self, group, gi):
-        check_float(group, "lr", group["lr"], gi=gi)
-        check_float(group, "momentum", group["momentum"], gi=gi)
-        check_float(group, "dampening", group["dampening"], low=-float("inf"), gi=gi)
-        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
-        check_float(group, "trust_coeff", group["trust_coeff"], gi=gi)
-        check_float(group, "eps", group["eps"], gi=gi)
-        for key in ("nesterov", "trust_clip", "always_adapt"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"param_groups[{gi}]['{key}'] must be a bool; got {group[key]!r}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
+    def _check_hyperparameters(self, group, where):
+        _hyper.check_lars(group, where)
 
-    master_column = 4  # csrc/ops/lars.h kLarsMaster
-
-    kernel = "lars"
-    split_flags = (_NORMS_ONLY, _NORMS_GIVEN)
-
-    def kernel_hyper(self, group):
-        flags = ((_NESTEROV if group["nesterov"] else 0) | (_TRUST_CLIP if group["trust_clip"] else 0)
-                 | (_ALWAYS_ADAPT if group["always_adapt"] else 0))
-        return (group["momentum"], group["dampening"], group["weight_decay"], group["trust_coeff"],
-                group["eps"]), flags
+    def _functional_kwargs(self, group):
+        kw = dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+                  nesterov=group["nesterov"], trust_coeff=group["trust_coeff"], eps=group["eps"],
+                  trust_clip=group["trust_clip"], always_adapt=group["always_adapt"])
+        if self._split_steps and not torch.compiler.is_compiling():
+            kw["_split"] = True
+        return kw

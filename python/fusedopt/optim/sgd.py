@@ -1,15 +1,30 @@
 """Fused SGD with momentum: a drop-in for torch.optim.SGD."""
 from __future__ import annotations
 
-import torch
-
-from .. import _kernels
-from .base import FusedOptimizer, check_float
-
-_NESTEROV, _MAXIMIZE = 1, 2  # csrc/ops/sgd.h SgdFlag
+from .. import _hyper, functional
+from .base import FusedOptimizer
+from .state import TrackedState
 
 
-class SGD(FusedOptimizer):
+class MomentumState:
+    """The state of SGD-style momentum, shared by SGD and LARS: an optional
+    ``momentum_buffer`` per param (when momentum != 0), made by the first step."""
+
+    def _required_state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _state_key_required_when_loaded(self, key):
+        return False  # a missing buffer means "first step", as in torch
+
+    def _state_lists(self, group, states):
+        # None (no buffer yet: a first momentum step) is filled in by the functional entry.
+        return {"momentum_buffer_list": [st.get("momentum_buffer") for st in states]}
+
+    def _after_launch(self, group, entry):
+        store_momentum_buffers(self, group, entry)
+
+
+class SGD(MomentumState, FusedOptimizer):
     r"""SGD with momentum, the same arguments and numbers as ``torch.optim.SGD``.
 
     For each param p with grad g (after AMP unscaling):
@@ -42,8 +57,7 @@ class SGD(FusedOptimizer):
     Table: README "Mixed precision".
     """
 
-    kernel = "sgd"
-    master_column = 3  # csrc/ops/sgd.h kSgdMaster
+    _functional = functional.sgd
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, master_weights=False,
@@ -53,44 +67,22 @@ class SGD(FusedOptimizer):
                         master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
-    def check_hyperparameters(self, group, gi):
-        check_float(group, "lr", group["lr"], gi=gi)
-        check_float(group, "momentum", group["momentum"], gi=gi)
-        check_float(group, "dampening", group["dampening"], low=-float("inf"), gi=gi)
-        check_float(group, "weight_decay", group["weight_decay"], gi=gi)
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"param_groups[{gi}]: nesterov momentum requires a momentum and zero dampening")
+    def _check_hyperparameters(self, group, where):
+        _hyper.check_momentum(group, where)
 
-    def required_state_keys(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    def _functional_kwargs(self, group):
+        return dict(momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], maximize=group["maximize"])
 
-    def state_key_required_when_loaded(self, group, key):
-        return False  # a missing buffer means "first step", as in torch
 
-    def new_state(self, group, p):
-        if group["momentum"] == 0:
-            return {}
-        # The kernel sets buffer = update on a first step. Zeros, not empty: if
-        # AMP skips this step (found_inf) the buffer stays defined, and the next
-        # step continues from a zero buffer.
-        return {"momentum_buffer": torch.zeros_like(p, dtype=self.state_dtype(group, p),
-                                                    memory_format=torch.contiguous_format)}
-
-    def missing_state(self, group, p, st):
-        # torch saves momentum_buffer=None before the first momentum step.
-        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            return self.new_state(group, p)
-        return {}
-
-    def state_columns(self, group):
-        return {2: "momentum_buffer"} if group["momentum"] != 0 else {}
-
-    def kernel_hyper(self, group):
-        flags = (_NESTEROV if group["nesterov"] else 0) | (_MAXIMIZE if group["maximize"] else 0)
-        return (group["momentum"], group["dampening"], group["weight_decay"]), flags
-
-    def check_state(self, group, p, st, name):
-        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
-            st = {k: v for k, v in st.items() if k != "momentum_buffer"}
-            group = dict(group, momentum=0.0)  # missing_state supplies the buffer on the next step
-        super().check_state(group, p, st, name)
+def store_momentum_buffers(opt: FusedOptimizer, group: dict, entry) -> None:
+    """Momentum buffers made by a first step (the functional entry put them in the
+    list) become state, as torch.optim.SGD stores them."""
+    if group["momentum"] == 0:
+        return
+    for p, buf in zip(entry.params, entry.lists["momentum_buffer_list"]):
+        st = opt.state.get(p)
+        if st is None:
+            opt.state[p] = TrackedState(opt._epoch, {"momentum_buffer": buf})
+        elif st.get("momentum_buffer") is not buf:
+            st["momentum_buffer"] = buf

@@ -1,0 +1,107 @@
+"""Checks on tensors before their pointers reach ``_C``: the core trusts them.
+
+Messages name the offending tensor (``what``) and say what was expected.
+``TypeError`` for the wrong kind (dtype, layout, sparse, complex),
+``ValueError`` for the wrong value (shape, device, contiguity, aliasing).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .layout import DTYPE_CODES
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_dense(t: torch.Tensor, what: str) -> None:
+    """A kernel may treat ``t`` as a flat run of numel elements."""
+    if t.layout is not torch.strided:
+        raise TypeError(f"{what} has layout {t.layout}; fusedopt needs dense (strided) tensors")
+    if t.is_complex():
+        raise TypeError(f"{what} is complex ({t.dtype}); fusedopt supports real floating-point tensors only")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{what} is not contiguous (strides {list(t.stride())}, {shape_str(t)}); "
+            "fusedopt updates memory as one flat run: call .contiguous() on the parameter "
+            "(for channels_last models keep the parameters contiguous)"
+        )
+
+
+def check_param(p: torch.Tensor, what: str) -> None:
+    """A tensor a kernel updates: a supported float dtype on cpu or cuda, dense and contiguous."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{what} is a {type(p).__name__}; expected a torch.Tensor")
+    if p.dtype not in DTYPE_CODES:
+        raise TypeError(f"{what} has dtype {p.dtype}; expected float32, float16, bfloat16 or float64")
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} is on {p.device}; fusedopt runs on cpu and cuda devices")
+    check_dense(p, what)
+
+
+def check_like(t: torch.Tensor, p: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """``t`` must be a dense tensor with ``p``'s shape and device and the given dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} is a {type(t).__name__}; expected a tensor like its parameter")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{what} has layout {t.layout} (sparse?); expected a dense tensor like its parameter")
+    if t.dtype is not dtype:
+        raise TypeError(f"{what} has dtype {t.dtype}; expected {dtype}")
+    if t.device != p.device:
+        raise ValueError(f"{what} is on {t.device}; expected {p.device}, the device of its parameter")
+    if t.shape != p.shape:
+        raise ValueError(f"{what} has shape {list(t.shape)}; expected {list(p.shape)}, the shape of its parameter")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} is not contiguous (strides {list(t.stride())}); expected a contiguous tensor")
+
+
+def check_grad(g: torch.Tensor, p: torch.Tensor, what: str) -> None:
+    if isinstance(g, torch.Tensor) and g.is_sparse:
+        raise TypeError(f"{what} is sparse; fusedopt needs dense grads")
+    check_like(g, p, what, p.dtype)
+
+
+def check_step_tensor(t, p: torch.Tensor, what: str) -> None:
+    """A per-param step counter: a one-element float32 tensor on the param's device."""
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype is not torch.float32 or t.device != p.device \
+            or t.layout is not torch.strided:
+        got = shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} must be a one-element float32 tensor on {p.device}; got {got}")
+
+
+def check_scalar_tensor(t, what: str) -> None:
+    """A one-element floating-point tensor (AMP's grad_scale / found_inf, a tensor lr)."""
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+        got = shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} must be a one-element floating-point tensor; got {got}")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of a and b (as flat runs) shares a byte."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def grads_look_right(grads: Sequence[torch.Tensor], dtype: torch.dtype, shapes: Sequence[torch.Size],
+                     device: torch.device) -> bool:
+    """The per-step grad check at the cost of a few attribute reads per grad
+    (it runs for every grad of every step): dtype, layout, shape, contiguity
+    and device of each grad against its param's."""
+    strided = torch.strided
+    if device.type == "cpu":
+        for g, shape in zip(grads, shapes):
+            if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
+                    or not g.is_cpu):
+                return False
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for g, shape in zip(grads, shapes):
+        if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
+                or not g.is_cuda or g.get_device() != index):
+            return False
+    return True

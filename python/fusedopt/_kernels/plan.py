@@ -1,0 +1,231 @@
+"""Step plans: everything a functional call checked and built, kept for the
+next call with the same tensors.
+
+A functional entry describes its tensors as columns (the kernel column each
+list fills, and what kind of tensor it holds). ``prepare`` checks them all
+and builds one ``RowTable`` per (device, dtype) batch, or, when the caller
+hands back a ``StepPlan`` that was built from the same tensor objects and
+no param's storage changed, only re-checks this step's grads. Nothing here
+writes a tensor the caller gave; zero state created for ``None`` entries (the
+momentum buffers of a first SGD step) is handed to the caller only after the
+kernels ran (``StepPlan.commit_created``).
+"""
+from __future__ import annotations
+
+from operator import is_
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .._dtensor import is_dtensor, local_tensor, shard_groups
+from .checks import check_like, check_param, check_step_tensor
+from .layout import KernelLayout
+from .norms import attach_norm_slots
+from .rows import RowTable
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+STATE, STEP, MASTER = "state", "step", "master"
+
+
+class Column(NamedTuple):
+    """One list argument of a functional call: the kernel column it fills, the
+    argument's name (for messages), what it holds and its tensors (one per param)."""
+    name: str
+    arg: str
+    kind: str  # STATE (like the param, in the state dtype), STEP (fp32 counter) or MASTER (fp32 copy)
+    tensors: Sequence[Optional[torch.Tensor]]
+
+
+class Labels:
+    """How messages name the tensors of a call: ``params[3]``, ``exp_avgs[3]`` for
+    the functional API; ``param_groups[0]['params'][3]`` and ``state['exp_avg'] of
+    ...`` when an optimizer passes the names of its params."""
+
+    def __init__(self, names: Optional[Sequence[str]] = None):
+        self.names = names
+
+    def param(self, i: int) -> str:
+        return self.names[i] if self.names is not None else f"params[{i}]"
+
+    def column(self, col: Column, i: int) -> str:
+        if self.names is not None:
+            return f"state['{col.name}'] of {self.names[i]}"
+        return f"{col.arg}[{i}]"
+
+
+class Batch:
+    """The rows of one (device, dtype) of a call and what launching them needs."""
+
+    __slots__ = ("index", "table", "state_dtype", "sources", "sharded")
+
+    def __init__(self, index: List[int], table: RowTable, state_dtype: torch.dtype, sources: List[torch.Tensor]):
+        self.index = index
+        self.table = table
+        self.state_dtype = state_dtype
+        self.sources = sources  # the call's params (DTensors under FSDP2); table.params are their locals
+        # Per-tensor sums over local shards must be all-reduced when a source is sharded.
+        self.sharded = any(shard_groups(p) for p in sources)
+
+
+class StepPlan:
+    """A cache owned by the caller of a functional entry (``plan=``): pass the same
+    object every step and the checks and row tables of the last call are reused
+    while the params and states are the same tensor objects."""
+
+    def __init__(self) -> None:
+        self.layout: Optional[KernelLayout] = None
+        self.key: Tuple[str, ...] = ()
+        self.params: List[torch.Tensor] = []
+        self.columns: List[List[Optional[torch.Tensor]]] = []
+        self.batches: List[Batch] = []
+        self.has_dtensor = False
+        # (column index, position, tensor) of zero state made for None entries.
+        self.created: List[Tuple[int, int, torch.Tensor]] = []
+
+    def _matches(self, layout: KernelLayout, params: Sequence, columns: Sequence[Column]) -> bool:
+        if self.layout is not layout or self.key != tuple(c.name for c in columns) or self.created:
+            return False
+        if len(params) != len(self.params) or not all(map(is_, params, self.params)):
+            return False
+        for col, kept in zip(columns, self.columns):
+            if len(col.tensors) != len(kept) or not all(map(is_, col.tensors, kept)):
+                return False
+        if self.has_dtensor:  # the shards the rows point at must still be theirs
+            for b in self.batches:
+                if any(local_tensor(params[i]) is not t for i, t in zip(b.index, b.table.params)):
+                    return False
+        return not any(b.table.params_changed() for b in self.batches)
+
+    def commit_created(self, columns: Sequence[Column]) -> None:
+        """After the kernels ran: zero state made for None entries goes into the
+        caller's lists (as torch's functional SGD fills momentum_buffer_list), and
+        the plan stays valid for the next call that passes those tensors."""
+        for c, i, t in self.created:
+            lst = columns[c].tensors
+            if isinstance(lst, list):
+                lst[i] = t
+            self.columns[c][i] = t
+        if self.created:
+            for b in self.batches:
+                b.table.set_row_flag("first_step", [False] * len(b.table))
+        self.created = []
+
+
+def _refresh_grads(plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:
+    if len(plan.batches) == 1 and not plan.has_dtensor:
+        plan.batches[0].table.refresh_grads(grads)
+        return
+    for b in plan.batches:
+        gs = [grads[i] for i in b.index]
+        b.table.refresh_grads([local_tensor(g) for g in gs] if plan.has_dtensor else gs)
+
+
+def prepare(layout: KernelLayout, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            columns: Sequence[Column], *, labels: Labels, state_dtype: Optional[torch.dtype] = None,
+            create: Optional[str] = None, plan: Optional[StepPlan] = None) -> StepPlan:
+    """Checks a call and returns its plan (``plan`` itself, reused or rebuilt).
+
+    ``create``: the STATE column whose None entries get fresh zero tensors in the
+    batch's state dtype (their rows are first-step rows). ``state_dtype``: the
+    dtype states must have (None: that of the batch's first state tensor)."""
+    n = len(params)
+    if len(grads) != n:
+        raise ValueError(f"grads has {len(grads)} entries; expected {n}, one per param")
+    for col in columns:
+        if len(col.tensors) != n:
+            raise ValueError(f"{col.arg} has {len(col.tensors)} entries; expected {n}, one per param")
+    plan = StepPlan() if plan is None else plan
+    if plan._matches(layout, params, columns):
+        _refresh_grads(plan, grads)
+        return plan
+    built = _build(layout, params, grads, columns, labels, state_dtype, create)
+    plan.layout, plan.key = layout, tuple(c.name for c in columns)
+    plan.params = list(params)
+    plan.columns = [list(c.tensors) for c in columns]
+    plan.batches, plan.created = built
+    plan.has_dtensor = any(map(is_dtensor, params))
+    return plan
+
+
+def _build(layout, params, grads, columns, labels, state_dtype, create):
+    by_key: Dict[tuple, List[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if is_dtensor(p) != is_dtensor(g):
+            raise TypeError(f"{labels.param(i)} and its grad must both be DTensors or both plain tensors")
+        lp = local_tensor(p)
+        check_param(lp, labels.param(i))
+        by_key.setdefault((lp.device, lp.dtype), []).append(i)
+    batches, created = [], []
+    for index in by_key.values():
+        local = [local_tensor(params[i]) for i in index]
+        sdtype = _batch_state_dtype(local[0], index, columns, labels, state_dtype)
+        table = RowTable(layout, local, [labels.param(i) for i in index])
+        written = [local]
+        first = [False] * len(index)
+        for c, col in enumerate(columns):
+            col_tensors = []
+            for k, i in enumerate(index):
+                t = _checked_entry(col, i, local[k], sdtype, labels, create)
+                if t is None and col.name == create:
+                    # like the source, so DTensor params get DTensor state, as in torch.optim
+                    made = torch.zeros_like(params[i], dtype=sdtype, memory_format=torch.contiguous_format)
+                    created.append((c, i, made))
+                    t = local_tensor(made)
+                    first[k] = True
+                col_tensors.append(t)
+            table.set_column(col.name, col_tensors)
+            if col.kind != STEP:
+                written.append(col_tensors)
+        table.check_no_overlap(written)
+        table.set_row_flag("first_step", first)
+        table.refresh_grads([local_tensor(grads[i]) for i in index])
+        if "norms" in layout.columns:
+            attach_norm_slots(table)
+        batches.append(Batch(index, table, sdtype, [params[i] for i in index]))
+    return batches, created
+
+
+def _batch_state_dtype(p: torch.Tensor, index, columns, labels: Labels, want: Optional[torch.dtype]) -> torch.dtype:
+    """fp64 params keep fp64 state; other params fp32 (default) or bf16 state."""
+    if p.dtype is torch.float64:
+        return torch.float64
+    if want is not None:
+        return want
+    for col in columns:
+        if col.kind == STATE:
+            for i in index:
+                t = col.tensors[i]
+                if t is not None:
+                    t = local_tensor(t)
+                    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16):
+                        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                        raise TypeError(f"{labels.column(col, i)} has dtype {got}; expected torch.float32 or "
+                                        f"torch.bfloat16 state for {p.dtype} params")
+                    return t.dtype
+    return torch.float32
+
+
+def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, labels: Labels,
+                   create: Optional[str]):
+    """The local tensor of one list entry after its checks (None where allowed)."""
+    t = col.tensors[i]
+    what = labels.column(col, i)
+    if t is None:
+        if col.name == create:
+            return None
+        if col.kind == MASTER:
+            if p.dtype in _SIXTEEN_BIT:
+                raise ValueError(f"{what} is None; a call with master weights needs one for every "
+                                 f"float16/bfloat16 param of the same dtype")
+            return None
+        raise ValueError(f"{what} is None; expected a tensor like its parameter")
+    t = local_tensor(t)
+    if col.kind == STEP:
+        check_step_tensor(t, p, what)
+    elif col.kind == MASTER:
+        if p.dtype not in _SIXTEEN_BIT:
+            raise ValueError(f"{what}: master weights are for float16/bfloat16 params; this param is {p.dtype}")
+        check_like(t, p, what, torch.float32)
+    else:
+        check_like(t, p, what, sdtype)
+    return t

@@ -1,0 +1,127 @@
+"""Row tables: the int64 array of one ``_C`` call, one row per parameter.
+
+A row holds the pointers of the tensors that belong to one parameter (their
+columns are named by the kernel's layout), its element count and per-row
+flags. A table is built once per set of tensors and kept (in a ``StepPlan``);
+each step only refreshes the grad pointers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checks import check_grad, grads_look_right
+from .layout import FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
+
+_ALIGNED16 = ROW_FLAGS["aligned16"]
+
+
+class RowTable:
+    """The rows of one (device, dtype) batch. ``params`` are the tensors the
+    kernel updates (local shards for DTensors); ``names`` say which argument each
+    row came from, for error messages."""
+
+    def __init__(self, layout: KernelLayout, params: Sequence[torch.Tensor], names: Sequence[str]):
+        n = len(params)
+        self.layout = layout
+        self.params = list(params)
+        self.names = list(names)
+        self.rows = np.zeros((n, ROW_WIDTH), dtype=np.int64)
+        self.rows[:, NUMEL_COLUMN] = [p.numel() for p in params]
+        self._param_column = layout.column("param")
+        self.rows[:, self._param_column] = [p.data_ptr() for p in params]
+        p0 = params[0]
+        self.device = p0.device
+        self.dtype = p0.dtype
+        self.shapes = [p.shape for p in params]
+        self.nbytes = self.rows[:, NUMEL_COLUMN] * p0.element_size()
+        self.norms: Optional[torch.Tensor] = None  # per-row norm slots (norm-scaled kernels)
+        # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
+        self._written = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def set_column(self, name: str, tensors: Sequence[Optional[torch.Tensor]]) -> None:
+        self.rows[:, self.layout.column(name)] = [0 if t is None else t.data_ptr() for t in tensors]
+
+    def set_column_pointers(self, name: str, pointers: np.ndarray) -> None:
+        self.rows[:, self.layout.column(name)] = pointers
+
+    def set_row_flag(self, name: str, on: Sequence[bool]) -> None:
+        bit = ROW_FLAGS[name]
+        mask = np.asarray(on, dtype=bool)
+        flags = self.rows[:, FLAGS_COLUMN]
+        self.rows[:, FLAGS_COLUMN] = np.where(mask, flags | bit, flags & ~bit)
+
+    def params_changed(self) -> bool:
+        """True when a param's storage, shape, dtype or layout changed since the
+        table was built (e.g. ``p.data = p.data[:5]`` keeps the pointer but not
+        the size): the table must then be rebuilt and everything re-checked."""
+        n = len(self.params)
+        ptrs = np.fromiter(map(torch.Tensor.data_ptr, self.params), np.int64, count=n)
+        if not np.array_equal(ptrs, self.rows[:, self._param_column]):
+            return True
+        # Same pointers imply the same device; dtype, shape (hence size) and
+        # strides can still change under an unchanged pointer.
+        dtype = self.dtype
+        return any(p.dtype is not dtype or p.shape != shape or not p.is_contiguous()
+                   for p, shape in zip(self.params, self.shapes))
+
+    def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """Checks this step's grads against the params and points the grad column at them."""
+        try:
+            ok = grads_look_right(grads, self.dtype, self.shapes, self.device)
+        except AttributeError:  # not a tensor: the explaining check says which
+            ok = False
+        if not ok:
+            for p, g, name in zip(self.params, grads, self.names):
+                check_grad(g, p, f"grad of {name}")
+        grad_column = self.layout.column("grad")
+        self.rows[:, grad_column] = np.fromiter(map(torch.Tensor.data_ptr, grads), np.int64, count=len(grads))
+        self._check_grads_do_not_alias(grad_column)
+        aligned = (self.rows[:, :POINTER_COLUMNS] % 16 == 0).all(axis=1)
+        flags = self.rows[:, FLAGS_COLUMN]
+        self.rows[:, FLAGS_COLUMN] = np.where(aligned, flags | _ALIGNED16, flags & ~_ALIGNED16)
+
+    def _check_grads_do_not_alias(self, grad_column: int) -> None:
+        # A grad that shares a byte with any tensor the kernel writes (any
+        # row's param or state) would be read while it changes. The written
+        # ranges do not overlap each other (check_no_overlap), so sorted by
+        # start their ends are sorted too: one searchsorted per step.
+        starts, ends = self._written
+        if starts.size == 0:
+            return
+        gs = self.rows[:, grad_column]
+        ge = gs + self.nbytes
+        k = np.searchsorted(starts, ge, side="left") - 1
+        clash = (self.nbytes > 0) & (k >= 0) & (ends[np.maximum(k, 0)] > gs)
+        if clash.any():
+            i = int(np.argmax(clash))
+            raise ValueError(f"grad of {self.names[i]} shares memory with a parameter or optimizer state "
+                             "that this step writes; give every grad its own memory")
+
+    def check_no_overlap(self, columns: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
+        """No two tensors the kernel writes (params and states, given per column) share a byte."""
+        starts, ends, owners = [], [], []
+        for tensors in columns:
+            for row, t in enumerate(tensors):
+                if t is not None and t.numel() > 0:
+                    starts.append(t.data_ptr())
+                    ends.append(t.data_ptr() + t.numel() * t.element_size())
+                    owners.append(row)
+        s, e, o = np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(owners, np.int64)
+        order = np.argsort(s, kind="stable")
+        s, e, o = s[order], e[order], o[order]
+        self._written = (s, e)
+        if not starts:
+            return
+        bad = np.nonzero(s[1:] < np.maximum.accumulate(e)[:-1])[0]
+        if bad.size:
+            i = int(o[bad[0] + 1])
+            raise ValueError(
+                f"{self.names[i]} shares memory with another parameter or optimizer state of the same "
+                "call; fusedopt needs every parameter and state tensor to own its memory"
+            )

@@ -1,0 +1,89 @@
+"""What every functional entry shares: the per-device scalars of a call, and
+the two phases of a step (``prepare`` checks everything and returns a
+``PreparedStep``; ``launch`` writes)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from .._kernels import Column, DeviceScalars, StepPlan
+from .._kernels.checks import check_scalar_tensor
+
+
+def _amp_scalar(t, device: torch.device, what: str) -> Optional[torch.Tensor]:
+    """GradScaler's scale / found_inf as a 0-d fp32 tensor on ``device``: a view
+    when it already is one (the usual case), else a non-blocking copy; never a host read."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"{what} must be a one-element tensor or a number; got {type(t).__name__}")
+        return torch.full((), float(t), dtype=torch.float32, device=device)
+    check_scalar_tensor(t, what)
+    if t.device != device or t.dtype is not torch.float32:
+        t = t.to(device=device, dtype=torch.float32, non_blocking=True)
+    return t.reshape(())
+
+
+def _lr_scalars(lr, device: torch.device):
+    """(float lr, device tensor lr or None). A CPU tensor lr is read on the host
+    (no device sync); a CUDA tensor lr is passed by pointer and read by the kernel,
+    so changing it in place (as lr schedulers do for tensor lrs) needs no recapture."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu":
+            return float(lr), None
+        if lr.device != device or lr.dtype is not torch.float32:
+            lr = lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        return 0.0, lr.reshape(())
+    return float(lr), None
+
+
+def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_scale", "found_inf")
+                   ) -> Dict[torch.device, DeviceScalars]:
+    """The scalars of a call for each device its batches are on."""
+    out: Dict[torch.device, DeviceScalars] = {}
+    for b in plan.batches:
+        dev = b.table.device
+        if dev not in out:
+            lr_value, lr_tensor = _lr_scalars(lr, dev)
+            out[dev] = DeviceScalars(lr_value, lr_tensor, _amp_scalar(grad_scale, dev, amp_names[0]),
+                                     _amp_scalar(found_inf, dev, amp_names[1]))
+    return out
+
+
+class PreparedStep:
+    """A checked call that has not written anything yet: ``launch()`` runs it.
+
+    Optimizers prepare every param group before launching any, so that an
+    error in any group leaves everything untouched."""
+
+    __slots__ = ("plan", "_columns", "_run")
+
+    def __init__(self, plan: StepPlan, columns: Sequence[Column], run: Callable[..., None]):
+        self.plan = plan
+        self._columns = columns
+        self._run = run
+
+    def launch(self, **options) -> None:
+        self._run(**options)
+        self.plan.commit_created(self._columns)
+
+
+def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], launch: bool):
+    """Runs the prepared call now (``launch=True``, returns None as torch's
+    functional forms do) or hands it back as a ``PreparedStep``."""
+    if plan.created and torch.cuda.is_available() and any(b.table.device.type == "cuda" for b in plan.batches) \
+            and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "optimizer state is created on the first step and cannot be created inside CUDA graph "
+            "capture (the zero fill would replay): run at least one eager step before capturing")
+    prepared = PreparedStep(plan, columns, run)
+    if not launch:
+        return prepared
+    prepared.launch()
+    return None
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()

@@ -1,0 +1,155 @@
+"""SGD, Adam and AdamW as functions over lists of tensors, with the arguments of
+torch.optim.sgd.sgd / torch.optim.adam.adam / torch.optim.adamw.adamw (torch 2.13).
+
+Each call checks every tensor and hyperparameter first, then runs one ``_C``
+call per (device, dtype) batch of the params; the tensors are updated in place
+with the numbers of torch's functional form (foreach=False). The update math
+is csrc/ops/sgd.h and adam.h.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _hyper
+from .._kernels import MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise, prepare
+from ._step import compiling, device_scalars, finish
+
+_SGD = kernel_layout("sgd")
+_ADAM = kernel_layout("adam")
+
+
+def _master_column(master_params) -> List[Column]:
+    return [] if master_params is None else [Column("master", "master_params", MASTER, master_params)]
+
+
+def _run_elementwise(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int):
+    scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
+
+    def run() -> None:
+        for b in plan.batches:
+            launch_elementwise(b.table, b.state_dtype, scalars[b.table.device], hyper, flags)
+    return run
+
+
+def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffer_list: List[Optional[torch.Tensor]],
+        has_sparse_grad: bool = False, foreach: Optional[bool] = None, fused: Optional[bool] = None,
+        grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
+        weight_decay: float, momentum: float, lr, dampening: float, nesterov: bool, maximize: bool,
+        master_params: Optional[List[Optional[torch.Tensor]]] = None, state_dtype: Optional[torch.dtype] = None,
+        plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
+    r"""SGD with momentum over lists of tensors: ``torch.optim.sgd.sgd``'s arguments and numbers.
+
+    For each param p with grad g (divided by ``grad_scale`` when given):
+    :math:`g \leftarrow -g` if maximize; :math:`g \leftarrow g + \lambda p`;
+    :math:`b \leftarrow g` on the first step (a ``None`` entry of
+    ``momentum_buffer_list``, replaced by the new buffer after the call, as torch
+    does), else :math:`b \leftarrow \mu b + (1-\tau) g`; the direction is
+    :math:`g + \mu b` with nesterov, else :math:`b`; :math:`p \leftarrow p - \gamma d`.
+    When ``found_inf`` is nonzero nothing is written.
+
+    fusedopt keywords:
+        master_params: fp32 master copies of float16/bfloat16 params (None: none);
+            the kernel updates the master and writes the param rounded from it.
+        state_dtype: dtype of buffers created for None entries: float32 (default)
+            or bfloat16 (fp64 params: float64). Existing buffers must have it.
+        plan: a ``fusedopt.functional.StepPlan`` kept by the caller; calls with the
+            same tensors reuse its checks and row tables (only grads are re-checked).
+        launch: False checks everything and returns a ``PreparedStep`` whose
+            ``launch()`` writes (to check several calls before writing any).
+
+    ``has_sparse_grad``, ``foreach`` and ``fused`` are accepted and ignored (always fused).
+    """
+    h = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    _hyper.check_momentum(h)
+    if compiling():
+        from .. import _ops
+        return _ops.compiled_step("sgd", params, d_p_list, dict(momentum_buffer_list=momentum_buffer_list,
+                                                                master_params=master_params),
+                                  dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                                       nesterov=bool(nesterov), maximize=bool(maximize), state_dtype=state_dtype),
+                                  lr, grad_scale, found_inf)
+    columns = _master_column(master_params)
+    if momentum != 0:
+        columns.insert(0, Column("momentum_buffer", "momentum_buffer_list", STATE, momentum_buffer_list))
+    plan = prepare(_SGD, params, d_p_list, columns, labels=Labels(_names), state_dtype=state_dtype,
+                   create="momentum_buffer", plan=plan)
+    flags = _SGD.flags(nesterov=bool(nesterov), maximize=bool(maximize))
+    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags)
+    return finish(plan, columns, run, launch)
+
+
+def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+         exp_avg_sqs: List[torch.Tensor], max_exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor],
+         foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+         fused: Optional[bool] = None, grad_scale: Optional[torch.Tensor] = None,
+         found_inf: Optional[torch.Tensor] = None, has_complex: bool = False, decoupled_weight_decay: bool = False,
+         *, amsgrad: bool, beta1, beta2, lr, weight_decay: float, eps: float, maximize: bool,
+         eps_inside_sqrt: bool = False, master_params: Optional[List[Optional[torch.Tensor]]] = None,
+         state_dtype: Optional[torch.dtype] = None, plan: Optional[StepPlan] = None, launch: bool = True,
+         _names=None):
+    r"""Adam over lists of tensors: ``torch.optim.adam.adam``'s arguments and numbers.
+
+    At step t (each ``state_steps`` entry, a one-element float32 tensor on its
+    param's device, is incremented first), for each param p with grad g
+    (divided by ``grad_scale`` when given): :math:`g \leftarrow -g` if maximize;
+    :math:`g \leftarrow g + \lambda p`, or with ``decoupled_weight_decay``
+    :math:`p \leftarrow p(1-\gamma\lambda)`;
+    :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`;
+    :math:`\hat v = \max(\hat v_{t-1}, v)` with amsgrad (``max_exp_avg_sqs``), else v;
+    :math:`p \leftarrow p - \frac{\gamma}{1-\beta_1^t}\frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}`.
+    When ``found_inf`` is nonzero nothing is written (the counters included).
+
+    fusedopt keywords:
+        eps_inside_sqrt: the denominator :math:`\sqrt{\hat v/(1-\beta_2^t) + \epsilon}`.
+        master_params: fp32 master copies of float16/bfloat16 params (None: none).
+        state_dtype: the dtype the moments must have (None: that of ``exp_avgs[0]``,
+            float32 or bfloat16; fp64 params keep float64).
+        plan, launch: as in :func:`sgd`.
+
+    ``beta1``/``beta2`` may be floats or one-element CPU tensors; ``lr`` a float or
+    a one-element tensor (a CUDA tensor is read by the kernel, never by the host).
+    ``foreach``, ``capturable``, ``fused`` and ``has_complex`` are accepted and
+    ignored; ``differentiable=True`` is rejected.
+    """
+    if differentiable:
+        raise ValueError("fusedopt.functional.adam does not support differentiable=True")
+    beta1, beta2 = _hyper.host_float(beta1, "beta1"), _hyper.host_float(beta2, "beta2")
+    h = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    _hyper.check_adam(h)
+    _hyper.check_betas(beta1, beta2)
+    if compiling():
+        from .. import _ops
+        lists = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+                     max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None, master_params=master_params)
+        return _ops.compiled_step("adam", params, grads, lists,
+                                  dict(amsgrad=bool(amsgrad), beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                       eps=eps, maximize=bool(maximize), eps_inside_sqrt=bool(eps_inside_sqrt),
+                                       decoupled_weight_decay=bool(decoupled_weight_decay),
+                                       state_dtype=state_dtype),
+                                  lr, grad_scale, found_inf)
+    columns = [Column("exp_avg", "exp_avgs", STATE, exp_avgs), Column("exp_avg_sq", "exp_avg_sqs", STATE, exp_avg_sqs)]
+    if amsgrad:
+        columns.append(Column("max_exp_avg_sq", "max_exp_avg_sqs", STATE, max_exp_avg_sqs))
+    columns.append(Column("step", "state_steps", STEP, state_steps))
+    columns += _master_column(master_params)
+    plan = prepare(_ADAM, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype, plan=plan)
+    flags = _ADAM.flags(amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled=bool(decoupled_weight_decay),
+                        eps_inside_sqrt=bool(eps_inside_sqrt))
+    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags)
+    return finish(plan, columns, run, launch)
+
+
+def adamw(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+          exp_avg_sqs: List[torch.Tensor], max_exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor],
+          foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+          fused: Optional[bool] = None, grad_scale: Optional[torch.Tensor] = None,
+          found_inf: Optional[torch.Tensor] = None, has_complex: bool = False, *, amsgrad: bool, beta1, beta2, lr,
+          weight_decay: float, eps: float, maximize: bool, **fusedopt_options):
+    """AdamW over lists of tensors: ``torch.optim.adamw.adamw``'s arguments and numbers
+    (:func:`adam` with decoupled weight decay: :math:`p \\leftarrow p(1-\\gamma\\lambda)`).
+    The fusedopt keywords of :func:`adam` apply."""
+    return adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach, capturable,
+                differentiable, fused, grad_scale, found_inf, has_complex, True, amsgrad=amsgrad, beta1=beta1,
+                beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize, **fusedopt_options)

@@ -1,0 +1,141 @@
+"""Optimizer state: dicts that count their changes, and checkpoint loading.
+
+``TrackedState`` tells its optimizer when an entry is replaced, so the cached
+lists of state tensors are rebuilt only then. ``load_state_dict`` checks and
+converts everything of a checkpoint before it commits anything.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+
+from .._dtensor import local_tensor
+
+
+class TrackedState(dict):
+    """A param's state dict that tells its optimizer when an entry is replaced."""
+
+    __slots__ = ("_epoch",)
+
+    def __init__(self, epoch: List[int], *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._epoch = epoch
+
+    def _touch(self) -> None:
+        self._epoch[0] += 1
+
+    def __setitem__(self, k, v):
+        self._touch()
+        super().__setitem__(k, v)
+
+    def __delitem__(self, k):
+        self._touch()
+        super().__delitem__(k)
+
+    def _mutating(name):  # noqa: N805 - builds the wrappers below
+        def method(self, *args, **kwargs):
+            self._touch()
+            return getattr(dict, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    update = _mutating("update")
+    pop = _mutating("pop")
+    popitem = _mutating("popitem")
+    clear = _mutating("clear")
+    setdefault = _mutating("setdefault")
+    del _mutating
+
+    def __reduce__(self):  # pickles (and deep-copies) as a plain dict
+        return (dict, (dict(self),))
+
+
+def load_state_dict(opt, state_dict: dict) -> None:
+    """Loads a fusedopt or torch.optim checkpoint of the same optimizer into ``opt``.
+
+    Everything is checked and converted first (state tensors are copied to the
+    param's device and state dtype); on any error ``opt`` is left exactly as it was.
+    """
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; "
+                         f"this optimizer has {len(opt.param_groups)}")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError("state_dict['state'] must be a dict mapping parameter ids to state dicts")
+    id_map = {}
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"loaded param_groups[{gi}] must be a dict with a 'params' list")
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"loaded param_groups[{gi}] has {len(saved['params'])} params; "
+                             f"this optimizer's has {len(group['params'])}")
+        for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            id_map[pid] = (p, gi, i)
+    new_groups = []
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        ng = {k: v for k, v in saved.items() if k != "params"}
+        for k in ("foreach", "fused", "differentiable"):
+            ng.pop(k, None)
+        for k, v in opt.defaults.items():
+            ng.setdefault(k, v)
+        ng["params"] = group["params"]
+        if "param_names" in group:
+            ng["param_names"] = group["param_names"]
+        opt._check_group(ng, gi)
+        new_groups.append(ng)
+    new_state = {}
+    for pid, saved_st in state_dict["state"].items():
+        if pid not in id_map:
+            raise ValueError(f"loaded state refers to parameter id {pid!r}, which no param group lists")
+        p, gi, i = id_map[pid]
+        group = new_groups[gi]
+        name = opt._param_label(group, gi, i)
+        if not isinstance(saved_st, dict):
+            raise ValueError(f"loaded state of {name} must be a dict; got {type(saved_st).__name__}")
+        st = convert_loaded_state(opt, group, p, dict(saved_st), name)
+        if st:
+            opt._check_state(group, local_tensor(p),
+                             {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}, name)
+        new_state[p] = st
+    # Commit.
+    opt.state.clear()
+    for p, st in new_state.items():
+        opt.state[p] = TrackedState(opt._epoch, st)
+    opt.param_groups[:] = new_groups
+    opt._epoch[0] += 1
+    opt._group_cache.clear()
+
+
+def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: str) -> dict:
+    """Copies a loaded state to p's device and the state dtype, checking it."""
+    if not saved:
+        return {}
+    out = {}
+    want = opt._state_dtype(group, p)
+    for key, value in saved.items():
+        if key == "step":
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"loaded state['step'] of {name} has {value.numel()} elements; expected 1")
+                value = value.detach().reshape(())
+            else:
+                value = torch.tensor(float(value))
+            out[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        elif isinstance(value, torch.Tensor):
+            if value.shape != p.shape:
+                raise ValueError(f"loaded state['{key}'] of {name} has shape {list(value.shape)}; "
+                                 f"expected {list(p.shape)}")
+            if not value.is_floating_point():
+                raise TypeError(f"loaded state['{key}'] of {name} has dtype {value.dtype}; expected a float")
+            dtype = torch.float32 if key == "master" else want
+            out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+        else:
+            out[key] = value
+    for key in opt._required_state_keys(group):
+        if out.get(key) is None and opt._state_key_required_when_loaded(key):
+            raise ValueError(f"loaded state of {name} has no '{key}'")
+    return out
