@@ -18,8 +18,8 @@ STATEFUL = [s for s in OPTIMIZERS if s.state_keys]
 
 
 def sgd_family(spec) -> bool:
-    """SGD and LARS (a subclass): a missing momentum buffer means "first step", as in torch."""
-    return isinstance(spec.make, type) and issubclass(spec.make, fusedopt.SGD)
+    """SGD and LARS: a missing momentum buffer means "first step", as in torch."""
+    return isinstance(spec.make, type) and issubclass(spec.make, (fusedopt.SGD, fusedopt.LARS))
 
 
 def fresh(spec, n=3, dtype=torch.float32):

@@ -71,11 +71,11 @@ def check_adam(h: Mapping[str, Any], where: str = "") -> None:
 
 
 def check_lars(h: Mapping[str, Any], where: str = "") -> None:
+    for key in ("nesterov", "trust_clip", "always_adapt"):
+        check_bool(h[key], key, where)
     check_momentum(h, where)
     check_float(h["trust_coeff"], "trust_coeff", where)
     check_float(h["eps"], "eps", where)
-    for key in ("nesterov", "trust_clip", "always_adapt"):
-        check_bool(h[key], key, where)
 
 
 def check_lamb(h: Mapping[str, Any], where: str = "") -> None:

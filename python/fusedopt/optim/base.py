@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .._dtensor import is_dtensor, local_tensor
+from .._kernels.checks import check_param
 from ..functional import StepPlan
 from . import state as _state
 from .state import TrackedState
@@ -235,6 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         st = self.state.get(p)
         lp = local_tensor(p)
         if not st:
+            check_param(lp, name)  # before making state like it (the functional entry checks the rest)
             st = self._new_state(group, p)
             if self._uses_master(group, lp):
                 st["master"] = self._new_master(p)
