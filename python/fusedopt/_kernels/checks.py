@@ -6,7 +6,7 @@ Messages name the offending tensor (``what``) and say what was expected.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -87,21 +87,29 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def grads_look_right(grads: Sequence[torch.Tensor], dtype: torch.dtype, shapes: Sequence[torch.Size],
-                     device: torch.device) -> bool:
-    """The per-step grad check at the cost of a few attribute reads per grad
-    (it runs for every grad of every step): dtype, layout, shape, contiguity
-    and device of each grad against its param's."""
+def same_metadata(tensors: Sequence[torch.Tensor], dtype: torch.dtype, shapes: Sequence[torch.Size],
+                  device: Optional[torch.device] = None) -> bool:
+    """Whether every tensor is a dense, contiguous tensor of ``dtype`` with the
+    shape given for it (and on ``device``, when given): the per-step check of
+    grads and params, at the cost of a few attribute reads per tensor. A
+    non-tensor entry gives False; the explaining checks then say which and why."""
     strided = torch.strided
-    if device.type == "cpu":
-        for g, shape in zip(grads, shapes):
-            if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
-                    or not g.is_cpu):
-                return False
-        return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    for g, shape in zip(grads, shapes):
-        if (g.dtype is not dtype or g.layout is not strided or g.shape != shape or not g.is_contiguous()
-                or not g.is_cuda or g.get_device() != index):
-            return False
-    return True
+    try:
+        if device is None:
+            for t, shape in zip(tensors, shapes):
+                if t.dtype is not dtype or t.layout is not strided or t.shape != shape or not t.is_contiguous():
+                    return False
+        elif device.type == "cpu":
+            for t, shape in zip(tensors, shapes):
+                if (t.dtype is not dtype or t.layout is not strided or t.shape != shape or not t.is_contiguous()
+                        or not t.is_cpu):
+                    return False
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            for t, shape in zip(tensors, shapes):
+                if (t.dtype is not dtype or t.layout is not strided or t.shape != shape or not t.is_contiguous()
+                        or not t.is_cuda or t.get_device() != index):
+                    return False
+    except AttributeError:
+        return False
+    return len(tensors) == len(shapes)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checks import check_grad, grads_look_right
+from .checks import check_grad, same_metadata
 from .layout import FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
 
 _ALIGNED16 = ROW_FLAGS["aligned16"]
@@ -66,17 +66,11 @@ class RowTable:
             return True
         # Same pointers imply the same device; dtype, shape (hence size) and
         # strides can still change under an unchanged pointer.
-        dtype = self.dtype
-        return any(p.dtype is not dtype or p.shape != shape or not p.is_contiguous()
-                   for p, shape in zip(self.params, self.shapes))
+        return not same_metadata(self.params, self.dtype, self.shapes)
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
         """Checks this step's grads against the params and points the grad column at them."""
-        try:
-            ok = grads_look_right(grads, self.dtype, self.shapes, self.device)
-        except AttributeError:  # not a tensor: the explaining check says which
-            ok = False
-        if not ok:
+        if not same_metadata(grads, self.dtype, self.shapes, self.device):
             for p, g, name in zip(self.params, grads, self.names):
                 check_grad(g, p, f"grad of {name}")
         grad_column = self.layout.column("grad")
