@@ -23,7 +23,7 @@ def test_custom_ops_are_registered_with_fake_impls():
     with FakeTensorMode():
         p, g, m, v, s = torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(())
         sq = torch.ops.fusedopt.grad_sq_norms([g])
-        assert sq.shape == (1,) and sq.dtype is torch.float32
+        assert sq.shape == (1,) and sq.dtype is torch.float64
         torch.ops.fusedopt.large_batch_step("lamb", [p], [g], [m, v, s], [2, 3, 4], [0, 0, 1], 0, 1e-3, None,
                                             [0.9, 0.999, 1e-6, 0.01, 1.0], 32, None, None, sq)
 

@@ -66,7 +66,9 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
     using C = typename ComputeOf<P>::type;
     const SgdScalars<C> s = sgd_scalars<C>(h, lr, divisor);
     const bool master = any_master(call, kSgdMaster);
-    const auto element = [](C& p, C g, C& buf, C first, const SgdScalars<C>& sc) { sgd_element<C>(p, g, buf, first, sc); };
+    const auto element = [](C& p, C g, C& buf, C first, const SgdScalars<C>& sc) {
+      sgd_element<C>(p, g, buf, first, sc);
+    };
     for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                    [&](int64_t, int64_t r, int64_t b, int64_t e) {
       master ? momentum_piece<P, S, C, true>(call.rows[r], kSgdColumns, b, e, s, element)

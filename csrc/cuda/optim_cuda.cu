@@ -90,7 +90,8 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
-    launch_elementwise(call.rows, call.n_rows, stream, MomentumFunctor<P, S, SgdRule>{SgdRule{h}, device_scalars(call)});
+    launch_elementwise(call.rows, call.n_rows, stream,
+                       MomentumFunctor<P, S, SgdRule>{SgdRule{h}, device_scalars(call)});
   });
 }
 

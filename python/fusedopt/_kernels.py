@@ -351,36 +351,43 @@ def check_norm_inputs(tensors: Sequence[torch.Tensor], what: str = "tensors") ->
     return device
 
 
+NORMS_OUT_DTYPES = (torch.float32, torch.float64)
+
+
 def tensor_norms_into(tensors: Sequence[torch.Tensor], out: torch.Tensor, take_sqrt: bool) -> None:
-    """out[i] = ||tensors[i]|| (or its square), one _C call per dtype. Inputs checked by the caller."""
+    """out[i] = ||tensors[i]|| (or its square), one _C call per dtype. Inputs checked by the caller.
+
+    ``out`` is float32 or float64: a tensor's chunk sums are combined in fp64
+    and rounded once when stored in a float32 ``out``."""
     _require_cuda(out.device)
-    if out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() != len(tensors):
-        raise ValueError(f"out must be a contiguous float32 tensor of {len(tensors)} elements; got {shape_str(out)}")
+    if out.dtype not in NORMS_OUT_DTYPES or not out.is_contiguous() or out.numel() != len(tensors):
+        raise ValueError(f"out must be a contiguous float32 or float64 tensor of {len(tensors)} elements; "
+                         f"got {shape_str(out)}")
     by_dtype: dict = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
-    base = out.data_ptr()
+    base, size = out.data_ptr(), out.element_size()
     for dtype, index in by_dtype.items():
         rows = np.zeros((len(index), ROW_WIDTH), dtype=np.int64)
         rows[:, 0] = [tensors[i].data_ptr() for i in index]
-        rows[:, 1] = [base + 4 * i for i in index]
+        rows[:, 1] = [base + size * i for i in index]
         rows[:, NUMEL_COLUMN] = [tensors[i].numel() for i in index]
         rows[:, FLAGS_COLUMN] = np.where(rows[:, 0] % 16 == 0, ROW_ALIGNED16, 0)
         ws, ws_ptr = reduction_workspace(rows, 1, out.device)
-        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], device_index(out.device), stream_of(out.device), ws_ptr,
-                              bool(take_sqrt))
+        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], DTYPE_CODES[out.dtype], device_index(out.device),
+                              stream_of(out.device), ws_ptr, bool(take_sqrt))
         del ws  # the caching allocator keeps it alive for the stream's pending work
 
 
 def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
-    """out[k] = sum(g^2) for every grad of the tables (all on out's device), in table order.
+    """out[k] = sum(g^2) (fp64) for every grad of the tables (all on out's device), in table order.
 
     The grads were checked by RowTable.refresh_grads in this step.
     """
     _require_cuda(out.device)
     n = sum(len(t.params) for t in tables)
-    if out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() != n or out.device != tables[0].device:
-        raise ValueError(f"out must be a contiguous float32 tensor of {n} elements on {tables[0].device}")
+    if out.dtype is not torch.float64 or not out.is_contiguous() or out.numel() != n or out.device != tables[0].device:
+        raise ValueError(f"out must be a contiguous float64 tensor of {n} elements on {tables[0].device}")
     by_dtype: dict = {}
     offset = 0
     for t in tables:
@@ -393,22 +400,23 @@ def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
         for t, off in parts:
             m = len(t.params)
             rows[k:k + m, 0] = t.rows[:, 1]
-            rows[k:k + m, 1] = base + 4 * (off + np.arange(m, dtype=np.int64))
+            rows[k:k + m, 1] = base + 8 * (off + np.arange(m, dtype=np.int64))
             rows[k:k + m, NUMEL_COLUMN] = t.rows[:, NUMEL_COLUMN]
             k += m
         rows[:, FLAGS_COLUMN] = np.where(rows[:, 0] % 16 == 0, ROW_ALIGNED16, 0)
         ws, ws_ptr = reduction_workspace(rows, 1, out.device)
-        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], device_index(out.device), stream_of(out.device), ws_ptr, False)
+        _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], DTYPE_CODES[torch.float64], device_index(out.device),
+                              stream_of(out.device), ws_ptr, False)
         del ws
 
 
 def set_norms_column(table: RowTable, column: int) -> None:
-    """Gives every row a float[2] slot of a fresh per-table buffer for its norms.
+    """Gives every row a double[2] slot (its two fp64 norm sums) of a fresh
+    per-table float64 buffer of shape (n, 2).
 
-    Slots are 16 bytes apart: a row takes the CUDA vector path only when all its
-    pointers are 16-byte aligned (refresh_grads), and 8-byte slots would send
-    every other row to the scalar path."""
-    table.norms = torch.zeros((len(table.params), 4), dtype=torch.float32, device=table.device)
+    Slots are 16 bytes, so every slot is 16-byte aligned: a row takes the CUDA
+    vector path only when all its pointers are (refresh_grads)."""
+    table.norms = torch.zeros((len(table.params), 2), dtype=torch.float64, device=table.device)
     table.rows[:, column] = table.norms.data_ptr() + 16 * np.arange(len(table.params), dtype=np.int64)
 
 
@@ -424,8 +432,8 @@ def launch_large_batch(kernel: str, table: RowTable, state_dtype: torch.dtype, *
 
     hyper (csrc/ops/lars.h, lamb.h order): LARS (momentum, dampening, weight_decay,
     trust_coeff, eps); LAMB (beta1, beta2, eps, weight_decay, max_grad_norm).
-    grad_sq (LAMB): per-grad sums of squares of every grad the clipping norm
-    covers; None: no clipping.
+    grad_sq (LAMB): float64 per-grad sums of squares of every grad the clipping
+    norm covers (``grad_sq_norms_into``); None: no clipping.
     """
     if kernel not in LARGE_BATCH_KERNELS:
         raise ValueError(f"kernel must be one of {LARGE_BATCH_KERNELS}; got {kernel!r}")
@@ -440,8 +448,8 @@ def launch_large_batch(kernel: str, table: RowTable, state_dtype: torch.dtype, *
     else:
         gs_ptr, n_gs = 0, 0
         if grad_sq is not None:
-            if grad_sq.dtype is not torch.float32 or grad_sq.device != dev or not grad_sq.is_contiguous():
-                raise ValueError(f"grad_sq must be a contiguous float32 tensor on {dev}; got {shape_str(grad_sq)}")
+            if grad_sq.dtype is not torch.float64 or grad_sq.device != dev or not grad_sq.is_contiguous():
+                raise ValueError(f"grad_sq must be a contiguous float64 tensor on {dev}; got {shape_str(grad_sq)}")
             gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
         ws, ws_ptr = reduction_workspace(table.rows, 2, dev, extra=1)
         _C.multi_tensor_lamb(*head, ws_ptr, gs_ptr, n_gs, float(lr), *map(float, hyper), int(flags))

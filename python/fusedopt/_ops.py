@@ -129,14 +129,14 @@ def _(kernel, params, grads, states, columns, kinds, state_dtype, lr, lr_tensor,
 
 @torch.library.custom_op("fusedopt::grad_sq_norms", mutates_args=())
 def grad_sq_norms(grads: List[torch.Tensor]) -> torch.Tensor:
-    """sum(g^2) of every grad (one device), float32 ``[len(grads)]``: LAMB's clipping
+    """sum(g^2) of every grad (one device), float64 ``[len(grads)]``: LAMB's clipping
     input. Same rows, so the same bits, as the eager step's per-grad sums."""
     device = _kernels.check_norm_inputs(grads, "grads")
-    out = torch.empty((len(grads),), dtype=torch.float32, device=device)
+    out = torch.empty((len(grads),), dtype=torch.float64, device=device)
     _kernels.tensor_norms_into(grads, out, take_sqrt=False)
     return out
 
 
 @grad_sq_norms.register_fake
 def _(grads):
-    return grads[0].new_empty((len(grads),), dtype=torch.float32)
+    return grads[0].new_empty((len(grads),), dtype=torch.float64)

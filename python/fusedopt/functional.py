@@ -9,20 +9,24 @@ from . import _kernels
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of every tensor, as one float32 tensor on their device.
+    """The L2 norm of every tensor, as one tensor on their device.
 
     One pass over memory (one ``_C`` call per dtype present). Accumulation is
     fp32 inside fixed-size chunks (fp64 for fp64 inputs), and the chunk sums of
-    a tensor are added in fp64 in chunk order: no atomics, so the same inputs
-    give the same bits run after run and for any CPU thread count. An empty
-    tensor has norm 0. Never synchronizes with the host.
+    a tensor are combined in fp64 in one fixed order: no atomics, so the same
+    inputs give the same bits run after run and for any CPU thread count. An
+    empty tensor has norm 0. Never synchronizes with the host.
 
     Args:
         tensors: a non-empty list (or tuple) of dense, contiguous float32,
             float16, bfloat16 or float64 tensors, all on one cpu or cuda device.
 
     Returns:
-        float32 tensor of shape ``[len(tensors)]``.
+        tensor of shape ``[len(tensors)]``: float64 when any input is float64
+        (an fp64 norm of an fp64 tensor, as ``torch.linalg.vector_norm``
+        returns), else float32. 16-bit inputs get float32 norms (accumulated in
+        fp32), more precise than the float16/bfloat16 result
+        ``torch.linalg.vector_norm`` returns for them.
     """
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a list of tensors; wrap a single tensor as [t]")
@@ -31,7 +35,8 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     except TypeError:  # e.g. None: say which argument, not "'NoneType' object is not iterable"
         raise TypeError(f"tensors must be a list or tuple of tensors; got {type(tensors).__name__}") from None
     device = _kernels.check_norm_inputs(tensors, "tensors")
-    out = torch.empty((len(tensors),), dtype=torch.float32, device=device)  # every entry is written
+    dtype = torch.float64 if any(t.dtype is torch.float64 for t in tensors) else torch.float32
+    out = torch.empty((len(tensors),), dtype=dtype, device=device)  # every entry is written
     _kernels.tensor_norms_into(tensors, out, take_sqrt=True)
     return out
 

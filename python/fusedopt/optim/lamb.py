@@ -151,7 +151,7 @@ class LAMB(NormScaledStep, FusedOptimizer):
         local = {}
         for dev, batches in by_device.items():
             tables = [b.table for b in batches]
-            out = torch.empty(sum(len(t.params) for t in tables), dtype=torch.float32, device=dev)
+            out = torch.empty(sum(len(t.params) for t in tables), dtype=torch.float64, device=dev)
             _kernels.grad_sq_norms_into(tables, out)
             if any(b.sharded for b in batches):
                 self.reduce_rows_over_shards(out, [p for b in batches for p in b.sources])
