@@ -26,7 +26,7 @@ def test_custom_ops_are_registered_with_fake_impls():
     with FakeTensorMode():
         p, g, m, v, s = torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(4), torch.empty(())
         sq = torch.ops.fusedopt.grad_sq_norms([g])
-        assert sq.shape == (1,) and sq.dtype is torch.float32
+        assert sq.shape == (1,) and sq.dtype is torch.float64
         _ops.compiled_step("lamb", [p], [g], dict(exp_avgs=[m], exp_avg_sqs=[v], state_steps=[s]), LAMB_OPTIONS,
                            1e-3, None, None, clip_grad_sq=sq)
 

@@ -1,8 +1,10 @@
-"""fusedopt.functional.tensor_norms against torch.linalg.vector_norm; determinism; validation."""
+"""fusedopt.functional.tensor_norms against torch.linalg.vector_norm; result dtype;
+determinism; validation."""
 import pytest
 import torch
 
 import fusedopt
+from fusedopt import _kernels
 from fusedopt.functional import tensor_norms
 
 cuda = pytest.mark.cuda
@@ -28,13 +30,59 @@ def reference(ts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_matches_vector_norm(dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_matches_vector_norm(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
     ts = random_tensors(gen, 23, dtype, big=True)
     ts.append(torch.zeros(5, dtype=dtype))  # a zero-norm tensor
     out = tensor_norms(ts)
-    assert out.dtype is torch.float32 and out.shape == (len(ts),)
-    torch.testing.assert_close(out.double(), reference(ts), rtol=1e-5, atol=0)
+    assert out.dtype is (torch.float64 if dtype is torch.float64 else torch.float32) and out.shape == (len(ts),)
+    # fp64: a fixed-order fp64 sum against torch's, both to rounding (n * eps64 at worst)
+    rtol = 1e-12 if dtype is torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), reference(ts), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtypes, want", [
+    ([torch.float32], torch.float32),
+    ([torch.float64], torch.float64),
+    ([torch.float16], torch.float32),   # 16-bit inputs: fp32 norms, not torch's 16-bit ones
+    ([torch.bfloat16], torch.float32),
+    ([torch.bfloat16, torch.float16, torch.float32], torch.float32),
+    ([torch.float32, torch.float64], torch.float64),  # any fp64 input: fp64 for all
+    ([torch.float16, torch.float64, torch.bfloat16], torch.float64),
+])
+def test_result_dtype(dtypes, want, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(17 + i, generator=gen, dtype=torch.float64).to(d) for i, d in enumerate(dtypes)]
+    out = tensor_norms(ts)
+    assert out.dtype is want and out.shape == (len(ts),)
+    # fp64 entries exact to fp64 rounding, the others to fp32's.
+    for o, t in zip(out, ts):
+        rtol = 1e-14 if t.dtype is torch.float64 and want is torch.float64 else 1e-6
+        torch.testing.assert_close(o.double(), torch.linalg.vector_norm(t.double()), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+def test_every_output_is_written(out_dtype, seed):
+    # Poisoned outputs: each row's out slot (4 or 8 bytes apart) gets its norm.
+    gen = torch.Generator().manual_seed(seed)
+    ts = random_tensors(gen, 9, torch.float64, big=True) + random_tensors(gen, 9, torch.float32)
+    # fp64 inputs into an fp64 out are exact to fp64 rounding; fp32 inputs sum in fp32 lanes.
+    exact = out_dtype is torch.float64
+    for take_sqrt in (True, False):
+        out = torch.full((len(ts),), float("nan"), dtype=out_dtype)
+        _kernels.tensor_norms_into(ts, out, take_sqrt=take_sqrt)
+        want = reference(ts) if take_sqrt else reference(ts).square()
+        torch.testing.assert_close(out[:9].double(), want[:9].to(out_dtype).double(), rtol=1e-12 if exact else 1e-5,
+                                   atol=0)
+        torch.testing.assert_close(out[9:].double(), want[9:], rtol=1e-5, atol=0)
+
+
+def test_rejects_an_out_dtype_the_kernel_cannot_write():
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _kernels.tensor_norms_into([torch.randn(3)], torch.empty(1, dtype=torch.float16), take_sqrt=True)
+    rows = torch.zeros((1, 10), dtype=torch.int64).numpy()
+    with pytest.raises(ValueError, match="out dtype"):
+        fusedopt._C.multi_tensor_norms(rows, 0, 1, -1, 0, 0, True)
 
 
 def test_mixed_dtypes_keep_order():
@@ -93,7 +141,9 @@ def test_cuda_matches_vector_norm_and_is_deterministic(dtype):
     ts = random_tensors(gen, 40, dtype, device="cuda", big=True) + [torch.randn(3_000_000, device="cuda").to(dtype)]
     out = tensor_norms(ts)
     assert out.device.type == "cuda"
-    torch.testing.assert_close(out.double().cpu(), reference([t.cpu() for t in ts]), rtol=1e-5, atol=0)
+    assert out.dtype is (torch.float64 if dtype is torch.float64 else torch.float32)
+    rtol = 1e-12 if dtype is torch.float64 else 1e-5
+    torch.testing.assert_close(out.double().cpu(), reference([t.cpu() for t in ts]), rtol=rtol, atol=0)
     assert torch.equal(out, tensor_norms(ts))
 
 

@@ -1,6 +1,8 @@
-// Bindings of the per-tensor norms, LARS and LAMB entry points. Only
-// conversions; python/fusedopt/_kernels.py checks every tensor first.
+// Bindings of the per-tensor norms, LARS and LAMB entry points, and of the
+// host combine order every reduction shares. Only conversions;
+// python/fusedopt/_kernels.py checks every tensor first.
 #include "../cpu/large_batch_cpu.h"
+#include "../ops/combine.h"
 #include "../cuda/cuda_api.h"
 #include "bind_util.h"
 
@@ -16,11 +18,21 @@ void register_large_batch(py::module_& m) {
       },
       "doubles of CUDA workspace a reduction of `quantities` sums per row over these rows needs");
   m.def(
+      "fixed_order_sum",
+      [](const py::array_t<double, py::array::c_style | py::array::forcecast>& x) {
+        if (x.ndim() != 1) throw std::invalid_argument("fusedopt._C.fixed_order_sum: x must be 1-D");
+        return fixed_order_sum(x.data(), x.shape(0));
+      },
+      "x[0] + ... + x[n-1] (float64) in the fixed combine order of csrc/ops/combine.h, the order in "
+      "which both devices combine partial sums");
+  m.def(
       "multi_tensor_norms",
-      [](const RowArray& rows, int dtype, int device, int64_t stream, int64_t workspace, bool take_sqrt) {
+      [](const RowArray& rows, int dtype, int out_dtype, int device, int64_t stream, int64_t workspace,
+         bool take_sqrt) {
         NormsCall c{};
         c.rows = rows_of(rows, &c.n_rows);
         c.dtype = dtype;
+        c.out_dtype = out_dtype;
         c.device = device;
         c.stream = ptr<void>(stream);
         c.workspace = ptr<double>(workspace);
@@ -28,7 +40,8 @@ void register_large_batch(py::module_& m) {
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_norms(c) : cuda::multi_tensor_norms(c);
       },
-      "sum of squares (or L2 norm) of every row's tensor: rows [input, out float*, ...]");
+      "sum of squares (or L2 norm) of every row's tensor: rows [input, out, ...]; out holds a float "
+      "(out_dtype 0) or a double (out_dtype 3)");
   m.def(
       "multi_tensor_lars",
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr, int64_t grad_scale_ptr,
@@ -40,7 +53,7 @@ void register_large_batch(py::module_& m) {
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_lars(call, h) : cuda::multi_tensor_lars(call, h, ptr<double>(workspace));
       },
-      "LARS over rows [param, grad, momentum_buffer, norms float[2], ...]");
+      "LARS over rows [param, grad, momentum_buffer, norms double[2], ...]");
   m.def(
       "multi_tensor_lamb",
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr, int64_t grad_scale_ptr,
@@ -49,12 +62,13 @@ void register_large_batch(py::module_& m) {
         const OptimCall call = make_call(rows, param_dtype, state_dtype, device, lr_ptr, grad_scale_ptr,
                                          found_inf_ptr, stream);
         const LambHyper h{lr, beta1, beta2, eps, weight_decay, max_grad_norm, flags};
-        const float* grad_sq = ptr<const float>(grad_sq_ptr);
+        const double* grad_sq = ptr<const double>(grad_sq_ptr);
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_lamb(call, h, grad_sq, n_grad_sq)
                    : cuda::multi_tensor_lamb(call, h, grad_sq, n_grad_sq, ptr<double>(workspace));
       },
-      "LAMB over rows [param, grad, exp_avg, exp_avg_sq, step, norms float[2], ...]");
+      "LAMB over rows [param, grad, exp_avg, exp_avg_sq, step, norms double[2], ...]; grad_sq: "
+      "float64 per-grad sums of squares");
 }
 
 }  // namespace fusedopt::bind

@@ -6,22 +6,24 @@
 #include <type_traits>
 #include <vector>
 
+#include "../ops/combine.h"
 #include "../ops/dispatch.h"
 #include "large_batch_cpu.h"
 #include "optim_cpu.h"
+#include "optim_loops.h"
 #include "reduce_cpu.h"
 
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
-// Stores a row's K sums as floats at its norms pointer (when it has one) and
-// returns them rounded the same way, so CPU and CUDA derive ratios from fp32 norms.
-template <int K>
-void store_sums(const TensorRow& row, int column, const double* sums, float (&out)[K], bool take_sqrt = false) {
-  float* dst = col<float>(row, column);
-  for (int k = 0; k < K; ++k) {
-    out[k] = static_cast<float>(take_sqrt ? std::sqrt(sums[k]) : sums[k]);
-    if (dst) dst[k] = out[k];
+// A row's two norm sums: this call's `computed` ones, also stored in the
+// row's norms slot (double[2]) for a later call or an all-reduce, or (null
+// `computed`) the ones an earlier call left in the slot.
+void row_sums(const TensorRow& row, int column, const double* computed, double (&n)[2]) {
+  double* slot = col<double>(row, column);
+  for (int k = 0; k < 2; ++k) {
+    n[k] = computed ? computed[k] : slot[k];
+    if (computed && slot) slot[k] = n[k];
   }
 }
 
@@ -34,21 +36,6 @@ void lars_norms_piece(const TensorRow& r, int64_t b, int64_t e, double* out) {
     q[0] = pv * pv;
     q[1] = gv * gv;
   }, out);
-}
-
-template <class P, class S, class C, bool kMaster>
-void lars_piece(const TensorRow& r, int64_t b, int64_t e, const LarsScalars<C> s) {
-  const ParamIO<P, C, kMaster> p(r, kLarsParam, kLarsMaster);
-  const P* __restrict__ g = col<P>(r, kLarsGrad);
-  S* __restrict__ buf = col<S>(r, kLarsMomentumBuffer);
-  const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-  for (int64_t i = b; i < e; ++i) {
-    C pv = p.load(i);
-    C bv = buf ? load_as<S, C>(buf[i]) : C(0);
-    lars_element<C>(pv, load_as<P, C>(g[i]), bv, first, s);
-    p.store(i, pv);
-    if (buf) store_as(buf[i], bv);
-  }
 }
 
 // LAMB moment pass over [b, e): updates m, v; with `apply` (no trust ratio in
@@ -100,16 +87,10 @@ void with_master(bool master, Fn&& fn) {
   master ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
-// A row's two norm sums as left in its norms column by an earlier call.
-void given_sums(const TensorRow& row, int column, float (&n)[2]) {
-  const float* src = col<const float>(row, column);
-  n[0] = src[0];
-  n[1] = src[1];
-}
-
 }  // namespace
 
 void multi_tensor_norms(const NormsCall& call) {
+  check_norms_out_dtype(call.out_dtype);
   dispatch_float_dtype(call.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = typename ComputeOf<T>::type;
@@ -121,8 +102,8 @@ void multi_tensor_norms(const NormsCall& call) {
       }, out);
     });
     for (int64_t r = 0; r < call.n_rows; ++r) {
-      float unused[1];
-      store_sums<1>(call.rows[r], kNormsOut, &sums[r], unused, call.take_sqrt);
+      void* out = col<void>(call.rows[r], kNormsOut);
+      if (out) store_norm(out, call.out_dtype, 0, call.take_sqrt ? std::sqrt(sums[r]) : sums[r]);
     }
   });
 }
@@ -146,44 +127,40 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
           });
         }
         for (int64_t r = 0; r < call.n_rows; ++r) {
-          float n[2];
-          if (norms_given) given_sums(call.rows[r], kLarsNorms, n);
-          else store_sums<2>(call.rows[r], kLarsNorms, &sums[2 * r], n);
+          double n[2];
+          row_sums(call.rows[r], kLarsNorms, norms_given ? nullptr : &sums[2 * r], n);
           scalars[r] = lars_scalars<C>(h, lr, divisor, lars_trust_ratio(h, lr, n[0], n[1], divisor));
         }
       }
       if (norms_only) return;
       // Pass 2: the update.
+      const auto element = [](C& p, C g, C& buf, C first, const LarsScalars<C>& sc) {
+        lars_element<C>(p, g, buf, first, sc);
+      };
       for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
-                     [&](int64_t, int64_t r, int64_t b, int64_t e) { lars_piece<P, S, C, M>(call.rows[r], b, e, scalars[r]); });
+                     [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        momentum_piece<P, S, C, M>(call.rows[r], kLarsColumns, b, e, scalars[r], element);
+      });
     });
   });
 }
 
-void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq) {
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, int64_t n_grad_sq) {
   const bool moments_only = h.flags & kLambMomentsOnly, apply_only = h.flags & kLambApplyOnly;
   if ((moments_only || apply_only) && !lamb_adapts(h))
     throw std::invalid_argument("fusedopt: a split LAMB step needs a step that adapts (no norms otherwise)");
   if (step_is_skipped(call)) return;
   const double lr = effective_lr(call, h.lr);
   double divisor = grad_divisor(call);
-  if (h.flags & kLambClipGrads) {
-    double total = 0.0;
-    for (int64_t i = 0; i < n_grad_sq; ++i) total += grad_sq[i];
-    divisor = lamb_grad_divisor(h, total, divisor);
-  }
+  // The CUDA driver adds the sums in the same order (combine.h): same divisor bits.
+  if (h.flags & kLambClipGrads) divisor = lamb_grad_divisor(h, fixed_order_sum(grad_sq, n_grad_sq), divisor);
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
-    std::vector<LambScalars<C>> scalars(static_cast<size_t>(call.n_rows));
-    for (int64_t r = 0; r < call.n_rows; ++r) {
-      // Both calls of a split step use t + 1; only the second advances the counter.
-      float* step = col<float>(call.rows[r], kLambStep);
-      const float t = *step + 1.0f;
-      if (!moments_only) *step = t;
-      scalars[r] = lamb_scalars<C>(h, t, lr, divisor, 1.0);
-    }
+    // Both calls of a split step use t + 1; only the second advances the counters.
+    std::vector<LambScalars<C>> scalars = step_scalars<LambScalars<C>>(
+        call, kLambStep, !moments_only, [&](double t) { return lamb_scalars<C>(h, t, lr, divisor, 1.0); });
     const std::vector<int64_t> off = row_offsets(call.rows, call.n_rows);
     with_master(any_master(call, kLambMaster), [&](auto master) {
       constexpr bool M = decltype(master)::value;
@@ -201,9 +178,8 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* g
         });
       }
       for (int64_t r = 0; r < call.n_rows; ++r) {
-        float n[2];
-        if (apply_only) given_sums(call.rows[r], kLambNorms, n);
-        else store_sums<2>(call.rows[r], kLambNorms, &sums[2 * r], n);
+        double n[2];
+        row_sums(call.rows[r], kLambNorms, apply_only ? nullptr : &sums[2 * r], n);
         scalars[r].ratio = static_cast<C>(lamb_trust_ratio(h, n[0], n[1]));
       }
       if (moments_only) return;

@@ -9,7 +9,7 @@
 #define FO_LARGE_BATCH_CPU_DECLS                                                        \
   void multi_tensor_norms(const NormsCall& call);                                       \
   void multi_tensor_lars(const OptimCall& call, const LarsHyper& h);                    \
-  void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, \
+  void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, \
                          int64_t n_grad_sq);
 FO_DECLARE_PER_SIMD(FO_LARGE_BATCH_CPU_DECLS)
 

@@ -6,6 +6,7 @@
 #include "../ops/dispatch.h"
 #include "multi_tensor_cpu.h"
 #include "optim_cpu.h"
+#include "optim_loops.h"
 
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
@@ -29,21 +30,6 @@ void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s
   }
 }
 
-template <class P, class S, bool kMaster, class C>
-void sgd_piece(const TensorRow& r, int64_t b, int64_t e, const SgdScalars<C> s) {
-  const ParamIO<P, C, kMaster> p(r, kSgdParam, kSgdMaster);
-  const P* __restrict__ g = col<P>(r, kSgdGrad);
-  S* __restrict__ buf = col<S>(r, kSgdMomentumBuffer);
-  const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-  for (int64_t i = b; i < e; ++i) {
-    C pv = p.load(i);
-    C bv = buf ? load_as<S, C>(buf[i]) : C(0);
-    sgd_element<C>(pv, load_as<P, C>(g[i]), bv, first, s);
-    p.store(i, pv);
-    if (buf) store_as(buf[i], bv);
-  }
-}
-
 }  // namespace
 
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
@@ -53,17 +39,8 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
-    // Advance every step counter once, and derive the per-tensor scalars
-    // (consecutive tensors usually share a step, so pow() runs rarely).
-    std::vector<AdamScalars<C>> scalars(static_cast<size_t>(call.n_rows));
-    double last_step = -1.0;
-    AdamScalars<C> cached{};
-    for (int64_t r = 0; r < call.n_rows; ++r) {
-      float* step = col<float>(call.rows[r], kAdamStep);
-      *step += 1.0f;
-      if (*step != last_step) cached = adam_scalars<C>(h, last_step = *step, lr, divisor);
-      scalars[r] = cached;
-    }
+    const std::vector<AdamScalars<C>> scalars = step_scalars<AdamScalars<C>>(
+        call, kAdamStep, true, [&](double t) { return adam_scalars<C>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
     const bool master = any_master(call, kAdamMaster);
     for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
@@ -89,10 +66,13 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
     using C = typename ComputeOf<P>::type;
     const SgdScalars<C> s = sgd_scalars<C>(h, lr, divisor);
     const bool master = any_master(call, kSgdMaster);
+    const auto element = [](C& p, C g, C& buf, C first, const SgdScalars<C>& sc) {
+      sgd_element<C>(p, g, buf, first, sc);
+    };
     for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                    [&](int64_t, int64_t r, int64_t b, int64_t e) {
-      master ? sgd_piece<P, S, true>(call.rows[r], b, e, s)
-             : sgd_piece<P, S, false>(call.rows[r], b, e, s);
+      master ? momentum_piece<P, S, C, true>(call.rows[r], kSgdColumns, b, e, s, element)
+             : momentum_piece<P, S, C, false>(call.rows[r], kSgdColumns, b, e, s, element);
     });
   });
 }

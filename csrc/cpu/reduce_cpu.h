@@ -1,11 +1,12 @@
 // Deterministic per-row reductions on the CPU. The elements of all rows are
 // cut into the same fixed chunks as every CPU driver (multi_tensor_cpu.h); each
-// piece (one row's part of one chunk) writes its own partial sums, and a row's
-// partials are then added in chunk order. Neither the thread count nor the
-// SIMD level changes the bits of the result.
+// piece (one row's part of one chunk) writes its own partial sums (lane_sums),
+// and a row's partials are then combined in the fixed order of ops/combine.h.
+// Neither the thread count nor the SIMD level changes the bits of the result.
 #pragma once
 #include <vector>
 
+#include "../ops/combine.h"
 #include "multi_tensor_cpu.h"
 
 namespace fusedopt::cpu {
@@ -31,8 +32,9 @@ std::vector<double> reduce_rows(const TensorRow* rows, int64_t n_rows, Piece&& p
   });
   std::vector<double> sums(static_cast<size_t>(n_rows) * K, 0.0);
   for (int64_t r = 0; r < n_rows; ++r)
-    for (int64_t j = base[r]; j < base[r + 1]; ++j)
-      for (int k = 0; k < K; ++k) sums[r * K + k] += partial[j * K + k];
+    for (int k = 0; k < K; ++k)
+      sums[r * K + k] =
+          fixed_order_sum(base[r + 1] - base[r], [&](int64_t j) { return partial[(base[r] + j) * K + k]; });
   return sums;
 }
 

@@ -29,7 +29,7 @@ void lanczos_orthogonalize(const LanczosCall& call);
 int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int quantities);
 void multi_tensor_norms(const NormsCall& call);
 void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* workspace);
-void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, int64_t n_grad_sq,
                        double* workspace);
 
 }  // namespace fusedopt::cuda

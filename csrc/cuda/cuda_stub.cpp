@@ -19,5 +19,5 @@ void lanczos_orthogonalize(const LanczosCall&) { missing(); }
 int64_t reduction_workspace_elems(const TensorRow*, int64_t, int) { missing(); }
 void multi_tensor_norms(const NormsCall&) { missing(); }
 void multi_tensor_lars(const OptimCall&, const LarsHyper&, double*) { missing(); }
-void multi_tensor_lamb(const OptimCall&, const LambHyper&, const float*, int64_t, double*) { missing(); }
+void multi_tensor_lamb(const OptimCall&, const LambHyper&, const double*, int64_t, double*) { missing(); }
 }  // namespace fusedopt::cuda

@@ -6,11 +6,11 @@
 
 #include "../ops/dispatch.h"
 #include "cuda_api.h"
+#include "momentum.cuh"
 #include "reduce.cuh"
 
 namespace fusedopt::cuda {
 namespace {
-
 
 template <class T>
 struct NormsFunctor {
@@ -48,34 +48,24 @@ struct LarsNormsFunctor {
   }
 };
 
-// LARS pass 2: the update, with the trust ratio from the row's norms.
-template <class P, class S>
-struct LarsFunctor {
-  using C = typename ComputeOf<P>::type;
-  static constexpr int kVec = 16 / sizeof(P);
+// LARS pass 2: the update (the momentum loop SGD shares), with the trust ratio
+// from the row's fp64 norms.
+struct LarsRule {
+  static constexpr MomentumColumns kColumns = kLarsColumns;
   LarsHyper h;
-  DeviceScalars d;
-  __device__ bool skip() const { return d.skip(); }
-  __device__ LarsScalars<C> prepare(const TensorRow& r) const {
+  template <class C>
+  __device__ LarsScalars<C> scalars(const TensorRow& r, const DeviceScalars& d) const {
     const double lr = d.lr(h.lr), divisor = d.divisor();
     double ratio = 1.0;
     if (lars_adapts(h)) {
-      const float* n = col<float>(r, kLarsNorms);
+      const double* n = col<double>(r, kLarsNorms);
       ratio = lars_trust_ratio(h, lr, n[0], n[1], divisor);
     }
     return lars_scalars<C>(h, lr, divisor, ratio);
   }
-  template <int V>
-  __device__ void apply(const TensorRow& r, int64_t i, const LarsScalars<C>& s) const {
-    C p[V], g[V], buf[V];
-    const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-    load_param<V, P>(r, kLarsParam, kLarsMaster, i, p);
-    load_elems<V>(col<P>(r, kLarsGrad), i, g);
-    if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
-#pragma unroll
-    for (int k = 0; k < V; ++k) lars_element<C>(p[k], g[k], buf[k], first, s);
-    store_param<V, P>(r, kLarsParam, kLarsMaster, i, p);
-    if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, kLarsMomentumBuffer), i, buf);
+  template <class C>
+  __device__ static void element(C& p, C g, C& buf, C first, const LarsScalars<C>& s) {
+    lars_element<C>(p, g, buf, first, s);
   }
 };
 
@@ -83,13 +73,12 @@ struct LarsFunctor {
 struct LambBase {
   LambHyper h;
   DeviceScalars d;
-  const double* clip_divisor;  // written by lamb_clip_kernel; null: no clipping
+  const double* clip_divisor;  // written by LambClipCombine; null: no clipping
   __device__ bool skip() const { return d.skip(); }
   template <class C>
   __device__ LambScalars<C> scalars(const TensorRow& r, double ratio) const {
-    const double step = static_cast<double>(*col<float>(r, kLambStep)) + 1.0;
     const double divisor = clip_divisor ? *clip_divisor : d.divisor();
-    return lamb_scalars<C>(h, step, d.lr(h.lr), divisor, ratio);
+    return lamb_scalars<C>(h, next_step(r, kLambStep), d.lr(h.lr), divisor, ratio);
   }
 };
 
@@ -138,7 +127,7 @@ struct LambApplyFunctor : LambBase {
   using C = typename ComputeOf<P>::type;
   static constexpr int kVec = 16 / sizeof(P);
   __device__ LambScalars<C> prepare(const TensorRow& r) const {
-    const float* n = col<float>(r, kLambNorms);
+    const double* n = col<double>(r, kLambNorms);
     return scalars<C>(r, lamb_trust_ratio(h, n[0], n[1]));
   }
   template <int V>
@@ -153,14 +142,21 @@ struct LambApplyFunctor : LambBase {
   }
 };
 
-// One warp: the global grad norm from the per-tensor sums of squares (fixed
-// lane order and shuffle tree: deterministic) -> the grad divisor.
-__global__ void lamb_clip_kernel(const float* grad_sq, int64_t n, double* out, LambHyper h, const float* grad_scale) {
-  double s = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += 32) s += static_cast<double>(grad_sq[i]);
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-  if (threadIdx.x == 0) *out = lamb_grad_divisor(h, s, grad_scale ? static_cast<double>(*grad_scale) : 1.0);
-}
+// The global grad norm from the fp64 per-grad sums of squares, added in the
+// order of ops/combine.h as the CPU driver adds them -> the grad divisor.
+struct LambClipCombine {
+  const double* grad_sq;
+  int64_t n;
+  double* out;
+  LambHyper h;
+  const float* grad_scale;
+  __device__ bool skip() const { return false; }
+  __device__ int64_t count(int64_t) const { return n; }
+  __device__ double item(int64_t, int64_t i) const { return grad_sq[i]; }
+  __device__ void finish(int64_t, double s) const {
+    *out = lamb_grad_divisor(h, s, grad_scale ? static_cast<double>(*grad_scale) : 1.0);
+  }
+};
 
 }  // namespace
 
@@ -169,12 +165,13 @@ int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int qua
 }
 
 void multi_tensor_norms(const NormsCall& call) {
+  check_norms_out_dtype(call.out_dtype);
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
   dispatch_float_dtype(call.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_reduce<1>(call.rows, call.n_rows, stream, NormsFunctor<T>{}, call.workspace, kNormsOut, call.take_sqrt,
-                     nullptr);
+    launch_reduce<1>(call.rows, call.n_rows, stream, NormsFunctor<T>{}, call.workspace, kNormsOut, call.out_dtype,
+                     call.take_sqrt, nullptr);
   });
 }
 
@@ -186,13 +183,14 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* worksp
     using S = typename decltype(stag)::type;
     if (lars_adapts(h) && !(h.flags & kLarsNormsGiven))
       launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{device_scalars(call)}, workspace,
-                       kLarsNorms, false, call.found_inf);
+                       kLarsNorms, kFloat64, false, call.found_inf);
     if (h.flags & kLarsNormsOnly) return;
-    launch_elementwise(call.rows, call.n_rows, stream, LarsFunctor<P, S>{h, device_scalars(call)});
+    launch_elementwise(call.rows, call.n_rows, stream,
+                       MomentumFunctor<P, S, LarsRule>{LarsRule{h}, device_scalars(call)});
   });
 }
 
-void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* grad_sq, int64_t n_grad_sq,
+void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, int64_t n_grad_sq,
                        double* workspace) {
   const bool moments_only = h.flags & kLambMomentsOnly, apply_only = h.flags & kLambApplyOnly;
   if ((moments_only || apply_only) && !lamb_adapts(h))
@@ -202,7 +200,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* g
   const double* clip = nullptr;
   double* partials = workspace;
   if (h.flags & kLambClipGrads) {
-    lamb_clip_kernel<<<1, 32, 0, stream>>>(grad_sq, n_grad_sq, workspace, h, call.grad_scale);
+    launch_combine(LambClipCombine{grad_sq, n_grad_sq, workspace, h, call.grad_scale}, 1, stream);
     clip = workspace;
     partials = workspace + 1;
   }
@@ -217,7 +215,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const float* g
       // call; the apply pass reads the norms column either way.
       if (!apply_only)
         launch_reduce<2>(call.rows, call.n_rows, stream, LambMomentFunctor<P, S, false>{base}, partials, kLambNorms,
-                         false, call.found_inf);
+                         kFloat64, false, call.found_inf);
       if (!moments_only) launch_elementwise(call.rows, call.n_rows, stream, LambApplyFunctor<P, S>{base});
     }
   });

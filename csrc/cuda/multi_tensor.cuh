@@ -15,6 +15,10 @@
 
 namespace fusedopt::cuda {
 
+// Bytes of kernel parameters a launch may carry (CUDA 12.1+ on Volta and newer;
+// 32764 rather than 32768: the driver keeps a few bytes).
+constexpr size_t kMaxParamBytes = 32764;
+
 constexpr int64_t kChunkElements = 65536;
 constexpr int kThreads = 512;
 constexpr int kMaxLaunchRows = 240;
@@ -24,8 +28,9 @@ struct LaunchTable {
   TensorRow rows[kMaxLaunchRows];
   BlockEntry blocks[kMaxLaunchBlocks];
 };
-// 256 bytes stay free for the functor (hyperparameters and scalar pointers).
-static_assert(sizeof(LaunchTable) + 256 <= 32764, "launch table must fit the kernel parameter space");
+// 256 bytes stay free for the functor (hyperparameters and scalar pointers);
+// each launcher also checks its own functor.
+static_assert(sizeof(LaunchTable) + 256 <= kMaxParamBytes, "launch table must fit the kernel parameter space");
 
 struct PlannedLaunch {
   LaunchTable table;
@@ -161,15 +166,25 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_cons
 
 template <class F>
 void launch_elementwise(const TensorRow* rows, int64_t n_rows, cudaStream_t stream, const F& f) {
+  static_assert(sizeof(LaunchTable) + sizeof(F) <= kMaxParamBytes, "kernel parameters must fit the parameter space");
   for (const PlannedLaunch& L : plan_launches(rows, n_rows))
     elementwise_kernel<F><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
   check(cudaGetLastError(), "kernel launch");
 }
 
-// Per-tensor step counters are advanced after all chunks of the step ran, in
-// a separate launch: chunks of one tensor may sit in different launches.
+// Per-tensor step counters (Adam, LAMB). The kernels of a step use t =
+// counter + 1 added in fp32 (next_step): the value the counter will hold, and
+// the t of the CPU drivers (cpu/optim_loops.h step_scalars). The counters are
+// advanced after all chunks of the step ran, in a separate launch
+// (advance_steps): chunks of one tensor may sit in different launches.
+__device__ __forceinline__ double next_step(const TensorRow& r, int step_column) {
+  return static_cast<double>(*reinterpret_cast<const float*>(r.ptr[step_column]) + 1.0f);
+}
+
 constexpr int kMaxStepsPerLaunch = 4000;
 struct StepTable { float* steps[kMaxStepsPerLaunch]; };
+// advance_steps_kernel takes the table, an int count and the found_inf pointer.
+static_assert(sizeof(StepTable) + 2 * sizeof(int64_t) <= kMaxParamBytes, "step table must fit the parameter space");
 
 void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const float* found_inf,
                    cudaStream_t stream);

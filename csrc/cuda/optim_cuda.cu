@@ -1,7 +1,9 @@
 // CUDA drivers of SGD and Adam: functors over the shared per-element math
-// (ops/sgd.h, ops/adam.h) run by the generic multi-tensor kernel.
+// (ops/sgd.h, ops/adam.h) run by the generic multi-tensor kernel; SGD's is the
+// momentum loop it shares with LARS (momentum.cuh).
 #include "../ops/dispatch.h"
 #include "cuda_api.h"
+#include "momentum.cuh"
 #include "multi_tensor.cuh"
 
 namespace fusedopt::cuda {
@@ -16,8 +18,7 @@ struct AdamFunctor {
   DeviceScalars d;
   __device__ bool skip() const { return d.skip(); }
   __device__ AdamScalars<C> prepare(const TensorRow& r) const {
-    const double step = static_cast<double>(*col<float>(r, kAdamStep)) + 1.0;
-    return adam_scalars<C>(h, step, d.lr(h.lr), d.divisor());
+    return adam_scalars<C>(h, next_step(r, kAdamStep), d.lr(h.lr), d.divisor());
   }
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const AdamScalars<C>& s) const {
@@ -36,25 +37,16 @@ struct AdamFunctor {
   }
 };
 
-template <class P, class S>
-struct SgdFunctor {
-  using C = typename ComputeOf<P>::type;
-  static constexpr int kVec = 16 / sizeof(P);
+struct SgdRule {
+  static constexpr MomentumColumns kColumns = kSgdColumns;
   SgdHyper h;
-  DeviceScalars d;
-  __device__ bool skip() const { return d.skip(); }
-  __device__ SgdScalars<C> prepare(const TensorRow&) const { return sgd_scalars<C>(h, d.lr(h.lr), d.divisor()); }
-  template <int V>
-  __device__ void apply(const TensorRow& r, int64_t i, const SgdScalars<C>& s) const {
-    C p[V], g[V], buf[V];
-    const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
-    load_param<V, P>(r, kSgdParam, kSgdMaster, i, p);
-    load_elems<V>(col<P>(r, kSgdGrad), i, g);
-    if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
-#pragma unroll
-    for (int k = 0; k < V; ++k) sgd_element<C>(p[k], g[k], buf[k], first, s);
-    store_param<V, P>(r, kSgdParam, kSgdMaster, i, p);
-    if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, kSgdMomentumBuffer), i, buf);
+  template <class C>
+  __device__ SgdScalars<C> scalars(const TensorRow&, const DeviceScalars& d) const {
+    return sgd_scalars<C>(h, d.lr(h.lr), d.divisor());
+  }
+  template <class C>
+  __device__ static void element(C& p, C g, C& buf, C first, const SgdScalars<C>& s) {
+    sgd_element<C>(p, g, buf, first, s);
   }
 };
 
@@ -98,7 +90,8 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
-    launch_elementwise(call.rows, call.n_rows, stream, SgdFunctor<P, S>{h, device_scalars(call)});
+    launch_elementwise(call.rows, call.n_rows, stream,
+                       MomentumFunctor<P, S, SgdRule>{SgdRule{h}, device_scalars(call)});
   });
 }
 

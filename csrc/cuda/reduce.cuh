@@ -1,14 +1,85 @@
-// Deterministic per-row reductions on CUDA, without atomics or host syncs.
-// Pass A (reduce_kernel): one block per chunk, as elementwise_kernel, but the
-// functor also adds K quantities per element into per-thread sums; the block
-// adds them in a fixed tree and writes K partials to workspace[block]. Blocks
-// of the plan are numbered in (tensor, chunk) order, so a row's partials are
-// one contiguous run. Pass B (finalize_kernel): one thread per row adds its
-// partials in chunk order and stores the K sums at the row's output pointer.
+// Deterministic reductions on CUDA, without atomics or host syncs, in two
+// pieces used by every reducing kernel:
+// - block_sum: a block's per-thread sums joined in a fixed order (the norms,
+//   LARS and LAMB reduce pass below and the Lanczos kernels);
+// - combine_kernel: one warp per output adds that output's items (per-chunk
+//   partials, or LAMB's per-grad sums) in the order of ops/combine.h, which the
+//   CPU drivers follow too (fixed_order_sum).
+// Per-row reductions (launch_reduce) are pass A, reduce_kernel: one block per
+// chunk, as elementwise_kernel, but the functor also adds K quantities per
+// element into per-thread sums and the block writes K fp64 partials to
+// workspace[block]; blocks of the plan are numbered in (tensor, chunk) order,
+// so a row's partials are one contiguous run. Pass B combines each row's run.
 #pragma once
+#include "../ops/combine.h"
+#include "../ops/norms.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt::cuda {
+
+// The tree of ops/combine.h over the lanes of a warp: for off = 16, 8, 4, 2, 1
+// lane l adds lane l + off. The total ends in lane 0; all 32 lanes take part.
+template <class A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int off = kCombineLanes / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// v[k] summed over the kBlockThreads threads of the block: warp_sum in every
+// warp, then warp_sum over the warp sums (in warp order) in warp 0. Fixed
+// order, so the same bits on every run. The totals are valid in thread 0.
+// Every thread of the block must call it (it has barriers).
+template <int kBlockThreads, int K, class A>
+__device__ __forceinline__ void block_sum(A (&v)[K]) {
+  static_assert(kBlockThreads % kCombineLanes == 0 && kBlockThreads <= kCombineLanes * kCombineLanes,
+                "warp 0 adds the warp sums, one per lane");
+  constexpr int kWarps = kBlockThreads / kCombineLanes;
+  __shared__ A warp_sums[K][kWarps];
+  const int warp = threadIdx.x / kCombineLanes, lane = threadIdx.x % kCombineLanes;
+  __syncthreads();  // warp 0 may still be reading warp_sums of the previous call
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const A s = warp_sum(v[k]);
+    if (lane == 0) warp_sums[k][warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kWarps ? warp_sums[k][lane] : A(0));
+  }
+}
+
+template <int kBlockThreads, class A>
+__device__ __forceinline__ A block_sum(A v) {
+  A a[1] = {v};
+  block_sum<kBlockThreads>(a);
+  return a[0];
+}
+
+// One warp per output o < n_out: the f.count(o) items f.item(o, i) added in the
+// order of ops/combine.h; lane 0 hands the total to f.finish(o, total).
+// F (small: it travels in the parameter space) also provides skip().
+constexpr int kCombineThreads = 128;
+constexpr int kCombineWarps = kCombineThreads / kCombineLanes;
+
+template <class F>
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ F f, int64_t n_out) {
+  const int64_t o = (static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x) / kCombineLanes;
+  const int lane = threadIdx.x % kCombineLanes;
+  if (o >= n_out || f.skip()) return;  // a whole warp at a time: o is the same for its lanes
+  const double total = warp_sum(combine_lane(f.count(o), lane, [&](int64_t i) { return f.item(o, i); }));
+  if (lane == 0) f.finish(o, total);
+}
+
+template <class F>
+void launch_combine(const F& f, int64_t n_out, cudaStream_t stream) {
+  static_assert(sizeof(F) + sizeof(int64_t) <= kMaxParamBytes, "combine functor must fit the parameter space");
+  if (n_out == 0) return;
+  const int64_t blocks = (n_out + kCombineWarps - 1) / kCombineWarps;
+  combine_kernel<F><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(f, n_out);
+  check(cudaGetLastError(), "combine kernel launch");
+}
 
 // Number of chunks (= partials per quantity) of a reduction over these rows.
 inline int64_t reduction_blocks(const TensorRow* rows, int64_t n_rows) {
@@ -33,71 +104,66 @@ reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials
   for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
     f.template apply<decltype(w)::value>(row, i, s, acc);
   });
-
-  __shared__ A sh[K][kThreads];
+  block_sum<kThreads>(acc);
+  if (threadIdx.x == 0) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) sh[k][threadIdx.x] = acc[k];
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) sh[k][threadIdx.x] += sh[k][threadIdx.x + w];
-    }
-    __syncthreads();
+    for (int k = 0; k < K; ++k) partials[(block_base + blockIdx.x) * K + k] = static_cast<double>(acc[k]);
   }
-  if (threadIdx.x < K) partials[(block_base + blockIdx.x) * K + threadIdx.x] = static_cast<double>(sh[threadIdx.x][0]);
 }
 
-struct FinalizeEntry {
-  float* out;      // K floats; null: nothing to store
+// Pass B: a row's K sums from its run of partials, stored at the row's output
+// pointer as out_dtype (sqrt with take_sqrt). Output o is quantity o % K of
+// entry o / K.
+struct RowSumsEntry {
+  void* out;       // K values of out_dtype; null: nothing to store
   int64_t start;   // first partial (block index) of the row
   int64_t count;   // its number of chunks
 };
-constexpr int kMaxFinalizeRows = 1200;
-struct FinalizeTable { FinalizeEntry e[kMaxFinalizeRows]; };
-static_assert(sizeof(FinalizeTable) + 64 <= 32764, "finalize table must fit the kernel parameter space");
+constexpr int kMaxRowSumsEntries = 1200;
 
 template <int K>
-__global__ void finalize_kernel(const __grid_constant__ FinalizeTable t, int n, const double* partials, bool take_sqrt,
-                                const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n || !t.e[i].out) return;
-  const FinalizeEntry e = t.e[i];
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    double s = 0.0;
-    for (int64_t j = 0; j < e.count; ++j) s += partials[(e.start + j) * K + k];
-    e.out[k] = static_cast<float>(take_sqrt ? sqrt(s) : s);
+struct RowSumsCombine {
+  RowSumsEntry e[kMaxRowSumsEntries];
+  const double* partials;
+  const float* found_inf;  // set: the reduce pass skipped this step, so does this one
+  int out_dtype;
+  bool take_sqrt;
+  __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
+  __device__ int64_t count(int64_t o) const { return e[o / K].count; }
+  __device__ double item(int64_t o, int64_t i) const { return partials[(e[o / K].start + i) * K + o % K]; }
+  __device__ void finish(int64_t o, double s) const {
+    if (e[o / K].out) store_norm(e[o / K].out, out_dtype, static_cast<int>(o % K), take_sqrt ? sqrt(s) : s);
   }
-}
+};
 
 // Both passes: row r's K sums land at rows[r].ptr[out_column]. `partials`
 // holds reduction_blocks(rows) * K doubles.
 template <int K, class F>
 void launch_reduce(const TensorRow* rows, int64_t n_rows, cudaStream_t stream, const F& f, double* partials,
-                   int out_column, bool take_sqrt, const float* found_inf) {
+                   int out_column, int out_dtype, bool take_sqrt, const float* found_inf) {
+  static_assert(sizeof(LaunchTable) + sizeof(F) + 2 * sizeof(int64_t) <= kMaxParamBytes,
+                "reduce kernel parameters must fit the parameter space");
   int64_t block_base = 0;
   for (const PlannedLaunch& L : plan_launches(rows, n_rows)) {
     reduce_kernel<K, F><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f, partials, block_base);
     block_base += L.n_blocks;
   }
   check(cudaGetLastError(), "reduce kernel launch");
-  FinalizeTable t{};
-  int n = 0;
-  auto flush = [&] {
-    if (n) finalize_kernel<K><<<(n + 127) / 128, 128, 0, stream>>>(t, n, partials, take_sqrt, found_inf);
-    n = 0;
-  };
-  int64_t start = 0;
+  RowSumsCombine<K> c{};
+  c.partials = partials;
+  c.found_inf = found_inf;
+  c.out_dtype = out_dtype;
+  c.take_sqrt = take_sqrt;
+  int64_t n = 0, start = 0;
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t count = (rows[r].numel + kChunkElements - 1) / kChunkElements;
-    t.e[n++] = FinalizeEntry{reinterpret_cast<float*>(rows[r].ptr[out_column]), start, count};
+    c.e[n++] = RowSumsEntry{reinterpret_cast<void*>(rows[r].ptr[out_column]), start, count};
     start += count;
-    if (n == kMaxFinalizeRows) flush();
+    if (n == kMaxRowSumsEntries || r + 1 == n_rows) {
+      launch_combine(c, n * K, stream);
+      n = 0;
+    }
   }
-  flush();
-  check(cudaGetLastError(), "finalize kernel launch");
 }
 
 }  // namespace fusedopt::cuda

@@ -10,7 +10,8 @@
 
 namespace fusedopt {
 
-// kLambNorms: float[2] = {sum p'^2, sum u^2}, written by the moment pass.
+// kLambNorms: double[2] = {sum p'^2, sum u^2} (fp64 whatever the param dtype),
+// written by the moment pass.
 // kLambMaster: optional fp32 master copy of a 16-bit param; when present p
 // (also in the norms) is read from and written to it, and the param gets it
 // rounded to nearest even.
@@ -33,7 +34,9 @@ struct LambHyper {
 FO_HD bool lamb_adapts(const LambHyper& h) { return h.weight_decay != 0.0 || (h.flags & kLambAlwaysAdapt); }
 
 // What the raw grad is divided by: the AMP scale times the clipping factor
-// c = max(|g_all| / max_grad_norm, 1), where g_sq_total is of the scaled grads.
+// c = max(|g_all| / max_grad_norm, 1), where g_sq_total is of the scaled grads:
+// the fp64 per-grad sums of squares added in the order of combine.h, so the CPU
+// and CUDA get the same divisor from the same sums.
 FO_HD double lamb_grad_divisor(const LambHyper& h, double g_sq_total, double grad_scale) {
   if (!(h.flags & kLambClipGrads)) return grad_scale;
   const double c = sqrt(g_sq_total) / grad_scale / h.max_grad_norm;

@@ -8,7 +8,7 @@
 // Both read V once. Sums are in fp64 whatever the storage type. They are
 // deterministic: the n elements are cut into fixed-size chunks (independent of
 // the thread or block count), each chunk writes its own partial sums, and the
-// partials are added chunk by chunk in index order.
+// partials are combined in the fixed order of combine.h.
 #pragma once
 #include <cstdint>
 

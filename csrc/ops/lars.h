@@ -9,11 +9,13 @@
 
 namespace fusedopt {
 
-// Columns of a LARS row. kLarsNorms: float[2] = {sum p^2, sum g^2} (raw, still
-// AMP-scaled grad), written by the norms pass of the same call. kLarsMaster:
+// Columns of a LARS row. kLarsNorms: double[2] = {sum p^2, sum g^2} (raw, still
+// AMP-scaled grad; fp64 whatever the param dtype, so fp64 params get exact
+// ratios), written by the norms pass of the same call. kLarsMaster:
 // optional fp32 master copy of a 16-bit param; when present the math (norms
 // included) reads and writes it and the param gets it rounded to nearest even.
 enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster };
+constexpr MomentumColumns kLarsColumns{kLarsParam, kLarsGrad, kLarsMomentumBuffer, kLarsMaster};
 enum LarsFlag : int {
   kLarsNesterov = 1, kLarsTrustClip = 2, kLarsAlwaysAdapt = 4,
   // A step split in two calls, so that sharded (FSDP2) norms can be all-reduced

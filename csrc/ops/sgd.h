@@ -9,6 +9,11 @@ namespace fusedopt {
 enum SgdColumn { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer, kSgdMaster };
 enum SgdFlag : int { kSgdNesterov = 1, kSgdMaximize = 2 };
 
+// Where SGD and LARS rows keep the tensors of the momentum loop they share
+// (cpu/optim_loops.h momentum_piece, cuda/momentum.cuh MomentumFunctor).
+struct MomentumColumns { int param, grad, buffer, master; };
+constexpr MomentumColumns kSgdColumns{kSgdParam, kSgdGrad, kSgdMomentumBuffer, kSgdMaster};
+
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay;
   int flags;

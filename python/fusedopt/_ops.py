@@ -103,4 +103,4 @@ def grad_sq_norms(grads: List[torch.Tensor]) -> torch.Tensor:
 
 @grad_sq_norms.register_fake
 def _(grads):
-    return grads[0].new_empty((len(grads),), dtype=torch.float32)
+    return grads[0].new_empty((len(grads),), dtype=torch.float64)

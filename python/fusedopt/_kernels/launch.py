@@ -84,7 +84,7 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
     """``_C.multi_tensor_lars`` or ``_C.multi_tensor_lamb`` over ``table``, whose
     norms column points at ``table.norms`` (``norms.attach_norm_slots``).
 
-    grad_sq (LAMB): per-grad sums of squares of every grad the clipping norm
+    grad_sq (LAMB): fp64 per-grad sums of squares of every grad the clipping norm
     covers; None: no clipping."""
     require_cuda(table.device)
     layout = table.layout
@@ -96,8 +96,8 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
     elif layout.name == "lamb":
         gs_ptr, n_gs = 0, 0
         if grad_sq is not None:
-            if grad_sq.dtype is not torch.float32 or grad_sq.device != table.device or not grad_sq.is_contiguous():
-                raise ValueError(f"grad_sq must be a contiguous float32 tensor on {table.device}; "
+            if grad_sq.dtype is not torch.float64 or grad_sq.device != table.device or not grad_sq.is_contiguous():
+                raise ValueError(f"grad_sq must be a contiguous float64 tensor on {table.device}; "
                                  f"got {shape_str(grad_sq)}")
             gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
         ws, ws_ptr = reduction_workspace(table, 2, extra=1)

@@ -50,15 +50,16 @@ def _sum_squares(inputs: np.ndarray, numels: np.ndarray, dtype: torch.dtype, out
         ws = torch.empty(max(int(_C.cuda_reduction_workspace_elems(rows, 1)), 1), dtype=torch.float64,
                          device=out.device)
         ws_ptr = ws.data_ptr()
-    _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], device_index(out.device), stream_of(out.device), ws_ptr,
-                          bool(take_sqrt))
+    _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], DTYPE_CODES[out.dtype], device_index(out.device),
+                          stream_of(out.device), ws_ptr, bool(take_sqrt))
     del ws  # the caching allocator keeps it alive for the stream's pending work
 
 
-def _check_out(out: torch.Tensor, n: int, device: torch.device) -> None:
+def _check_out(out: torch.Tensor, n: int, device: torch.device, dtypes=(torch.float32, torch.float64)) -> None:
     require_cuda(device)
-    if out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() != n or out.device != device:
-        raise ValueError(f"out must be a contiguous float32 tensor of {n} elements on {device}; got {shape_str(out)}")
+    if out.dtype not in dtypes or not out.is_contiguous() or out.numel() != n or out.device != device:
+        kinds = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"out must be a contiguous {kinds} tensor of {n} elements on {device}; got {shape_str(out)}")
 
 
 def tensor_norms_into(tensors: Sequence[torch.Tensor], out: torch.Tensor, take_sqrt: bool) -> None:
@@ -74,10 +75,10 @@ def tensor_norms_into(tensors: Sequence[torch.Tensor], out: torch.Tensor, take_s
 
 
 def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
-    """out[k] = sum(g^2) for every grad of the tables (all on out's device), in
-    table order. The grads were checked by RowTable.refresh_grads in this step."""
+    """out[k] = sum(g^2) in fp64 for every grad of the tables (all on out's device),
+    in table order. The grads were checked by RowTable.refresh_grads in this step."""
     n = sum(len(t) for t in tables)
-    _check_out(out, n, tables[0].device)
+    _check_out(out, n, tables[0].device, (torch.float64,))
     offset = 0
     by_dtype: dict = {}
     for t in tables:
@@ -92,7 +93,8 @@ def grad_sq_norms_into(tables: Sequence[RowTable], out: torch.Tensor) -> None:
 
 def attach_norm_slots(table: RowTable) -> None:
     """Gives every row of a norm-scaled table its own slot of a fresh buffer
-    (``table.norms``), where the kernel leaves that row's sums."""
+    (``table.norms``, fp64 ``[n, 2]``), where the kernel leaves that row's two sums
+    (csrc/ops/lars.h, lamb.h): fp64, so fp64 params get fp64-exact trust ratios."""
     n = len(table)
-    table.norms = torch.zeros((n, NORM_SLOT_BYTES // 4), dtype=torch.float32, device=table.device)
+    table.norms = torch.zeros((n, NORM_SLOT_BYTES // 8), dtype=torch.float64, device=table.device)
     table.set_column_pointers("norms", table.norms.data_ptr() + NORM_SLOT_BYTES * np.arange(n, dtype=np.int64))

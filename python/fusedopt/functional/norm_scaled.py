@@ -70,7 +70,7 @@ def lamb_clip_sums(plans: Sequence[Union[StepPlan, PreparedStep]]) -> Dict[torch
     local = {}
     for dev, batches in by_device.items():
         tables = [b.table for b in batches]
-        out = torch.empty(sum(len(t) for t in tables), dtype=torch.float32, device=dev)
+        out = torch.empty(sum(len(t) for t in tables), dtype=torch.float64, device=dev)
         grad_sq_norms_into(tables, out)
         if any(b.sharded for b in batches):
             reduce_rows_over_shards(out, [p for b in batches for p in b.sources])

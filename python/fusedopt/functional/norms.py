@@ -18,33 +18,38 @@ def _tensor_list(tensors, what: str) -> list:
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of every tensor, as one float32 tensor on their device.
+    """The L2 norm of every tensor, as one tensor on their device.
 
     One pass over memory (one ``_C`` call per dtype present). Accumulation is
     fp32 inside fixed-size chunks (fp64 for fp64 inputs), and the chunk sums of
-    a tensor are added in fp64 in chunk order: no atomics, so the same inputs
-    give the same bits run after run and for any CPU thread count. An empty
-    tensor has norm 0. Never synchronizes with the host.
+    a tensor are combined in fp64 in one fixed order (csrc/ops/combine.h): no
+    atomics, so the same inputs give the same bits run after run and for any CPU
+    thread count. An empty tensor has norm 0. Never synchronizes with the host.
 
     Args:
         tensors: a non-empty list (or tuple) of dense, contiguous float32,
             float16, bfloat16 or float64 tensors, all on one cpu or cuda device.
 
     Returns:
-        float32 tensor of shape ``[len(tensors)]``.
+        tensor of shape ``[len(tensors)]``: float64 when any input is float64
+        (an fp64 norm of an fp64 tensor, as ``torch.linalg.vector_norm``
+        returns), else float32. 16-bit inputs get float32 norms (accumulated in
+        fp32), more precise than the float16/bfloat16 result
+        ``torch.linalg.vector_norm`` returns for them.
     """
     tensors = _tensor_list(tensors, "tensors")
     device = check_norm_inputs(tensors, "tensors")
-    out = torch.empty((len(tensors),), dtype=torch.float32, device=device)  # every entry is written
+    dtype = torch.float64 if any(t.dtype is torch.float64 for t in tensors) else torch.float32
+    out = torch.empty((len(tensors),), dtype=dtype, device=device)  # every entry is written
     tensor_norms_into(tensors, out, take_sqrt=True)
     return out
 
 
 def grad_sq_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sum(g^2) of every grad (one device), float32 ``[len(grads)]``: LAMB's
+    """sum(g^2) of every grad (one device), float64 ``[len(grads)]``: LAMB's
     clipping input, the same bits as a LAMB step's own per-grad sums."""
     grads = _tensor_list(grads, "grads")
     device = check_norm_inputs(grads, "grads")
-    out = torch.empty((len(grads),), dtype=torch.float32, device=device)
+    out = torch.empty((len(grads),), dtype=torch.float64, device=device)
     tensor_norms_into(grads, out, take_sqrt=False)
     return out

@@ -1,0 +1,53 @@
+// What the per-SIMD-level optimizer drivers share: the step counters of Adam
+// and LAMB, and the element loop of SGD and LARS. Defined inside the level's
+// namespace, so no instantiation is shared between SIMD levels.
+#pragma once
+#ifndef FUSEDOPT_SIMD_NS
+#error "optim_loops.h belongs to the per-SIMD-level sources (CMake sets FUSEDOPT_SIMD_NS)"
+#endif
+#include <vector>
+
+#include "../ops/sgd.h"
+#include "multi_tensor_cpu.h"
+
+namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
+
+// The per-tensor scalars of this step: make(t) with t = a row's step counter
+// + 1, the count torch.optim.Adam uses. Consecutive rows usually share t, so
+// make (and its pow() calls) runs rarely. With `advance` the counter is stored
+// as t (a split LAMB step advances it in its second call only).
+template <class Scalars, class Make>
+std::vector<Scalars> step_scalars(const OptimCall& call, int step_column, bool advance, Make&& make) {
+  std::vector<Scalars> out(static_cast<size_t>(call.n_rows));
+  float last = 0.0f;  // set by row 0
+  Scalars cached{};
+  for (int64_t r = 0; r < call.n_rows; ++r) {
+    float* step = col<float>(call.rows[r], step_column);
+    const float t = *step + 1.0f;
+    if (advance) *step = t;
+    if (r == 0 || t != last) cached = make(static_cast<double>(last = t));
+    out[r] = cached;
+  }
+  return out;
+}
+
+// Elements [b, e) of an SGD or LARS row: p (or its master) and the momentum
+// buffer move by element(p, g, buf, first, s) (ops/sgd.h, ops/lars.h). The
+// scalars come by value, so the compiler knows no store in the loop changes them.
+template <class P, class S, class C, bool kMaster, class Scalars, class Element>
+void momentum_piece(const TensorRow& r, const MomentumColumns& c, int64_t b, int64_t e, const Scalars s,
+                    Element&& element) {
+  const ParamIO<P, C, kMaster> p(r, c.param, c.master);
+  const P* __restrict__ g = col<const P>(r, c.grad);
+  S* __restrict__ buf = col<S>(r, c.buffer);
+  const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
+  for (int64_t i = b; i < e; ++i) {
+    C pv = p.load(i);
+    C bv = buf ? load_as<S, C>(buf[i]) : C(0);
+    element(pv, load_as<P, C>(g[i]), bv, first, s);
+    p.store(i, pv);
+    if (buf) store_as(buf[i], bv);
+  }
+}
+
+}  // namespace fusedopt::cpu::FUSEDOPT_SIMD_NS
