@@ -194,14 +194,14 @@ def test_lars_norm_slots_hold_fp64_sums(seed, dtype):
     for _ in range(2):  # the first step creates the momentum buffers, then the table is rebuilt once
         new_grads()
         opt.step()
-    table = opt._group_cache[0][2][0].table
+    table = opt._plans[0].batches[0].table
     assert table.norms.dtype is torch.float64 and table.norms.shape == (len(params), 2)
     table.norms.fill_(float("nan"))
     new_grads()
     want = torch.stack([torch.stack([p.detach().double().square().sum(), p.grad.double().square().sum()])
                         for p in params])
     opt.step()
-    assert opt._group_cache[0][2][0].table is table
+    assert opt._plans[0].batches[0].table is table  # the kept plan: same rows, same slots
     got = table.norms
     # fp32 params sum in fp32 lanes inside a chunk; fp64 ones are exact to rounding.
     torch.testing.assert_close(got, want, rtol=1e-12 if dtype is torch.float64 else 1e-5, atol=0)
