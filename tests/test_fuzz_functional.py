@@ -21,7 +21,7 @@ non-finite product: FloatingPointError (eigsh, trace, density).
 
 Each fuzz runs in a child process (tests/crash_guard.py): a signal fails the
 parent test and prints the case. FUSEDOPT_FUZZ_EXAMPLES examples (default 60;
-600 with --runslow).
+600 with --runslow), drawn from the test's seed (FUSEDOPT_TEST_SEED replays a run).
 """
 import math
 import os
@@ -148,11 +148,11 @@ def test_tensor_norms_fuzz_body(case):
     event(f"tensor_norms: {run_norm_case(case)}")
 
 
-def test_tensor_norms_fuzz_in_child_process(request, tmp_path):
+def test_tensor_norms_fuzz_in_child_process(request, tmp_path, seed):
     if CHILD:
         pytest.skip("this is the child")
     run_in_child(__file__, "test_tensor_norms_fuzz_body",
-                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path)
+                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path, seed)
 
 
 # ---- Hessian ---------------------------------------------------------------------------------
@@ -360,11 +360,11 @@ def test_eigsh_fuzz_body(case):
     event(f"eigsh {case['kind']}: {run_eigsh_case(case)}")
 
 
-def test_eigsh_fuzz_in_child_process(request, tmp_path):
+def test_eigsh_fuzz_in_child_process(request, tmp_path, seed):
     if CHILD:
         pytest.skip("this is the child")
     run_in_child(__file__, "test_eigsh_fuzz_body",
-                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path)
+                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path, seed)
 
 
 @st.composite
@@ -432,8 +432,8 @@ def test_trace_density_fuzz_body(case):
     event(f"{case['fn']}: {run_stochastic_case(case)}")
 
 
-def test_trace_density_fuzz_in_child_process(request, tmp_path):
+def test_trace_density_fuzz_in_child_process(request, tmp_path, seed):
     if CHILD:
         pytest.skip("this is the child")
     run_in_child(__file__, "test_trace_density_fuzz_body",
-                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path)
+                 10 * EXAMPLES if request.config.getoption("--runslow") else EXAMPLES, tmp_path, seed)
