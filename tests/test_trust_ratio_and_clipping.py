@@ -64,7 +64,7 @@ def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu")
     return [p.detach().double().cpu() for p in w + b], [q.detach() for q in ref_w + ref_b], peaks
 
 
-def check(got, want, dtype, peaks):
+def check(got, want, peaks, dtype):
     """peaks[i]: the largest |value| tensor i passed through in the reference run."""
     for i, (g, r) in enumerate(zip(got, want)):
         if dtype is torch.float32:
@@ -81,6 +81,12 @@ def check(got, want, dtype, peaks):
             # that later steps carry along, so the bound scales with the tensor.
             scale = float(r.abs().max()) or 1.0
             torch.testing.assert_close(g, r, rtol=2.0 ** -7, atol=2.0 ** -7 * scale, msg=lambda m: f"tensor {i}: {m}")
+
+
+def assert_matches_reference(opt_cls, ref_cls, hyper, dtype, groups_extra=None, steps=STEPS, device="cpu"):
+    """run() with the biases' group free of weight decay (unless groups_extra says otherwise), then check()."""
+    extra = {"weight_decay": 0.0} if groups_extra is None else groups_extra
+    check(*run(opt_cls, ref_cls, hyper, extra, dtype, steps, device), dtype=dtype)
 
 
 LARS_CASES = [  # (momentum, dampening, nesterov, trust_clip, always_adapt)
@@ -103,10 +109,7 @@ def lars_hyper(case, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", LARS_CASES)
 def test_lars_matches_reference(case, dtype, seed):
-    rng = random.Random(seed)
-    hyper = lars_hyper(case, rng)
-    got, want, peaks = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype)
-    check(got, want, dtype, peaks)
+    assert_matches_reference(fusedopt.LARS, RefLARS, lars_hyper(case, random.Random(seed)), dtype)
 
 
 LAMB_CASES = [  # (bias_correction, grad_averaging, max_grad_norm, trust_clip, always_adapt, decoupled_decay)
@@ -129,17 +132,13 @@ def lamb_hyper(case, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", LAMB_CASES)
 def test_lamb_matches_reference(case, dtype, seed):
-    rng = random.Random(seed)
-    hyper = lamb_hyper(case, rng)
-    got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype)
-    check(got, want, dtype, peaks)
+    assert_matches_reference(fusedopt.LAMB, RefLAMB, lamb_hyper(case, random.Random(seed)), dtype)
 
 
 def test_lamb_clip_norm_spans_groups_with_different_thresholds(seed):
-    rng = random.Random(seed)
-    hyper = lamb_hyper((True, True, 0.3, False, False, False), rng)
-    got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0, "max_grad_norm": None}, torch.float32, 20)
-    check(got, want, torch.float32, peaks)
+    hyper = lamb_hyper((True, True, 0.3, False, False, False), random.Random(seed))
+    assert_matches_reference(fusedopt.LAMB, RefLAMB, hyper, torch.float32,
+                             groups_extra={"weight_decay": 0.0, "max_grad_norm": None}, steps=20)
 
 
 # ---- CUDA (compiled here, run only where a GPU is present) -------------------
@@ -149,12 +148,9 @@ def test_lamb_clip_norm_spans_groups_with_different_thresholds(seed):
 def test_cuda_matches_reference(which, dtype, seed):
     rng = random.Random(seed)
     if which == "lars":
-        hyper = lars_hyper(LARS_CASES[-2], rng)
-        got, want, peaks = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
+        assert_matches_reference(fusedopt.LARS, RefLARS, lars_hyper(LARS_CASES[-2], rng), dtype, device="cuda")
     else:
-        hyper = lamb_hyper(LAMB_CASES[2], rng)
-        got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
-    check(got, want, dtype, peaks)
+        assert_matches_reference(fusedopt.LAMB, RefLAMB, lamb_hyper(LAMB_CASES[2], rng), dtype, device="cuda")
 
 
 # uses internals: ported by the redesign
