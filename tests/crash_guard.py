@@ -27,8 +27,12 @@ def log_case(text: str) -> None:
             f.write(text + "\n")
 
 
-def run_in_child(test_file: str, test_name: str, examples: int, tmp_path: Path, timeout: int = 900) -> None:
+def run_in_child(test_file: str, test_name: str, examples: int, tmp_path: Path, seed: int,
+                 timeout: int = 900) -> None:
     """Runs ``test_file::test_name`` with ``examples`` hypothesis examples in a child pytest.
+
+    ``seed`` (the parent test's) seeds hypothesis (--hypothesis-seed), so the
+    same seed draws the same cases.
 
     Fails (printing the last logged case) if the child died by a signal; fails
     with the child's output if it failed otherwise.
@@ -37,7 +41,7 @@ def run_in_child(test_file: str, test_name: str, examples: int, tmp_path: Path, 
     env = dict(os.environ, FUSEDOPT_FUZZ_CHILD="1", FUSEDOPT_FUZZ_EXAMPLES=str(examples), FUSEDOPT_FUZZ_LOG=str(log))
     here = Path(test_file)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           f"{here}::{test_name}"], cwd=here.parent, env=env,
+                           f"--hypothesis-seed={seed}", f"{here}::{test_name}"], cwd=here.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode < 0:
         last = log.read_text().splitlines()[-1:] if log.exists() else ["(no case logged)"]

@@ -1,16 +1,29 @@
-"""The optimizers the hardening tests run, and bitwise snapshots of their state.
+"""The one list of optimizers the tests run, and bitwise snapshots of their state.
 
-Every hardening test (test_validation_nothing_lost, test_fuzz, test_determinism,
-test_memory, test_nonfinite) is parametrized over ``OPTIMIZERS``. To cover a new optimizer
-(LARS, LAMB, ...) add one ``OptimSpec`` to ``OPTIMIZERS`` below:
+Two lists of ``OptimSpec``, built by the same per-class builders below:
+
+- ``OPTIMIZERS``: the settings the hardening suites (test_validation_nothing_lost,
+  test_fuzz, test_determinism, test_memory, test_nonfinite) iterate; the names
+  say what is on;
+- ``TRAINING``: one setting per class (momentum and weight decay on, so the
+  LARS/LAMB trust ratios act and LAMB clips), named by the class, for the tests
+  that train a model (AMP, compile, schedulers, mixed precision, CUDA,
+  distributed, state_dict). ``variant(spec, name, **hyper)`` changes a few
+  hyperparameters where a test needs others.
+
+An ``OptimSpec`` holds:
 
 - ``make(params, **hyper)`` builds the fused optimizer;
 - ``reference(params, **hyper)`` builds an object with ``step()`` computing the
   same update in plain torch (torch.optim with foreach=False, or for optimizers
   torch lacks a per-tensor fp64 class from tests/reference_optim.py);
-- ``hyper``: a typical valid setting; ``space``: a hypothesis strategy of valid
-  settings (keyword dicts) for the fuzz test;
-- ``bad_hyper``: (key, value, exception, message regex) that must be rejected.
+- ``hyper``: the setting; ``space``: a hypothesis strategy of valid settings
+  (keyword dicts) for the fuzz test;
+- ``bad_hyper``: (changes, exception, message regex): settings that must be
+  rejected, as a dict of the hyperparameters that change;
+- ``state_keys``: the state tensors (same shape as the param) a step creates.
+
+To cover a new optimizer, write its builder and add it to both lists.
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -32,67 +46,78 @@ def _invalid(key: str) -> str:
     return rf"invalid {key} in param_groups\[\d+\]: .*; expected a value in"
 
 
-COMMON_BAD = [
-    ("lr", NAN, ValueError, _invalid("lr")),
-    ("lr", -1e-3, ValueError, _invalid("lr")),
-    ("lr", INF, ValueError, _invalid("lr")),
-    ("lr", "0.1", TypeError, r"param_groups\[\d+\]\['lr'\] must be a number"),
-    ("weight_decay", NAN, ValueError, _invalid("weight_decay")),
-    ("weight_decay", -0.1, ValueError, _invalid("weight_decay")),
-    ("weight_decay", INF, ValueError, _invalid("weight_decay")),
-]
-
-SGD_BAD = COMMON_BAD + [
-    ("momentum", -0.5, ValueError, _invalid("momentum")),
-    ("momentum", NAN, ValueError, _invalid("momentum")),
-    ("dampening", NAN, ValueError, _invalid("dampening")),
-    ("dampening", INF, ValueError, _invalid("dampening")),
-]
-
-ADAM_BAD = COMMON_BAD + [
-    ("betas", (1.0, 0.999), ValueError, _invalid(r"betas\[0\]")),
-    ("betas", (-0.1, 0.999), ValueError, _invalid(r"betas\[0\]")),
-    ("betas", (NAN, 0.999), ValueError, _invalid(r"betas\[0\]")),
-    ("betas", (0.9, 1.0), ValueError, _invalid(r"betas\[1\]")),
-    ("betas", (0.9, 1.5), ValueError, _invalid(r"betas\[1\]")),
-    ("betas", 0.9, ValueError, r"param_groups\[\d+\]\['betas'\] must be a pair"),
-    ("eps", 0.0, ValueError, _invalid("eps")),
-    ("eps", -1e-8, ValueError, _invalid("eps")),
-    ("eps", NAN, ValueError, _invalid("eps")),
-    ("eps", INF, ValueError, _invalid("eps")),
-]
-
 def _must_be_bool(key: str) -> str:
     return rf"param_groups\[\d+\]\['{key}'\] must be a bool"
 
 
-LARS_BAD = COMMON_BAD + [
-    ("momentum", -0.5, ValueError, _invalid("momentum")),
-    ("momentum", NAN, ValueError, _invalid("momentum")),
-    ("dampening", NAN, ValueError, _invalid("dampening")),
-    ("trust_coeff", -1e-3, ValueError, _invalid("trust_coeff")),
-    ("trust_coeff", NAN, ValueError, _invalid("trust_coeff")),
-    ("trust_coeff", INF, ValueError, _invalid("trust_coeff")),
-    ("trust_coeff", None, TypeError, r"param_groups\[\d+\]\['trust_coeff'\] must be a number"),
-    ("eps", -1e-8, ValueError, _invalid("eps")),
-    ("eps", NAN, ValueError, _invalid("eps")),
-    ("eps", INF, ValueError, _invalid("eps")),
-    ("nesterov", "yes", TypeError, _must_be_bool("nesterov")),
-    ("trust_clip", 1, TypeError, _must_be_bool("trust_clip")),
-    ("always_adapt", None, TypeError, _must_be_bool("always_adapt")),
+NESTEROV = r"nesterov momentum requires a momentum and zero dampening"
+
+COMMON_BAD = [
+    ({"lr": NAN}, ValueError, _invalid("lr")),
+    ({"lr": -1e-3}, ValueError, _invalid("lr")),
+    ({"lr": INF}, ValueError, _invalid("lr")),
+    ({"lr": "0.1"}, TypeError, r"param_groups\[\d+\]\['lr'\] must be a number"),
+    ({"lr": torch.tensor(-1.0)}, ValueError, _invalid("lr")),  # a tensor lr is checked too
+    ({"lr": torch.tensor(NAN)}, ValueError, _invalid("lr")),
+    ({"weight_decay": NAN}, ValueError, _invalid("weight_decay")),
+    ({"weight_decay": -0.1}, ValueError, _invalid("weight_decay")),
+    ({"weight_decay": INF}, ValueError, _invalid("weight_decay")),
+]
+
+MOMENTUM_BAD = [
+    ({"momentum": -0.5}, ValueError, _invalid("momentum")),
+    ({"momentum": NAN}, ValueError, _invalid("momentum")),
+    ({"dampening": NAN}, ValueError, _invalid("dampening")),
+    ({"nesterov": True, "momentum": 0.0}, ValueError, NESTEROV),
+    ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, NESTEROV),
+]
+
+SGD_BAD = COMMON_BAD + MOMENTUM_BAD + [
+    ({"dampening": INF}, ValueError, _invalid("dampening")),
+]
+
+ADAM_BAD = COMMON_BAD + [
+    ({"betas": (1.0, 0.999)}, ValueError, _invalid(r"betas\[0\]")),
+    ({"betas": (-0.1, 0.999)}, ValueError, _invalid(r"betas\[0\]")),
+    ({"betas": (NAN, 0.999)}, ValueError, _invalid(r"betas\[0\]")),
+    ({"betas": (0.9, 1.0)}, ValueError, _invalid(r"betas\[1\]")),
+    ({"betas": (0.9, 1.5)}, ValueError, _invalid(r"betas\[1\]")),
+    ({"betas": (0.9, -0.5)}, ValueError, _invalid(r"betas\[1\]")),
+    ({"betas": (0.9, NAN)}, ValueError, _invalid(r"betas\[1\]")),
+    ({"betas": 0.9}, ValueError, r"param_groups\[\d+\]\['betas'\] must be a pair"),
+    ({"betas": (0.9,)}, ValueError, r"param_groups\[\d+\]\['betas'\] must be a pair"),
+    ({"eps": 0.0}, ValueError, _invalid("eps")),
+    ({"eps": -1e-8}, ValueError, _invalid("eps")),
+    ({"eps": NAN}, ValueError, _invalid("eps")),
+    ({"eps": INF}, ValueError, _invalid("eps")),
+]
+
+LARS_BAD = COMMON_BAD + MOMENTUM_BAD + [
+    ({"trust_coeff": -1e-3}, ValueError, _invalid("trust_coeff")),
+    ({"trust_coeff": NAN}, ValueError, _invalid("trust_coeff")),
+    ({"trust_coeff": INF}, ValueError, _invalid("trust_coeff")),
+    ({"trust_coeff": None}, TypeError, r"param_groups\[\d+\]\['trust_coeff'\] must be a number"),
+    ({"eps": -1e-8}, ValueError, _invalid("eps")),
+    ({"eps": NAN}, ValueError, _invalid("eps")),
+    ({"eps": INF}, ValueError, _invalid("eps")),
+    ({"nesterov": "yes"}, TypeError, _must_be_bool("nesterov")),
+    ({"trust_clip": 1}, TypeError, _must_be_bool("trust_clip")),
+    ({"trust_clip": "yes"}, TypeError, _must_be_bool("trust_clip")),
+    ({"always_adapt": None}, TypeError, _must_be_bool("always_adapt")),
 ]
 
 LAMB_BAD = ADAM_BAD + [
-    ("max_grad_norm", 0.0, ValueError, _invalid("max_grad_norm")),
-    ("max_grad_norm", -1.0, ValueError, _invalid("max_grad_norm")),
-    ("max_grad_norm", NAN, ValueError, _invalid("max_grad_norm")),
-    ("max_grad_norm", INF, ValueError, _invalid("max_grad_norm")),
-    ("max_grad_norm", "1", TypeError, r"param_groups\[\d+\]\['max_grad_norm'\] must be a number"),
-    ("bias_correction", 1, TypeError, _must_be_bool("bias_correction")),
-    ("grad_averaging", None, TypeError, _must_be_bool("grad_averaging")),
-    ("trust_clip", "no", TypeError, _must_be_bool("trust_clip")),
-    ("always_adapt", 0, TypeError, _must_be_bool("always_adapt")),
-    ("decoupled_decay", 1.0, TypeError, _must_be_bool("decoupled_decay")),
+    ({"max_grad_norm": 0.0}, ValueError, _invalid("max_grad_norm")),
+    ({"max_grad_norm": -1.0}, ValueError, _invalid("max_grad_norm")),
+    ({"max_grad_norm": NAN}, ValueError, _invalid("max_grad_norm")),
+    ({"max_grad_norm": INF}, ValueError, _invalid("max_grad_norm")),
+    ({"max_grad_norm": "1"}, TypeError, r"param_groups\[\d+\]\['max_grad_norm'\] must be a number"),
+    ({"bias_correction": 1}, TypeError, _must_be_bool("bias_correction")),
+    ({"grad_averaging": None}, TypeError, _must_be_bool("grad_averaging")),
+    ({"trust_clip": "no"}, TypeError, _must_be_bool("trust_clip")),
+    ({"always_adapt": 0}, TypeError, _must_be_bool("always_adapt")),
+    ({"decoupled_decay": 1.0}, TypeError, _must_be_bool("decoupled_decay")),
+    ({"decoupled_decay": 1}, TypeError, _must_be_bool("decoupled_decay")),
 ]
 
 
@@ -103,13 +128,26 @@ class OptimSpec:
     reference: Optional[Callable[..., Any]]
     hyper: Dict[str, Any]
     space: Any  # hypothesis strategy of hyper dicts
-    bad_hyper: List[Tuple[str, Any, type, str]] = field(default_factory=list)
+    bad_hyper: List[Tuple[Dict[str, Any], type, str]] = field(default_factory=list)
     # State tensors (same shape as the param) a step creates; () = stateless.
     state_keys: Tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # short test ids
         return self.name
 
+    @property
+    def clips(self) -> bool:
+        """LAMB with a max_grad_norm: the step also takes the global grad norm."""
+        return self.make is fusedopt.LAMB and self.hyper.get("max_grad_norm", 1.0) is not None
+
+
+def cases(specs, dtypes):
+    """pytest.param(spec, dtype) for every pair (fp64 cases compare at fp64 tolerances)."""
+    return [pytest.param(s, d, id=f"{s.name}-{str(d).split('.')[-1]}")
+            for s in specs for d in dtypes]
+
+
+# ---- hypothesis spaces of valid settings --------------------------------------------
 
 def _sgd_space():
     def build(momentum, dampening, nesterov, wd, lr, maximize):
@@ -123,7 +161,7 @@ def _sgd_space():
                      st.sampled_from([0.0, 1e-4, 0.05]), st.floats(0.0, 0.1), st.booleans())
 
 
-def _adam_space(decoupled_default: bool):
+def _adam_space():
     return st.fixed_dictionaries({
         "lr": st.floats(0.0, 0.1),
         "betas": st.tuples(st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.9, 0.999])),
@@ -165,6 +203,8 @@ def _lamb_space():
     })
 
 
+# ---- one builder per class ----------------------------------------------------------
+
 def _torch(cls):
     def make(params, **hyper):
         return cls(params, foreach=False, **hyper)
@@ -172,29 +212,69 @@ def _torch(cls):
     return make
 
 
+def sgd(name: str, **hyper) -> OptimSpec:
+    keys = ("momentum_buffer",) if hyper.get("momentum") else ()
+    return OptimSpec(name, fusedopt.SGD, _torch(torch.optim.SGD), hyper, _sgd_space(), SGD_BAD, keys)
+
+
+def _adam_keys(hyper):
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyper.get("amsgrad") else ())
+
+
+def adam(name: str, **hyper) -> OptimSpec:
+    return OptimSpec(name, fusedopt.Adam, _torch(torch.optim.Adam), hyper, _adam_space(), ADAM_BAD,
+                     _adam_keys(hyper))
+
+
+def adamw(name: str, **hyper) -> OptimSpec:
+    return OptimSpec(name, fusedopt.AdamW, _torch(torch.optim.AdamW), hyper, _adam_space(), ADAM_BAD,
+                     _adam_keys(hyper))
+
+
+# LARS / LAMB: torch has none; the references are tests/reference_optim.py (fp64 math).
+def lars(name: str, **hyper) -> OptimSpec:
+    keys = ("momentum_buffer",) if hyper.get("momentum") else ()
+    return OptimSpec(name, fusedopt.LARS, RefLARS, hyper, _lars_space(), LARS_BAD, keys)
+
+
+def lamb(name: str, **hyper) -> OptimSpec:
+    return OptimSpec(name, fusedopt.LAMB, RefLAMB, hyper, _lamb_space(), LAMB_BAD, ("exp_avg", "exp_avg_sq"))
+
+
+_BUILDERS = {fusedopt.SGD: sgd, fusedopt.Adam: adam, fusedopt.AdamW: adamw, fusedopt.LARS: lars,
+             fusedopt.LAMB: lamb}
+
+
+def variant(spec: OptimSpec, name: str, **hyper) -> OptimSpec:
+    """spec's optimizer under another name with some hyperparameters changed."""
+    return _BUILDERS[spec.make](name, **{**spec.hyper, **hyper})
+
+
 OPTIMIZERS: List[OptimSpec] = [
-    OptimSpec("SGD", fusedopt.SGD, _torch(torch.optim.SGD), dict(lr=0.05), _sgd_space(), SGD_BAD),
-    OptimSpec("SGD-momentum", fusedopt.SGD, _torch(torch.optim.SGD),
-              dict(lr=0.05, momentum=0.9, weight_decay=1e-3), _sgd_space(), SGD_BAD, ("momentum_buffer",)),
-    OptimSpec("Adam", fusedopt.Adam, _torch(torch.optim.Adam), dict(lr=1e-2, weight_decay=1e-3),
-              _adam_space(False), ADAM_BAD, ("exp_avg", "exp_avg_sq")),
-    OptimSpec("Adam-amsgrad", fusedopt.Adam, _torch(torch.optim.Adam), dict(lr=1e-2, amsgrad=True),
-              _adam_space(False), ADAM_BAD, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    OptimSpec("AdamW", fusedopt.AdamW, _torch(torch.optim.AdamW), dict(lr=1e-2, weight_decay=0.05),
-              _adam_space(True), ADAM_BAD, ("exp_avg", "exp_avg_sq")),
-    # LARS / LAMB: torch has none; the references are tests/reference_optim.py (fp64 math).
-    OptimSpec("LARS", fusedopt.LARS, RefLARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
-              _lars_space(), LARS_BAD, ("momentum_buffer",)),
-    OptimSpec("LARS-clip-nomomentum", fusedopt.LARS, RefLARS,
-              dict(lr=0.5, trust_coeff=0.02, trust_clip=True, always_adapt=True), _lars_space(), LARS_BAD),
-    OptimSpec("LAMB", fusedopt.LAMB, RefLAMB, dict(lr=1e-2, weight_decay=0.05), _lamb_space(), LAMB_BAD,
-              ("exp_avg", "exp_avg_sq")),
-    OptimSpec("LAMB-decoupled-noclip", fusedopt.LAMB, RefLAMB,
-              dict(lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True, trust_clip=True,
-                   bias_correction=False), _lamb_space(), LAMB_BAD, ("exp_avg", "exp_avg_sq")),
+    sgd("SGD", lr=0.05),
+    sgd("SGD-momentum", lr=0.05, momentum=0.9, weight_decay=1e-3),
+    adam("Adam", lr=1e-2, weight_decay=1e-3),
+    adam("Adam-amsgrad", lr=1e-2, amsgrad=True),
+    adamw("AdamW", lr=1e-2, weight_decay=0.05),
+    lars("LARS", lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    lars("LARS-clip-nomomentum", lr=0.5, trust_coeff=0.02, trust_clip=True, always_adapt=True),
+    lamb("LAMB", lr=1e-2, weight_decay=0.05),
+    lamb("LAMB-decoupled-noclip", lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True,
+         trust_clip=True, bias_correction=False),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}
+
+TRAINING: List[OptimSpec] = [
+    sgd("SGD", lr=0.05, momentum=0.9, weight_decay=1e-3),
+    adam("Adam", lr=1e-2, weight_decay=1e-3),
+    adamw("AdamW", lr=1e-2, weight_decay=1e-2),
+    lars("LARS", lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02),
+    # max_grad_norm well below the grad norms of the tiny models: clipping is active.
+    lamb("LAMB", lr=1e-2, weight_decay=0.05, max_grad_norm=0.5),
+]
+
+TRAINING_BY_CLASS = {s.make: s for s in TRAINING}
 
 
 # ---- bitwise snapshots --------------------------------------------------------

@@ -1,14 +1,14 @@
-"""Plain-torch references for the optimizers torch.optim lacks (LARS, LAMB).
+"""Plain-torch references: LARS and LAMB (which torch.optim lacks), and
+fusedopt's mixed-precision contract (MixedPrecisionReference) over any of them.
 
-Written from the formulas in the docstrings of fusedopt.LARS and fusedopt.LAMB,
-one tensor at a time, in fp64 (the result is stored back in the param's dtype,
-so an fp64 param gets an fp64 trajectory and an fp32 param an fp32 one). They
-are torch.optim.Optimizer subclasses: ``step()`` reads ``p.grad`` (params
-without a grad are skipped), ``state[p]`` holds the same keys as the fused
-optimizer (same dtypes for fp32/fp64 params), so the hardening suites
-(tests/optim_registry.py) and tests/test_lars_lamb.py can compare state too.
-``foreach`` is accepted and ignored, as the integration tests pass it to every
-reference (tests/helpers.py PAIRS).
+RefLARS and RefLAMB are written from the formulas in the docstrings of
+fusedopt.LARS and fusedopt.LAMB, one tensor at a time, in fp64 (the result is
+stored back in the param's dtype, so an fp64 param gets an fp64 trajectory and
+an fp32 param an fp32 one). They are torch.optim.Optimizer subclasses:
+``step()`` reads ``p.grad`` (params without a grad are skipped), ``state[p]``
+holds the same keys as the fused optimizer (same dtypes for fp32/fp64 params),
+so the suites driven by tests/optim_registry.py can compare state too.
+``foreach`` is accepted and ignored, as the registry passes it to torch.optim.
 
 The ratios are computed on 0-d fp64 tensors, not Python floats, so that a
 division by zero (trust_clip with lr = 0) or a non-finite norm follows IEEE
@@ -126,3 +126,57 @@ class RefLAMB(torch.optim.Optimizer):
                         r = _where(r < 1.0, r, 1.0)
                     u = u * r
                 p.copy_((x - lr * u).to(p.dtype))
+
+
+class MixedPrecisionReference:
+    """fusedopt's master_weights / state_dtype contract, written out.
+
+    Every param p has an fp32 copy, the master, updated by ``make_inner(masters,
+    **hyper)``: the optimizer's fp32 math (torch.optim or the classes above on
+    fp32 tensors). After each step p is the master rounded to nearest even
+    (``Tensor.to``). Without master weights the master is p itself, re-read
+    before each step: what rounding to p's dtype loses stays lost. With
+    ``state_dtype=torch.bfloat16`` every state tensor of p's shape is stored
+    rounded to bf16: after the step for SGD/Adam/AdamW/LARS (the step used the
+    unrounded values), before u is formed for LAMB (``round_state``).
+    ``masters[i]`` and ``state(i)`` expose the reference's values.
+    """
+
+    def __init__(self, make_inner, params, *, master_weights=False, state_dtype=None, **hyper):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone() for p in self.params]
+        self.inner = make_inner(self.masters, **hyper)
+        self.master_weights = master_weights
+        self.round_state = state_dtype is torch.bfloat16
+        if self.round_state and hasattr(self.inner, "round_state"):
+            self.inner.round_state = lambda t: t.bfloat16().to(t.dtype)
+
+    def state(self, i: int) -> dict:
+        return self.inner.state[self.masters[i]]
+
+    @torch.no_grad()
+    def step(self):
+        for p, m in zip(self.params, self.masters):
+            if not self.master_weights:
+                m.copy_(p)
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            if self.round_state:
+                for key, v in self.state(i).items():
+                    if key != "step" and torch.is_tensor(v) and v.shape == m.shape:
+                        v.copy_(v.bfloat16())
+            p.copy_(m)
+
+
+def drift_tol(dtype: torch.dtype, steps: int, scale: float = 1.0, roundings: int = 2):
+    """(rtol, atol) for two implementations of the same math in ``dtype`` after ``steps`` steps.
+
+    Each step rounds a few results on each side, and the two may land on
+    different neighbours: ``roundings`` eps (the dtype's machine epsilon) of
+    relative difference per step, added up over the steps. ``scale``: the
+    tensor's magnitude; an element near zero carries the rounding of the larger
+    terms it came from, so atol = rtol * scale.
+    """
+    rtol = roundings * steps * torch.finfo(dtype).eps
+    return rtol, rtol * scale

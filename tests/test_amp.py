@@ -1,9 +1,13 @@
 """AMP: torch.amp.GradScaler drives fusedopt through `_step_supports_amp_scaling`
-(grad_scale / found_inf on the optimizer) and must give torch.optim's numbers."""
+(grad_scale / found_inf on the optimizer) and must give the reference's numbers,
+for every optimizer of the registry's TRAINING list."""
 import pytest
 import torch
 
-from helpers import PAIR_IDS, PAIRS, assert_params_close, snapshot, tiny_model, twin
+from helpers import assert_params_close, snapshot, tiny_model, twin
+from optim_registry import TRAINING
+
+specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
 
 
 def scaled_backward(model, scaler, x, y, poison=None):
@@ -13,11 +17,11 @@ def scaled_backward(model, scaler, x, y, poison=None):
         next(model.parameters()).grad.view(-1)[3] = poison
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_grad_scaler_matches_torch_with_inf_and_nan_steps(fcls, tcls, kw):
-    model = tiny_model(seed=None)
+@specs
+def test_grad_scaler_matches_reference_with_inf_and_nan_steps(spec):
+    model = tiny_model()
     ref = twin(model)
-    opt, ref_opt = fcls(model.parameters(), **kw), tcls(ref.parameters(), foreach=False, **kw)
+    opt, ref_opt = spec.make(model.parameters(), **spec.hyper), spec.reference(ref.parameters(), **spec.hyper)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
     poisons = [None, None, float("inf"), None, float("nan"), None, float("-inf"), None]
@@ -26,11 +30,11 @@ def test_grad_scaler_matches_torch_with_inf_and_nan_steps(fcls, tcls, kw):
         opt.zero_grad(), ref_opt.zero_grad()
         scaled_backward(model, scaler, x, y, poison)
         scaled_backward(ref, ref_scaler, x, y, poison)
-        before = snapshot(model, opt)
+        before = snapshot(model.parameters(), opt)
         scaler.step(opt)
         ref_scaler.step(ref_opt)
         if poison is not None:  # skipped: params, state and step count untouched, bit for bit
-            after = snapshot(model, opt)
+            after = snapshot(model.parameters(), opt)
             for a, b in zip(before[0], after[0]):
                 assert torch.equal(a, b)
             for i in before[1]:
@@ -45,11 +49,11 @@ def test_grad_scaler_matches_torch_with_inf_and_nan_steps(fcls, tcls, kw):
         assert steps == [float(ref_opt.state[p]["step"]) for p in ref.parameters()] == [5.0] * len(steps)
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_unscale_then_clip_then_step(fcls, tcls, kw):
+@specs
+def test_unscale_then_clip_then_step(spec):
     model = tiny_model()
     ref = twin(model)
-    opt, ref_opt = fcls(model.parameters(), **kw), tcls(ref.parameters(), foreach=False, **kw)
+    opt, ref_opt = spec.make(model.parameters(), **spec.hyper), spec.reference(ref.parameters(), **spec.hyper)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     for poison in [None, None, float("inf"), None]:
@@ -64,22 +68,30 @@ def test_unscale_then_clip_then_step(fcls, tcls, kw):
         assert_params_close(model, ref)
 
 
-def test_grad_scale_without_scaler_divides_grads():
-    """The protocol itself: grad_scale divides the grads, found_inf != 0 skips."""
-    import fusedopt
-    p = torch.randn(10, requires_grad=True)
-    q = p.detach().clone().requires_grad_()
-    g = torch.randn(10)
-    opt, ref = fusedopt.SGD([p], lr=0.1), fusedopt.SGD([q], lr=0.1)
-    p.grad, q.grad = g * 8, g.clone()
-    opt.grad_scale = torch.tensor(8.0)
+@specs
+def test_grad_scale_without_scaler_divides_grads(spec):
+    """The protocol itself: grad_scale divides the grads (a power of two: exactly),
+    found_inf != 0 skips the step, leaving params and state (the step count too) untouched."""
+    init = [torch.randn(s) for s in [(50, 20), (20,)]]
+    plain, scaled = [[x.clone().requires_grad_() for x in init] for _ in range(2)]
+    opt, ref = spec.make(scaled, **spec.hyper), spec.make(plain, **spec.hyper)
+    opt.grad_scale = torch.tensor(1024.0)
     opt.found_inf = torch.tensor(0.0)
-    opt.step(), ref.step()
-    assert torch.equal(p, q)
+    for _ in range(4):
+        for p, q in zip(scaled, plain):
+            q.grad = torch.randn_like(q)
+            p.grad = q.grad * 1024.0
+        opt.step(), ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(scaled, plain))
+    before = snapshot(scaled, opt)
     opt.found_inf = torch.tensor(1.0)
-    before = p.detach().clone()
+    for p in scaled:
+        p.grad = torch.full_like(p, float("inf"))
     opt.step()
-    assert torch.equal(p, before)
+    after = snapshot(scaled, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    for i, st in before[1].items():
+        assert st.keys() == after[1][i].keys() and all(torch.equal(v, after[1][i][k]) for k, v in st.items())
 
 
 def test_bad_amp_scalar_is_rejected_before_anything_is_written():

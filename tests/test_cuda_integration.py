@@ -4,24 +4,25 @@ import pytest
 import torch
 
 import fusedopt
-from conftest import requires_cuda
-from helpers import PAIR_IDS, PAIRS, assert_params_close, tiny_model, twin
+from helpers import assert_params_close, tiny_model, twin
+from optim_registry import TRAINING
 
-pytestmark = [pytest.mark.cuda, requires_cuda]
+pytestmark = pytest.mark.cuda
+specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
 
 
 def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_captured_train_step_replays_like_eager(fcls, tcls, kw):
+@specs
+def test_captured_train_step_replays_like_eager(spec):
     model = tiny_model().cuda()
     ref = twin(model)
-    lr = torch.tensor(kw["lr"], device="cuda")
+    lr = torch.tensor(spec.hyper["lr"], device="cuda")
     ref_lr = lr.clone()
-    opt = fcls(model.parameters(), **dict(kw, lr=lr))
-    ref_opt = fcls(ref.parameters(), **dict(kw, lr=ref_lr))
+    opt = spec.make(model.parameters(), **dict(spec.hyper, lr=lr))
+    ref_opt = spec.make(ref.parameters(), **dict(spec.hyper, lr=ref_lr))
     data = [(torch.randn(8, 6, device="cuda"), torch.randn(8, 3, device="cuda")) for _ in range(9)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
 
@@ -49,8 +50,8 @@ def test_captured_train_step_replays_like_eager(fcls, tcls, kw):
 
     for i, (x, y) in enumerate(data[3:]):
         if i == 3:  # a scheduler-style in-place lr change is seen by the replay
-            lr.fill_(kw["lr"] * 0.5)
-            ref_lr.fill_(kw["lr"] * 0.5)
+            lr.fill_(spec.hyper["lr"] * 0.5)
+            ref_lr.fill_(spec.hyper["lr"] * 0.5)
         static_x.copy_(x), static_y.copy_(y)
         graph.replay()
         eager(ref, ref_opt, x, y)
@@ -71,11 +72,11 @@ def test_state_creation_during_capture_is_refused():
     assert len(opt.state) == 0
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_grad_scaler_cuda_matches_torch(fcls, tcls, kw):
+@specs
+def test_grad_scaler_cuda_matches_reference(spec):
     model = tiny_model().cuda()
     ref = twin(model)
-    opt, ref_opt = fcls(model.parameters(), **kw), tcls(ref.parameters(), foreach=False, **kw)
+    opt, ref_opt = spec.make(model.parameters(), **spec.hyper), spec.reference(ref.parameters(), **spec.hyper)
     scalers = [torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) for _ in range(2)]
     for poison in [None, float("inf"), None, float("nan"), None]:
         x, y = torch.randn(16, 6, device="cuda"), torch.randn(16, 3, device="cuda")
@@ -91,13 +92,13 @@ def test_grad_scaler_cuda_matches_torch(fcls, tcls, kw):
         assert_params_close(model, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_master_weights_cuda_match_cpu(fcls, tcls, kw):
+@specs
+def test_master_weights_cuda_match_cpu(spec):
     ps = [torch.randn(257).bfloat16() for _ in range(3)]
     cpu = [p.clone().requires_grad_() for p in ps]
     gpu = [p.cuda().requires_grad_() for p in ps]
-    oc = fcls(cpu, master_weights=True, state_dtype=torch.bfloat16, **kw)
-    og = fcls(gpu, master_weights=True, state_dtype=torch.bfloat16, **kw)
+    oc = spec.make(cpu, master_weights=True, state_dtype=torch.bfloat16, **spec.hyper)
+    og = spec.make(gpu, master_weights=True, state_dtype=torch.bfloat16, **spec.hyper)
     for _ in range(4):
         for c, g in zip(cpu, gpu):
             grad = torch.randn(257).bfloat16()

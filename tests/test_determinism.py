@@ -4,7 +4,7 @@ The CPU drivers split all elements of a call into fixed 32768-element chunks
 whatever the thread count, and every element's update depends only on its own
 inputs, so results must be bit-identical for 1, 2 and all threads. The inputs
 mix tensors large enough for many chunks (and odd sizes that end mid-chunk)
-with many small tensors, in fp32, bf16 and fp64.
+with many small tensors, in fp32, bf16 and fp64. On CUDA: run to run.
 """
 import pytest
 import torch
@@ -13,26 +13,20 @@ import fusedopt
 from optim_registry import OPTIMIZERS, tensor_bits
 
 CHUNK = 32768
-SIZES = [5 * CHUNK + 17, 3 * CHUNK, CHUNK - 1, 1] + [int(n) for n in torch.randint(1, 300, (200,)).tolist()]
-
-
-@pytest.fixture
-def restore_threads():
-    before = fusedopt.get_num_threads()
-    yield
-    fusedopt.set_num_threads(before)
 
 
 def make_inputs(seed):
     gen = torch.Generator().manual_seed(seed)
+    sizes = [5 * CHUNK + 17, 3 * CHUNK, CHUNK - 1, 1] + torch.randint(1, 300, (200,), generator=gen).tolist()
     dtypes = [torch.float32, torch.bfloat16, torch.float64]
-    params = [torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(SIZES)]
-    grads = [[torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(SIZES)] for _ in range(3)]
+    params = [torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)]
+    grads = [[torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)] for _ in range(3)]
     return params, grads
 
 
 def run(spec, threads, params, grads):
-    fusedopt.set_num_threads(threads)
+    if threads is not None:
+        fusedopt.set_num_threads(threads)
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = spec.make([{"params": ps[::2]}, {"params": ps[1::2]}], **spec.hyper)
     for step_grads in grads:
@@ -43,9 +37,21 @@ def run(spec, threads, params, grads):
 
 
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
-def test_bit_identical_across_thread_counts_and_runs(spec, seed, restore_threads):
+def test_bit_identical_across_thread_counts_and_runs(spec, seed):
     params, grads = make_inputs(seed)
     first = run(spec, 1, params, grads)
     for threads in (2, 3, 0, 1, 0):  # 0 = all cores; repeated runs check run-to-run too
         assert run(spec, threads, params, grads) == first, f"threads={threads} changed the bits"
+    assert first[0] != [tensor_bits(p) for p in params], "the step changed nothing"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
+def test_cuda_bit_identical_run_to_run(spec, seed):
+    """Elementwise updates without atomics, fixed-order reductions: the same bits twice on one GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).cuda() for s in [(3_000_000,), (333, 77), (5,)]]
+    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params] for _ in range(3)]
+    first = run(spec, None, params, grads)
+    assert run(spec, None, params, grads) == first
     assert first[0] != [tensor_bits(p) for p in params], "the step changed nothing"

@@ -1,6 +1,9 @@
-"""DDP and FSDP2 (fully_shard, DTensor params) on 2 CPU processes with gloo.
-Each rank trains on its half of the batch; the result must match one process
-training on the whole batch.
+"""DDP and FSDP2 (fully_shard, DTensor params) on 2 CPU processes with gloo, for
+every optimizer of the registry's TRAINING list (LARS and LAMB with settings of
+their own). Each rank trains on its half of the batch; the result must match one
+process training on the whole batch. Under FSDP2 the per-tensor norms (LARS |p|,
+|g|; LAMB |p'|, |u|) and LAMB's global grad norm are all-reduced over the shard
+group, so the sharded LARS/LAMB steps must match too.
 
 The harness (spawn_ranks / rank_main) is shared with other distributed test
 files. How a rank ends matters, see rank_main: on torch 2.13 a gloo rank that
@@ -19,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedopt
+from optim_registry import TRAINING, TRAINING_BY_CLASS, variant
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -29,11 +33,14 @@ STEPS = 4
 # later. A normal run takes a few seconds.
 RANK_TIMEOUT_S = 120
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)  # a collective whose peer died fails
-OPTS = {
-    "SGD": (fusedopt.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    "Adam": (fusedopt.Adam, dict(lr=1e-2, weight_decay=1e-3)),
-    "AdamW": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-}
+_LARS, _LAMB = TRAINING_BY_CLASS[fusedopt.LARS], TRAINING_BY_CLASS[fusedopt.LAMB]
+SPECS = {s.name: s for s in TRAINING[:3] + [
+    # weight decay: the trust ratios are used.
+    variant(_LARS, "LARS", lr=0.5, weight_decay=1e-2),
+    # max_grad_norm far below the grad norms of this model and data: clipping is active.
+    variant(_LAMB, "LAMB", lr=2e-2, max_grad_norm=0.05),
+    variant(_LAMB, "LAMB-trustclip-decoupled", lr=2e-2, max_grad_norm=0.05, trust_clip=True, decoupled_decay=True),
+]}
 
 
 # --------------------------------------------------------------------------- harness
@@ -114,26 +121,29 @@ def spawn_ranks(fn, *args, timeout_s=RANK_TIMEOUT_S):
 
 
 # --------------------------------------------------------------------------- the tests
-def make_model():
-    torch.manual_seed(1234)
+def make_model(seed):
+    torch.manual_seed(seed)
     # Linear widths divisible by WORLD so FSDP2 shards every param evenly on dim 0.
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
 
 
-def data():
-    g = torch.Generator().manual_seed(99)
+def data(seed):
+    g = torch.Generator().manual_seed(seed + 1)
     return [(torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)) for _ in range(STEPS)]
 
 
-def single_process(name):
-    cls, kw = OPTS[name]
-    model = make_model()
-    opt = cls(model.parameters(), **kw)
-    for x, y in data():
+def single_process(name, seed):
+    """The whole batch in one process: the final params and each step's global grad norm."""
+    spec = SPECS[name]
+    model = make_model(seed)
+    opt = spec.make(model.parameters(), **spec.hyper)
+    grad_norms = []
+    for x, y in data(seed):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
+        grad_norms.append(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))))
         opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return [p.detach().clone() for p in model.parameters()], grad_norms
 
 
 def fsdp_wrap(model):
@@ -148,73 +158,66 @@ def fsdp_wrap(model):
     return model
 
 
-def train_on_shard(rank, model, opt):
-    """Every step of data() on this rank's share of each batch."""
-    for x, y in data():
+def train_on_shard(rank, model, opt, seed):
+    """Every step of data(seed) on this rank's share of each batch."""
+    for x, y in data(seed):
         xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(xs), ys).backward()
         opt.step()
 
 
-def train(rank, mode, name):
+def train(rank, mode, name, seed):
     """One rank's share of the training ("ddp" or "fsdp"); returns the full params."""
-    cls, kw = OPTS[name]
-    model = make_model()
+    spec = SPECS[name]
+    model = make_model(seed)
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
         fsdp_wrap(model)
-    opt = cls(model.parameters(), **kw)
-    train_on_shard(rank, model, opt)
-    if mode == "fsdp":
-        from torch.distributed.tensor import DTensor
-        p0 = next(model.parameters())
-        assert isinstance(p0, DTensor), type(p0)
-        st = opt.state[p0]
-        for k, v in st.items():
+    opt = spec.make(model.parameters(), **spec.hyper)
+    train_on_shard(rank, model, opt, seed)
+    if mode == "ddp":
+        return [p.detach().clone() for p in model.parameters()]
+    from torch.distributed.tensor import DTensor
+    for p in model.parameters():
+        assert isinstance(p, DTensor), type(p)
+        for k, v in opt.state[p].items():
             if torch.is_tensor(v) and v.dim() > 0:
                 assert isinstance(v, DTensor), (k, type(v))  # torch.optim-compatible layout
-        return [p.full_tensor().detach().clone() for p in model.parameters()]
-    return [p.detach().clone() for p in model.parameters()]
+        if "step" in opt.state[p]:
+            assert float(opt.state[p]["step"]) == STEPS  # advanced once per step (LARS/LAMB: by the split step)
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def train_each(rank, mode, names):
-    return {name: train(rank, mode, name) for name in names}
-
-
-def worker(rank, store, mode, name, out):
-    """mp.spawn entry kept for callers of the old harness: trains `name` in `mode`
-    and saves rank 0's params to `out`. Ends the process (see rank_main)."""
-    rank_main(rank, store, out, train, (mode, name))
-
-
-def run(mode, name):
-    return spawn_ranks(train, mode, name)
+def train_each(rank, mode, names, seed):
+    return {name: train(rank, mode, name, seed) for name in names}
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(module_seed):
     """One spawn per mode trains every optimizer (spawning costs seconds)."""
     cache = {}
 
     def get(mode):
         if mode not in cache:
-            cache[mode] = spawn_ranks(train_each, mode, list(OPTS))
+            cache[mode] = spawn_ranks(train_each, mode, list(SPECS), module_seed)
         return cache[mode]
     return get
 
 
-@pytest.mark.parametrize("name", list(OPTS))
-def test_ddp_matches_single_process(trained, name):
-    got, want = trained("ddp")[name], single_process(name)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_ddp_matches_single_process(trained, name, module_seed):
+    got, (want, _) = trained("ddp")[name], single_process(name, module_seed)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(OPTS))
-def test_fsdp2_matches_unsharded(trained, name):
-    got, want = trained("fsdp")[name], single_process(name)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fsdp2_matches_unsharded(trained, name, module_seed):
+    got, (want, grad_norms) = trained("fsdp")[name], single_process(name, module_seed)
+    if SPECS[name].clips:
+        assert min(grad_norms) > 2 * SPECS[name].hyper["max_grad_norm"]  # the clip really acts
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

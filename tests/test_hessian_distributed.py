@@ -8,8 +8,8 @@ from test_distributed import spawn_ranks
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 
-def _problem():
-    g = torch.Generator().manual_seed(7)
+def _problem(seed):
+    g = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8, dtype=torch.float64), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 3, dtype=torch.float64))
     with torch.no_grad():
@@ -20,19 +20,19 @@ def _problem():
     return model, X, y
 
 
-def _rank_eigenvalues(rank):
-    model, X, y = _problem()
+def _rank_eigenvalues(rank, seed):
+    model, X, y = _problem(seed)
     shard = slice(0, 12) if rank == 0 else slice(12, 30)  # unequal shards: weights matter
     op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]))
-    res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(3))
+    res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(seed + 1))
     theirs = [torch.empty_like(res.eigenvalues) for _ in range(dist.get_world_size())]
     dist.all_gather(theirs, res.eigenvalues)
     return theirs
 
 
-def test_two_ranks_agree_with_full_data():
-    out = spawn_ranks(_rank_eigenvalues)
-    model, X, y = _problem()
+def test_two_ranks_agree_with_full_data(seed):
+    out = spawn_ranks(_rank_eigenvalues, seed)
+    model, X, y = _problem(seed)
     ref = eigsh(HessianOperator(model, torch.nn.functional.cross_entropy, (X, y)), k=2, which="BE", tol=1e-10)
     assert torch.equal(out[0], out[1])
     torch.testing.assert_close(out[0], ref.eigenvalues, rtol=1e-8, atol=1e-10)

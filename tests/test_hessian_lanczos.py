@@ -61,8 +61,8 @@ def check(A, res, k, which, rtol=1e-8):
 
 
 @pytest.mark.parametrize("which", WHICH)
-def test_diagonal(which):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+def test_diagonal(which, seed):
+    g = torch.Generator().manual_seed(seed)
     d = torch.randn(120, dtype=torch.float64, generator=g) * 5
     A = torch.diag(d)
     check(A, eigsh(A, k=4, which=which, tol=1e-10, generator=g), 4, which)
@@ -70,8 +70,8 @@ def test_diagonal(which):
 
 @pytest.mark.parametrize("name", ["separated", "clustered", "repeated"])
 @pytest.mark.parametrize("which", WHICH)
-def test_known_spectra(name, which):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+def test_known_spectra(name, which, seed):
+    g = torch.Generator().manual_seed(seed)
     A = random_symmetric(spectrum(name, 100, g), g)
     k = 5
     res = eigsh(A, k=k, which=which, tol=1e-10, generator=g, multiplicity_check=(name != "separated"))
@@ -79,7 +79,7 @@ def test_known_spectra(name, which):
 
 
 def small_mlp_problem():
-    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    """A small model and data drawn from the global RNG (seeded per test by conftest's `seed`)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     X = torch.randn(40, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (40,))
@@ -107,17 +107,18 @@ def test_mlp_hessian_matches_dense(which):
     H = dense_hessian(model, loss_fn, X, y)
     op = HessianOperator(model, loss_fn, [(X[:15], y[:15]), (X[15:], y[15:])])  # weighted mean over batches
     v = torch.randn(op.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    Hv = H @ v  # fp64 both ways: equal to fp64 rounding of the vector's scale
+    torch.testing.assert_close(op.matvec(v), Hv, rtol=1e-12, atol=1e-12 * float(Hv.abs().max()))
     res = eigsh(op, k=3, which=which, tol=1e-10)
     check(H, res, 3, which)
     assert op.num_matvecs == res.num_matvecs + 1
 
 
-def test_trace_and_density_known_spectrum():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+def test_trace_and_density_known_spectrum(seed):
+    g = torch.Generator().manual_seed(seed)
     evals = torch.cat([torch.linspace(-1, 0.0, 60)[:-1], torch.linspace(0.05, 4, 241)]).double()
     A = random_symmetric(evals, g)
-    t = trace(A, num_probes=60, seed=int(torch.randint(0, 1000, ())))
+    t = trace(A, num_probes=60, seed=seed + 1)
     assert abs(t.estimate - float(evals.sum())) <= 3 * t.stderr
     d = density(A, num_runs=8, num_steps=40)
     assert abs(np.trapezoid(d.density, d.grid) - 1) < 1e-6
@@ -134,15 +135,15 @@ def test_non_finite_hvp_raises():
         eigsh(Bad())
 
 
-def test_unconverged_is_flagged():
-    A = random_symmetric(torch.linspace(0, 1, 200).double(), torch.Generator().manual_seed(1))
+def test_unconverged_is_flagged(seed):
+    A = random_symmetric(torch.linspace(0, 1, 200).double(), torch.Generator().manual_seed(seed))
     with pytest.warns(RuntimeWarning):
         res = eigsh(A, k=3, tol=1e-12, max_matvecs=8)
     assert not res.converged.all()
 
 
-def test_v0_warm_start_and_validation():
-    A = random_symmetric(torch.linspace(-1, 5, 80).double(), torch.Generator().manual_seed(2))
+def test_v0_warm_start_and_validation(seed):
+    A = random_symmetric(torch.linspace(-1, 5, 80).double(), torch.Generator().manual_seed(seed))
     first = eigsh(A, k=1, tol=1e-8)
     warm = eigsh(A, k=1, tol=1e-8, v0=first.eigenvectors[:, 0])
     assert warm.num_matvecs <= 2

@@ -2,7 +2,7 @@
 per-tensor norm sums are all-reduced between the calls: on plain tensors (no
 reduction to do) it must give the same bits as the fused one-call step. The
 private ``_split_steps`` switch forces it, so CI covers the split kernels
-without spawning ranks (tests/test_distributed_large_batch.py runs them sharded)."""
+without spawning ranks (tests/test_distributed.py runs them sharded)."""
 import copy
 
 import pytest

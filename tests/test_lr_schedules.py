@@ -5,7 +5,8 @@ import torch
 
 import fusedopt
 from fusedopt.lr import linear_scaling, linear_warmup
-from helpers import PAIR_IDS, PAIRS, assert_params_close, tiny_model, twin
+from helpers import assert_params_close, tiny_model, twin
+from optim_registry import TRAINING
 
 S = torch.optim.lr_scheduler
 
@@ -22,15 +23,13 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("fcls,tcls,kw", PAIRS, ids=PAIR_IDS)
-def test_schedule_matches_torch(fcls, tcls, kw, schedule, tensor_lr):
+@pytest.mark.parametrize("spec", TRAINING, ids=repr)
+def test_schedule_matches_torch(spec, schedule, tensor_lr):
     model = tiny_model()
     ref = twin(model)
-    lr = kw["lr"]
-    kw = dict(kw, lr=torch.tensor(lr) if tensor_lr else lr)
-    opt = fcls(model.parameters(), **kw)
-    kw["lr"] = torch.tensor(lr) if tensor_lr else lr
-    ref_opt = tcls(ref.parameters(), foreach=False, **kw)
+    lr = spec.hyper["lr"]
+    opt = spec.make(model.parameters(), **dict(spec.hyper, lr=torch.tensor(lr) if tensor_lr else lr))
+    ref_opt = spec.reference(ref.parameters(), **dict(spec.hyper, lr=torch.tensor(lr) if tensor_lr else lr))
     sched, ref_sched = SCHEDULES[schedule](opt), SCHEDULES[schedule](ref_opt)
     lr_object = opt.param_groups[0]["lr"]
     seen = set()

@@ -1,67 +1,109 @@
-"""master_weights=True (fp32 master of 16-bit params) and state_dtype=torch.bfloat16."""
+"""master_weights=True (fp32 master of 16-bit params) and state_dtype=torch.bfloat16,
+for every optimizer of the registry's TRAINING list. The reference is
+reference_optim.MixedPrecisionReference: the optimizer's fp32 math on fp32
+masters, params rounded to nearest even, states rounded to bf16."""
 import io
 
 import pytest
 import torch
 
 import fusedopt
+from optim_registry import TRAINING
+from reference_optim import MixedPrecisionReference, drift_tol
 
-OPTS = [
-    (fusedopt.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)),
-    (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-]
-IDS = [c.__name__ for c, _, _ in OPTS]
 SHAPES = [(7, 5), (33,), (4, 3, 2)]
+specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
 
 
 def params16(dtype):
     return [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
 
 
+def reference(spec, params, **options):
+    """The reference over copies of params (same dtype), with the fused optimizer's options."""
+    copies = [p.detach().clone() for p in params]
+    return MixedPrecisionReference(spec.reference, copies, **options, **spec.hyper)
+
+
+def set_grads(params, ref, dtype):
+    for p, q in zip(params, ref.params):
+        p.grad = torch.randn(p.shape).to(dtype)
+        q.grad = p.grad.clone()
+
+
+def assert_rounded(got, master, dtype, atol):
+    """got (16-bit) is the reference's fp32 master rounded to nearest even, exactly,
+    except where the master lies within atol (the fp32 tolerance between fused and
+    reference masters) of a rounding boundary: there either neighbour is right."""
+    lo, hi = (master - atol).to(dtype), (master + atol).to(dtype)
+    wrong = (got != master.to(dtype)) & ~((lo != hi) & ((got == lo) | (got == hi)))
+    assert not wrong.any(), (f"{int(wrong.sum())} elements are not the master rounded: got "
+                             f"{got[wrong][:4].tolist()}, master {master[wrong][:4].tolist()}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fcls,tcls,kw", OPTS, ids=IDS)
-def test_master_weights_track_fp32_reference(fcls, tcls, kw, dtype):
+@specs
+def test_master_weights_track_fp32_reference(spec, dtype):
+    """The fp32 reference runs on the master values; the update (and LARS/LAMB's trust
+    ratio) must come from them too. Half way, the masters are scaled by 1.003 (less
+    than a bf16 ulp, so the 16-bit params barely change): an update computed from the
+    params would now be off."""
     ps = params16(dtype)
-    ref = [p.detach().float().requires_grad_() for p in ps]
-    opt = fcls(ps, master_weights=True, **kw)
-    ref_opt = tcls(ref, foreach=False, **kw)
-    for _ in range(5):
-        for p, r in zip(ps, ref):
-            g = torch.randn(p.shape).to(dtype)
-            p.grad, r.grad = g, g.float()
-        opt.step(), ref_opt.step()
-        for p, r in zip(ps, ref):
+    opt = spec.make(ps, master_weights=True, **spec.hyper)
+    ref = reference(spec, ps, master_weights=True)
+    for step in range(6):
+        if step == 3:
+            for p, m in zip(ps, ref.masters):
+                opt.state[p]["master"].mul_(1.003)
+                m.copy_(opt.state[p]["master"])
+        set_grads(ps, ref, dtype)
+        opt.step()
+        ref.step()
+        for p, m, q in zip(ps, ref.masters, ref.params):
             master = opt.state[p]["master"]
             assert master.dtype is torch.float32
-            torch.testing.assert_close(master, r.detach(), rtol=1e-6, atol=1e-7)
+            rtol, atol = drift_tol(torch.float32, step + 1, float(m.abs().max()))
+            torch.testing.assert_close(master, m, rtol=rtol, atol=atol)
             assert torch.equal(p.detach(), master.to(dtype))  # param = master rounded to nearest even
+            assert_rounded(p.detach(), m, dtype, atol)
 
 
-def assert_16bit_params_drift_without_master(fcls, kw):
-    """What master weights are for: small updates are lost when bf16 params are rounded."""
+@specs
+def test_without_master_small_updates_are_lost(spec):
+    """What master weights are for: with updates below half a bf16 ulp, bf16 params
+    without a master keep losing them (as the reference that rounds p each step
+    does), while the master run keeps them (as the fp32-master reference does)."""
+    hyper = dict(spec.hyper, lr=spec.hyper["lr"] / 50)
     p = (torch.ones(64) + torch.rand(64)).bfloat16().requires_grad_()
     q = p.detach().clone().requires_grad_()
-    a, b = fcls([p], **kw), fcls([q], master_weights=True, **kw)
-    for _ in range(40):
+    plain, master = spec.make([p], **hyper), spec.make([q], master_weights=True, **hyper)
+    ref_plain = MixedPrecisionReference(spec.reference, [p.detach().clone()], **hyper)
+    ref_master = MixedPrecisionReference(spec.reference, [q.detach().clone()], master_weights=True, **hyper)
+    for step in range(40):
         g = (torch.rand(64) + 0.5).bfloat16()
-        p.grad, q.grad = g, g.clone()
-        a.step(), b.step()
-    assert "master" not in a.state[p] and "master" in b.state[q]
+        for o, r, x in ((plain, ref_plain, p), (master, ref_master, q)):
+            x.grad, r.params[0].grad = g.clone(), g.clone()
+            o.step()
+            r.step()
+        rtol, atol = drift_tol(torch.float32, step + 1, 2.0)
+        # Each step checked from identical params: a rounding that went the other way
+        # once would otherwise ride along as an ulp of offset.
+        assert_rounded(p.detach(), ref_plain.masters[0], torch.bfloat16, atol)
+        ref_plain.params[0].copy_(p.detach())
+        torch.testing.assert_close(master.state[q]["master"], ref_master.masters[0], rtol=rtol, atol=atol)
+        assert_rounded(q.detach(), ref_master.masters[0], torch.bfloat16, atol)
+    assert "master" not in plain.state[p] and "master" in master.state[q]
     assert not torch.equal(p, q)
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", OPTS, ids=IDS)
-def test_without_master_16bit_params_drift_from_reference(fcls, tcls, kw):
-    assert_16bit_params_drift_without_master(fcls, dict(kw, lr=2e-4))
-
-
-def assert_checkpoint_resume_is_bit_exact(fcls, kw, state_dtype):
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@specs
+def test_checkpoint_resume_is_bit_exact(spec, state_dtype):
     """bf16 params with master weights: saving mid-training and resuming in a new
     optimizer continues with the same bits (params, master, states)."""
     ps = params16(torch.bfloat16)
     grads = [[torch.randn(s).bfloat16() for s in SHAPES] for _ in range(6)]
-    opt = fcls(ps, master_weights=True, state_dtype=state_dtype, **kw)
+    opt = spec.make(ps, master_weights=True, state_dtype=state_dtype, **spec.hyper)
 
     def run(params, o, gs):
         for step_grads in gs:
@@ -77,7 +119,7 @@ def assert_checkpoint_resume_is_bit_exact(fcls, kw, state_dtype):
     buf.seek(0)
     ck = torch.load(buf)
     resumed = [t.clone().requires_grad_() for t in ck["params"]]
-    opt2 = fcls(resumed, master_weights=True, state_dtype=state_dtype, **kw)
+    opt2 = spec.make(resumed, master_weights=True, state_dtype=state_dtype, **spec.hyper)
     opt2.load_state_dict(ck["opt"])
     assert opt2.state[resumed[0]]["master"].dtype is torch.float32
     run(resumed, opt2, grads[3:])
@@ -88,41 +130,60 @@ def assert_checkpoint_resume_is_bit_exact(fcls, kw, state_dtype):
             assert torch.equal(v, opt2.state[b][k]), k
 
 
-@pytest.mark.parametrize("fcls,tcls,kw", OPTS, ids=IDS)
-def test_checkpoint_resume_is_bit_exact(fcls, tcls, kw):
-    assert_checkpoint_resume_is_bit_exact(fcls, kw, torch.bfloat16)
-
-
-@pytest.mark.parametrize("fcls,tcls,kw", OPTS, ids=IDS)
-def test_bf16_state_is_fp32_math_with_rounded_state(fcls, tcls, kw):
-    """Reference: torch.optim on fp32 whose states are rounded to bf16 after every step."""
+@specs
+def test_bf16_state_is_fp32_math_with_rounded_state(spec):
+    """fp32 params, bf16 state: the reference's fp32 math with its states rounded to bf16.
+    The same run with fp32 state gives other bits: the option does something."""
     ps = [torch.randn(s).requires_grad_() for s in SHAPES]
-    ref = [p.detach().clone().requires_grad_() for p in ps]
-    opt = fcls(ps, state_dtype=torch.bfloat16, **kw)
-    ref_opt = tcls(ref, foreach=False, **kw)
-    for _ in range(5):
-        for p, r in zip(ps, ref):
-            g = torch.randn(p.shape)
-            p.grad, r.grad = g, g.clone()
-        opt.step(), ref_opt.step()
-        for r in ref:
-            for k, v in ref_opt.state[r].items():
-                if torch.is_tensor(v) and v.shape == r.shape:
-                    v.copy_(v.bfloat16().float())
-        for p, r in zip(ps, ref):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
-            for k, v in ref_opt.state[r].items():
-                if torch.is_tensor(v) and v.shape == r.shape:
-                    assert opt.state[p][k].dtype is torch.bfloat16
-                    torch.testing.assert_close(opt.state[p][k].float(), v, rtol=8e-3, atol=1e-6)
+    fp32_state = [p.detach().clone().requires_grad_() for p in ps]
+    opt = spec.make(ps, state_dtype=torch.bfloat16, **spec.hyper)
+    opt_fp32_state = spec.make(fp32_state, **spec.hyper)
+    ref = reference(spec, ps, state_dtype=torch.bfloat16)
+    for step in range(5):
+        set_grads(ps, ref, torch.float32)
+        for p, q in zip(ps, fp32_state):
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_fp32_state.step()
+        ref.step()
+        for i, (p, r) in enumerate(zip(ps, ref.params)):
+            rtol, atol = drift_tol(torch.float32, step + 1, float(r.abs().max()))
+            torch.testing.assert_close(p.detach(), r, rtol=rtol, atol=atol)
+            for key in spec.state_keys:
+                got, want = opt.state[p][key], ref.state(i)[key]
+                assert got.dtype is torch.bfloat16, key
+                # the same fp32 value rounded on both sides, up to one bf16 ulp where they differ
+                torch.testing.assert_close(got.float(), want, rtol=torch.finfo(torch.bfloat16).eps, atol=atol)
+    assert any(not torch.equal(a, b) for a, b in zip(ps, fp32_state))
 
 
-def test_state_dtype_and_master_weights_are_validated():
+@specs
+def test_state_dtype_and_master_weights_are_validated(spec):
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="state_dtype"):
-        fusedopt.Adam([p], state_dtype=torch.float16)
+        spec.make([p], state_dtype=torch.float16, **spec.hyper)
     with pytest.raises(TypeError, match="master_weights"):
-        fusedopt.SGD([p], master_weights="yes")
+        spec.make([p], master_weights="yes", **spec.hyper)
+
+
+@specs
+def test_master_weights_ignored_for_fp32_params(spec):
+    p = torch.randn(10, requires_grad=True)
+    p.grad = torch.randn(10)
+    opt = spec.make([p], master_weights=True, **spec.hyper)
+    opt.step()
+    assert "master" not in opt.state[p]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@specs
+def test_state_follows_the_param_dtype(spec, dtype):
+    p = torch.nn.Parameter(torch.randn(20, dtype=dtype))
+    p.grad = torch.randn(20, dtype=dtype)
+    opt = spec.make([p], **spec.hyper)
+    opt.step()
+    for key in spec.state_keys:
+        assert opt.state[p][key].dtype is dtype, key
 
 
 def test_master_is_added_when_loading_a_checkpoint_without_one():

@@ -1,17 +1,20 @@
-"""A step with inf or nan grads does what torch.optim does, element for element:
+"""A step with inf or nan grads does what the reference does, element for element:
 the same values, and NaN/inf in the same places (params and state)."""
 import pytest
 import torch
 
-from optim_registry import OPTIMIZERS
+from optim_registry import OPTIMIZERS, cases
 
 POISON = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# The finite elements at the dtype's precision: one step of fp32 math is a few
+# roundings apart from torch's (or the fp64 reference's); fp64 math a few fp64 ones.
+TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14)}
 
 
-@pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
+@pytest.mark.parametrize("spec,dtype", cases(OPTIMIZERS, [torch.float32, torch.float64]))
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nonfinite_grads_match_torch(spec, kind, dtype, seed):
+def test_nonfinite_grads_match_reference(spec, kind, dtype):
+    rtol, atol = TOL[dtype]
     params = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in (37, 1000)]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, ref = spec.make(params, **spec.hyper), spec.reference(ref_params, **spec.hyper)
@@ -26,9 +29,9 @@ def test_nonfinite_grads_match_torch(spec, kind, dtype, seed):
         opt.step()
         ref.step()
         for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol, equal_nan=True)
             assert torch.equal(p.isnan(), q.isnan()) and torch.equal(p.isinf(), q.isinf())
             for key in spec.state_keys:
                 a, b = opt.state[p][key], ref.state[q][key]
                 assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), key
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)

@@ -16,6 +16,7 @@ import torch
 
 import fusedopt
 from fusedopt import _kernels
+from optim_registry import TRAINING_BY_CLASS
 
 STEPS = 50
 SHAPES = [(), (0,), (1,), (3,), (7,), (13, 5), (3, 0, 2), (9, 11), (1023,), (33, 17), (2, 3, 5, 7), (4099,)]
@@ -85,22 +86,22 @@ def adam_options(rng: random.Random, decoupled_choice: bool = True) -> dict:
     return opts
 
 
+# The registry's optimizer (spec.make) and its torch.optim reference (spec.reference,
+# foreach=False); the hyperparameters are drawn per group; the state keys compared.
 OPTIMIZERS = {
-    "SGD": (fusedopt.SGD, torch.optim.SGD, sgd_options, ("momentum_buffer",)),
-    "Adam": (fusedopt.Adam, torch.optim.Adam, adam_options, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    "AdamW": (fusedopt.AdamW, torch.optim.AdamW, lambda r: adam_options(r, decoupled_choice=False),
+    "SGD": (TRAINING_BY_CLASS[fusedopt.SGD], sgd_options, ("momentum_buffer",)),
+    "Adam": (TRAINING_BY_CLASS[fusedopt.Adam], adam_options, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "AdamW": (TRAINING_BY_CLASS[fusedopt.AdamW], lambda r: adam_options(r, decoupled_choice=False),
               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
 }
 
 
-def build(name: str, rng: random.Random, fused, ref, n_groups: int = 3, reference_cls=None):
-    fused_cls, torch_cls, draw, _ = OPTIMIZERS[name]
+def build(name: str, rng: random.Random, fused, ref, n_groups: int = 3):
+    spec, draw, _ = OPTIMIZERS[name]
     groups = split_groups(rng, len(fused), n_groups)
     options = [draw(rng) for _ in groups]
-    opt_f = fused_cls([dict(params=[fused[i] for i in g], **o) for g, o in zip(groups, options)])
-    ref_cls = reference_cls or torch_cls
-    extra = {} if reference_cls else {"foreach": False}
-    opt_r = ref_cls([dict(params=[ref[i] for i in g], **o) for g, o in zip(groups, options)], **extra)
+    opt_f = spec.make([dict(params=[fused[i] for i in g], **o) for g, o in zip(groups, options)])
+    opt_r = spec.reference([dict(params=[ref[i] for i in g], **o) for g, o in zip(groups, options)])
     return opt_f, opt_r, options
 
 
@@ -164,7 +165,7 @@ def test_matches_torch_every_step(name, dtype, draw, seed):
     fused, ref = make_pairs(rng, dtype, dtype)
     opt_f, opt_r, options = build(name, rng, fused, ref)
     rtol, atol = step_in_lockstep(rng, opt_f, opt_r, fused, ref, options, dtype)
-    compare_states(opt_f, opt_r, fused, ref, OPTIMIZERS[name][3], rtol, atol)
+    compare_states(opt_f, opt_r, fused, ref, OPTIMIZERS[name][2], rtol, atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

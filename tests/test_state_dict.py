@@ -8,20 +8,24 @@ import pytest
 import torch
 
 import fusedopt
+from optim_registry import BY_NAME, TRAINING, TRAINING_BY_CLASS, variant
 
 SHAPES = [(), (5,), (17, 3), (0,), (64,)]
 RTOL, ATOL = 1e-5, 1e-6
 
-CASES = {
-    "SGD": (fusedopt.SGD, torch.optim.SGD, [dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
-                                           dict(lr=0.02, momentum=0.8, dampening=0.1, maximize=True)]),
-    "SGD-nesterov": (fusedopt.SGD, torch.optim.SGD, [dict(lr=0.03, momentum=0.9, nesterov=True),
-                                                    dict(lr=0.01, momentum=0.0, weight_decay=0.01)]),
-    "Adam": (fusedopt.Adam, torch.optim.Adam, [dict(lr=1e-2, weight_decay=1e-2),
-                                              dict(lr=3e-3, betas=(0.8, 0.99), amsgrad=True, maximize=True)]),
-    "AdamW": (fusedopt.AdamW, torch.optim.AdamW, [dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
-                                                 dict(lr=2e-3, eps=1e-6)]),
+# (registry spec, options of the two param groups): spec.make builds fusedopt's
+# optimizer, spec.reference torch.optim's (foreach=False) from the same groups.
+SGD, ADAM, ADAMW = (TRAINING_BY_CLASS[c] for c in (fusedopt.SGD, fusedopt.Adam, fusedopt.AdamW))
+TORCH_CASES = {
+    "SGD": (SGD, [dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
+                  dict(lr=0.02, momentum=0.8, dampening=0.1, maximize=True)]),
+    "SGD-nesterov": (SGD, [dict(lr=0.03, momentum=0.9, nesterov=True), dict(lr=0.01, momentum=0.0, weight_decay=0.01)]),
+    "Adam": (ADAM, [dict(lr=1e-2, weight_decay=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), amsgrad=True, maximize=True)]),
+    "AdamW": (ADAMW, [dict(lr=1e-2, weight_decay=0.1, amsgrad=True), dict(lr=2e-3, eps=1e-6)]),
 }
+# LARS / LAMB (no torch.optim twin): the second group without weight decay, as for biases.
+CASES = dict(TORCH_CASES, **{s.name: (s, [s.hyper, dict(s.hyper, weight_decay=0.0)])
+                             for s in (BY_NAME["LARS"], BY_NAME["LAMB"])})
 
 
 def make_params(n_copies: int):
@@ -33,8 +37,9 @@ def grouped(params, options):
     return [dict(params=params[:3], **options[0]), dict(params=params[3:], **options[1])]
 
 
-def make(cls, params, options, **extra):
-    return cls(grouped(params, options), **extra)
+def make(build, params, options):
+    """build (a spec's make or reference) over the two groups of params."""
+    return build(grouped(params, options))
 
 
 def train(pairs, steps, gen_seed, skip_every=0):
@@ -56,14 +61,14 @@ def assert_params_equal(a, b, exact=False):
             torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(TORCH_CASES))
 @pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
 def test_checkpoint_crosses_implementations(case, direction, seed):
-    fused_cls, torch_cls, options = CASES[case]
+    spec, options = CASES[case]
     pa, pb, pc = make_params(3)
-    src_cls, dst_cls = (torch_cls, fused_cls) if direction == "torch_to_fused" else (fused_cls, torch_cls)
-    kw = lambda cls: {"foreach": False} if cls is torch_cls else {}  # noqa: E731
-    src = make(src_cls, pa, options, **kw(src_cls))
+    src_build, dst_build = ((spec.reference, spec.make) if direction == "torch_to_fused"
+                            else (spec.make, spec.reference))
+    src = make(src_build, pa, options)
     train([(pa, src)], 7, seed, skip_every=3)
     sd = src.state_dict()
     # The layout torch.optim uses: the same keys per param and per group.
@@ -71,12 +76,12 @@ def test_checkpoint_crosses_implementations(case, direction, seed):
     assert ref_keys <= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"}
     for p_dst, p_src in zip(pb, pa):
         p_dst.copy_(p_src)
-    dst = make(dst_cls, pb, options, **kw(dst_cls))
+    dst = make(dst_build, pb, options)
     dst.load_state_dict(copy.deepcopy(sd))
     for p_ref, p_src in zip(pc, pa):
         p_ref.copy_(p_src)
-    ref = make(torch_cls, pc, options, foreach=False)
-    ref.load_state_dict(copy.deepcopy(sd) if src_cls is torch_cls else torch_sd_from(src, torch_cls, pa, options))
+    ref = make(spec.reference, pc, options)
+    ref.load_state_dict(copy.deepcopy(sd))  # torch.optim loads fusedopt's state dict too
     train([(pb, dst), (pc, ref)], 12, seed + 1000, skip_every=4)
     assert_params_equal(pb, pc)
     # And the state written back out matches torch's.
@@ -90,28 +95,35 @@ def test_checkpoint_crosses_implementations(case, direction, seed):
                 assert sd_dst["state"][k][key] == v
 
 
-def torch_sd_from(fused_opt, torch_cls, params, options):
-    """The fusedopt state dict, loaded by torch.optim itself (the reverse direction's reference)."""
-    return copy.deepcopy(fused_opt.state_dict())
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_save_load_weights_only_round_trip(case, seed):
-    fused_cls, _, options = CASES[case]
+    spec, options = CASES[case]
     pa, pb = make_params(2)
-    a = make(fused_cls, pa, options)
+    a = make(spec.make, pa, options)
     train([(pa, a)], 5, seed)
+    sd = a.state_dict()
+    for group, opts in zip(sd["param_groups"], options):  # the state torch.optim would keep, per param
+        keys = variant_keys(spec, opts)
+        for i in group["params"]:
+            st = sd["state"].get(i, {})
+            assert set(keys) <= set(st), (i, sorted(st))
+            if "step" in st:
+                assert st["step"].dtype is torch.float32 and st["step"].numel() == 1 and float(st["step"]) == 5
     buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)
+    torch.save(sd, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     for x, y in zip(pb, pa):
         x.copy_(y)
-    b = make(fused_cls, pb, options)
+    b = make(spec.make, pb, options)
     b.load_state_dict(loaded)
     assert b.param_groups[1]["lr"] == options[1]["lr"]
     train([(pa, a), (pb, b)], 6, seed + 7)
     assert_params_equal(pa, pb, exact=True)  # same kernels, same inputs: same bits
+
+
+def variant_keys(spec, options):
+    return variant(spec, spec.name, **options).state_keys
 
 
 def lambda_warmup(step):
@@ -130,12 +142,12 @@ SCHEDULERS = {
 @pytest.mark.parametrize("case", ["SGD", "Adam", "AdamW"])
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_lr_schedulers_match_torch(case, sched, tensor_lr, seed):
-    fused_cls, torch_cls, options = CASES[case]
+    spec, options = CASES[case]
     if tensor_lr:
         options = [dict(o, lr=torch.tensor(o["lr"])) for o in options]
     pf, pt = make_params(2)
-    of = make(fused_cls, pf, copy.deepcopy(options))
-    ot = make(torch_cls, pt, copy.deepcopy(options), foreach=False)
+    of = make(spec.make, pf, copy.deepcopy(options))
+    ot = make(spec.reference, pt, copy.deepcopy(options))
     sf, st = SCHEDULERS[sched](of), SCHEDULERS[sched](ot)
     metrics = [1.0, 0.9, 0.95, 0.97, 0.99, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]
     for k, metric in enumerate(metrics):
@@ -166,10 +178,10 @@ def test_tensor_lr_on_cpu_matches_float_lr(seed):
     assert_params_equal(pa, pb, exact=True)
 
 
-@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam, fusedopt.AdamW])
-def test_zero_grad(cls):
+@pytest.mark.parametrize("spec", TRAINING, ids=repr)
+def test_zero_grad(spec):
     params = [torch.randn(4, requires_grad=True) for _ in range(3)]
-    opt = cls(params, lr=0.1)
+    opt = spec.make(params, **spec.hyper)
     for p in params:
         p.grad = torch.randn(4)
     opt.zero_grad(set_to_none=False)
@@ -184,12 +196,11 @@ def test_zero_grad(cls):
 
 @pytest.mark.parametrize("case", ["SGD", "Adam", "AdamW"])
 def test_closure_matches_torch(case, seed):
-    fused_cls, torch_cls, options = CASES[case]
+    spec, options = CASES[case]
     x, y = torch.randn(32, 6), torch.randn(32, 1)
     models = [torch.nn.Linear(6, 1) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [fused_cls(models[0].parameters(), **options[0]),
-            torch_cls(models[1].parameters(), foreach=False, **options[0])]
+    opts = [spec.make(models[0].parameters(), **options[0]), spec.reference(models[1].parameters(), **options[0])]
     calls = [0, 0]
     for _ in range(10):
         losses = []

@@ -1,7 +1,10 @@
-"""fusedopt.LARS and fusedopt.LAMB against plain per-tensor fp64 implementations
-of the formulas of issue 3 (tests/reference_optim.py, shared with the hardening
-suites through tests/optim_registry.py)."""
-import copy
+"""The trust-ratio and clipping math of fusedopt.LARS and fusedopt.LAMB against
+plain per-tensor fp64 implementations of the formulas of issue 3
+(tests/reference_optim.py): trust ratios where ||p|| or ||g|| is 0, trust_clip,
+always_adapt, LAMB's global grad-norm clipping across param groups with their own
+thresholds, bias correction, grad averaging and decoupled decay, over 50 steps
+and in fp32 and bf16. State, determinism, AMP, validation and the rest run for
+LARS and LAMB in the registry-driven suites (tests/optim_registry.py)."""
 import random
 
 import pytest
@@ -10,8 +13,6 @@ import torch
 import fusedopt
 from reference_optim import RefLAMB, RefLARS
 
-cuda = pytest.mark.cuda
-needs_gpu = pytest.mark.skipif(not fusedopt.cuda_available(), reason="needs a CUDA GPU and CUDA kernels")
 STEPS = 50
 
 
@@ -63,7 +64,7 @@ def run(opt_cls, ref_cls, hyper, groups_extra, dtype, steps=STEPS, device="cpu")
     return [p.detach().double().cpu() for p in w + b], [q.detach() for q in ref_w + ref_b], peaks
 
 
-def check(got, want, dtype, peaks):
+def check(got, want, peaks, dtype):
     """peaks[i]: the largest |value| tensor i passed through in the reference run."""
     for i, (g, r) in enumerate(zip(got, want)):
         if dtype is torch.float32:
@@ -80,6 +81,12 @@ def check(got, want, dtype, peaks):
             # that later steps carry along, so the bound scales with the tensor.
             scale = float(r.abs().max()) or 1.0
             torch.testing.assert_close(g, r, rtol=2.0 ** -7, atol=2.0 ** -7 * scale, msg=lambda m: f"tensor {i}: {m}")
+
+
+def assert_matches_reference(opt_cls, ref_cls, hyper, dtype, groups_extra=None, steps=STEPS, device="cpu"):
+    """run() with the biases' group free of weight decay (unless groups_extra says otherwise), then check()."""
+    extra = {"weight_decay": 0.0} if groups_extra is None else groups_extra
+    check(*run(opt_cls, ref_cls, hyper, extra, dtype, steps, device), dtype=dtype)
 
 
 LARS_CASES = [  # (momentum, dampening, nesterov, trust_clip, always_adapt)
@@ -101,11 +108,8 @@ def lars_hyper(case, rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", LARS_CASES)
-def test_lars_matches_reference(case, dtype):
-    rng = random.Random(torch.seed())
-    hyper = lars_hyper(case, rng)
-    got, want, peaks = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype)
-    check(got, want, dtype, peaks)
+def test_lars_matches_reference(case, dtype, seed):
+    assert_matches_reference(fusedopt.LARS, RefLARS, lars_hyper(case, random.Random(seed)), dtype)
 
 
 LAMB_CASES = [  # (bias_correction, grad_averaging, max_grad_norm, trust_clip, always_adapt, decoupled_decay)
@@ -127,18 +131,41 @@ def lamb_hyper(case, rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", LAMB_CASES)
-def test_lamb_matches_reference(case, dtype):
-    rng = random.Random(torch.seed())
-    hyper = lamb_hyper(case, rng)
-    got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype)
-    check(got, want, dtype, peaks)
+def test_lamb_matches_reference(case, dtype, seed):
+    assert_matches_reference(fusedopt.LAMB, RefLAMB, lamb_hyper(case, random.Random(seed)), dtype)
 
 
-def test_lamb_clip_norm_spans_groups_with_different_thresholds():
-    rng = random.Random(torch.seed())
-    hyper = lamb_hyper((True, True, 0.3, False, False, False), rng)
-    got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0, "max_grad_norm": None}, torch.float32, 20)
-    check(got, want, torch.float32, peaks)
+def test_lamb_clip_norm_spans_groups_with_different_thresholds(seed):
+    hyper = lamb_hyper((True, True, 0.3, False, False, False), random.Random(seed))
+    assert_matches_reference(fusedopt.LAMB, RefLAMB, hyper, torch.float32,
+                             groups_extra={"weight_decay": 0.0, "max_grad_norm": None}, steps=20)
+
+
+# ---- CUDA (compiled here, run only where a GPU is present) -------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["lars", "lamb"])
+def test_cuda_matches_reference(which, dtype, seed):
+    rng = random.Random(seed)
+    if which == "lars":
+        assert_matches_reference(fusedopt.LARS, RefLARS, lars_hyper(LARS_CASES[-2], rng), dtype, device="cuda")
+    else:
+        assert_matches_reference(fusedopt.LAMB, RefLAMB, lamb_hyper(LAMB_CASES[2], rng), dtype, device="cuda")
+
+
+@pytest.mark.parametrize("cls", [fusedopt.LARS, fusedopt.LAMB])
+def test_norm_slots_keep_rows_vector_aligned(cls):
+    # Every row's pointers, the norms slot included, must be 16-byte aligned,
+    # or CUDA runs that row element by element (the flag is set the same on CPU).
+    from fusedopt._kernels.layout import FLAGS_COLUMN, ROW_FLAGS
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (64, 32, 128, 16, 8)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, lr=0.1, weight_decay=1e-3)
+    opt.step()
+    opt.step()
+    table = opt._plans[0].batches[0].table
+    assert all(int(f) & ROW_FLAGS["aligned16"] for f in table.rows[:, FLAGS_COLUMN])
 
 
 # ---- exact fp64 -----------------------------------------------------------------
@@ -217,161 +244,3 @@ def test_lamb_grad_sq_norms_are_fp64(seed):
     torch.testing.assert_close(sq[2:], want[2:], rtol=1e-6, atol=0)  # an fp32 grad sums in fp32 lanes
 
 
-# ---- state, determinism, AMP, validation -------------------------------------
-OPTIMIZERS = [
-    (fusedopt.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True), ("momentum_buffer",)),
-    (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.05), ("step", "exp_avg", "exp_avg_sq")),
-]
-
-
-def fixed_grads(n_steps, shapes, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(n_steps)]
-
-
-def drive(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
-@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
-def test_state_dict_round_trip(cls, kw, keys):
-    shapes = [(40, 30), (30,), (70000,)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = cls([{"params": params[::2]}, {"params": params[1:2], "weight_decay": 0.0}], **kw)
-    grads = fixed_grads(12, shapes, 7)
-    drive(opt, params, grads[:6])
-    sd = copy.deepcopy(opt.state_dict())
-    for st in sd["state"].values():
-        assert set(keys) <= set(st)
-        if "step" in st:
-            assert st["step"].dtype is torch.float32 and st["step"].numel() == 1 and float(st["step"]) == 6
-    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = cls([{"params": params2[::2]}, {"params": params2[1:2], "weight_decay": 0.0}], **kw)
-    opt2.load_state_dict(sd)
-    drive(opt, params, grads[6:])
-    drive(opt2, params2, grads[6:])
-    assert all(torch.equal(a, b) for a, b in zip(params, params2))
-
-
-@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
-def test_same_bits_twice_and_for_any_thread_count(cls, kw, keys):
-    shapes = [(200000,), (333, 77), (5,)]
-    init = [torch.randn(s) for s in shapes]
-    grads = fixed_grads(3, shapes, 11)
-    results = []
-    before = fusedopt.get_num_threads()
-    try:
-        for threads in (2, 2, 1):
-            fusedopt.set_num_threads(threads)
-            params = [torch.nn.Parameter(x.clone()) for x in init]
-            drive(cls(params, **kw), params, grads)
-            results.append(params)
-    finally:
-        fusedopt.set_num_threads(before)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-
-
-@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
-def test_grad_scale_and_found_inf(cls, kw, keys):
-    shapes = [(50, 20), (20,)]
-    init = [torch.randn(s) for s in shapes]
-    grads = fixed_grads(4, shapes, 3)
-    plain = [torch.nn.Parameter(x.clone()) for x in init]
-    drive(cls(plain, **kw), plain, grads)
-    scaled = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = cls(scaled, **kw)
-    opt.grad_scale = torch.tensor(1024.0)
-    opt.found_inf = torch.tensor(0.0)
-    drive(opt, scaled, [[g * 1024.0 for g in gs] for gs in grads])
-    for a, b in zip(plain, scaled):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    before = [p.detach().clone() for p in scaled]
-    state_before = copy.deepcopy(opt.state_dict()["state"])
-    opt.found_inf = torch.tensor(1.0)
-    drive(opt, scaled, [[torch.full(s, float("inf")) for s in shapes]])
-    assert all(torch.equal(a, b) for a, b in zip(before, scaled))
-    for k, st in opt.state_dict()["state"].items():
-        assert all(torch.equal(v, state_before[k][n]) for n, v in st.items())
-
-
-@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
-def test_bad_input_rejected_before_anything_is_written(cls, kw, keys):
-    good = torch.nn.Parameter(torch.randn(10, 10))
-    bad = torch.nn.Parameter(torch.randn(10, 10))
-    opt = cls([{"params": [good]}, {"params": [bad]}], **kw)
-    good.grad = torch.randn(10, 10)
-    bad.grad = torch.randn(10, 10).t()  # not contiguous
-    before = good.detach().clone()
-    with pytest.raises(ValueError, match="contiguous"):
-        opt.step()
-    assert torch.equal(good, before) and not opt.state
-
-
-@pytest.mark.parametrize("cls, kw", [
-    (fusedopt.LARS, dict(lr=-1.0)), (fusedopt.LARS, dict(trust_coeff=-1.0)),
-    (fusedopt.LARS, dict(nesterov=True)), (fusedopt.LARS, dict(trust_clip="yes")),
-    (fusedopt.LAMB, dict(betas=(1.0, 0.9))), (fusedopt.LAMB, dict(eps=0.0)),
-    (fusedopt.LAMB, dict(max_grad_norm=0.0)), (fusedopt.LAMB, dict(decoupled_decay=1)),
-])
-def test_bad_hyperparameters(cls, kw):
-    with pytest.raises((ValueError, TypeError)):
-        cls([torch.nn.Parameter(torch.randn(3))], **kw)
-
-
-def test_fp64_params_keep_fp64_state():
-    p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
-    p.grad = torch.randn(20, dtype=torch.float64)
-    opt = fusedopt.LAMB([p])
-    opt.step()
-    assert opt.state[p]["exp_avg"].dtype is torch.float64
-
-
-# ---- CUDA (compiled here, run only where a GPU is present) -------------------
-@cuda
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("which", ["lars", "lamb"])
-def test_cuda_matches_reference(which, dtype):
-    rng = random.Random(torch.seed())
-    if which == "lars":
-        hyper = lars_hyper(LARS_CASES[-2], rng)
-        got, want, peaks = run(fusedopt.LARS, RefLARS, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
-    else:
-        hyper = lamb_hyper(LAMB_CASES[2], rng)
-        got, want, peaks = run(fusedopt.LAMB, RefLAMB, hyper, {"weight_decay": 0.0}, dtype, device="cuda")
-    check(got, want, dtype, peaks)
-
-
-@cuda
-@needs_gpu
-@pytest.mark.parametrize("cls, kw, keys", OPTIMIZERS)
-def test_cuda_deterministic(cls, kw, keys):
-    shapes = [(3_000_000,), (333, 77), (5,)]
-    init = [torch.randn(s) for s in shapes]
-    grads = fixed_grads(3, shapes, 5)
-    out = []
-    for _ in range(2):
-        params = [torch.nn.Parameter(x.clone().cuda()) for x in init]
-        drive(cls(params, **kw), params, [[g.cuda() for g in gs] for gs in grads])
-        out.append(params)
-    assert all(torch.equal(a, b) for a, b in zip(*out))
-
-
-@pytest.mark.parametrize("cls", [fusedopt.LARS, fusedopt.LAMB])
-def test_norm_slots_keep_rows_vector_aligned(cls):
-    # Every row's pointers, the norms slot included, must be 16-byte aligned,
-    # or CUDA runs that row element by element (the flag is set the same on CPU).
-    from fusedopt import _kernels
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (64, 32, 128, 16, 8)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = cls(params, lr=0.1, weight_decay=1e-3)
-    opt.step()
-    opt.step()
-    from fusedopt._kernels.layout import FLAGS_COLUMN, ROW_FLAGS
-    table = opt._plans[0].batches[0].table
-    assert all(int(f) & ROW_FLAGS["aligned16"] for f in table.rows[:, FLAGS_COLUMN])
