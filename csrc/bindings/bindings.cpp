@@ -1,5 +1,5 @@
 // The _C module: build information and the kernel entry points. Bindings only
-// convert; every check on tensors happens in python/fusedopt/_kernels.py.
+// convert; every check on tensors happens in python/fusedopt/_kernels/.
 #include <pybind11/stl.h>
 
 #include "../common/chunk_table.h"
@@ -11,7 +11,7 @@
 namespace fusedopt::bind {
 void register_optim(py::module_& m);
 void register_lanczos(py::module_& m);
-void register_large_batch(py::module_& m);
+void register_norm_scaled(py::module_& m);
 void register_layout(py::module_& m);
 }
 
@@ -41,6 +41,6 @@ PYBIND11_MODULE(_C, m) {
       "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
   bind::register_optim(m);
   bind::register_lanczos(m);
-  bind::register_large_batch(m);
+  bind::register_norm_scaled(m);
   bind::register_layout(m);
 }

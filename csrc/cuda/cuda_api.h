@@ -23,7 +23,7 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
 int64_t lanczos_chunk_elements();  // elements per block; the workspace needs one partial per chunk and row
 void lanczos_dots(const LanczosCall& call);
 void lanczos_orthogonalize(const LanczosCall& call);
-// Per-tensor norms, LARS, LAMB (large_batch_cuda.cu). `workspace` holds
+// Per-tensor norms, LARS, LAMB (norm_scaled_cuda.cu). `workspace` holds
 // reduction_workspace_elems(rows, K) doubles: K = 1 for norms, 2 for LARS,
 // 2 (+1 when clipping grads) for LAMB.
 int64_t reduction_workspace_elems(const TensorRow* rows, int64_t n_rows, int quantities);

@@ -28,7 +28,7 @@ template <class C> struct AdamScalars {
   C neg_step_size;  // -lr / (1 - beta1^t)
   C bc2;            // 1 - beta2^t
   C bc2_sqrt;
-  C inv_scale_div;  // grad divisor (AMP scale) or 1
+  C grad_divisor;   // what the raw grad is divided by: the AMP scale, or 1
   // Options as 0/1 in the compute type: selects on them vectorize (bools do not).
   C amsgrad, maximize, coupled_wd, eps_inside;
 };
@@ -50,7 +50,7 @@ FO_HD AdamScalars<C> adam_scalars(const AdamHyper& h, double step, double lr, do
   s.neg_step_size = static_cast<C>(-(lr / bc1));
   s.bc2 = static_cast<C>(bc2);
   s.bc2_sqrt = static_cast<C>(sqrt(bc2));
-  s.inv_scale_div = static_cast<C>(grad_scale);
+  s.grad_divisor = static_cast<C>(grad_scale);
   s.amsgrad = (h.flags & kAdamAmsgrad) ? C(1) : C(0);
   s.maximize = (h.flags & kAdamMaximize) ? C(1) : C(0);
   s.coupled_wd = (!decoupled && h.weight_decay != 0.0) ? C(1) : C(0);
@@ -68,7 +68,7 @@ template <class C> FO_HD C lerp(C a, C b, C w) {
 // option selects the untouched value, which keeps results exact.
 template <class C>
 FO_HD void adam_element(C& p, C g, C& m, C& v, C& vmax, const AdamScalars<C>& s) {
-  g = g / s.inv_scale_div;
+  g = g / s.grad_divisor;
   g = s.maximize != C(0) ? -g : g;
   g = s.coupled_wd != C(0) ? g + s.weight_decay * p : g;
   p = p * s.decay_factor;  // exactly 1 unless decoupled decay is on

@@ -13,7 +13,7 @@
 
 namespace fusedopt {
 
-// Must match python/fusedopt/_kernels.py DTYPE_CODES.
+// Exported by name in _C.LAYOUT (bindings/bind_layout.cpp); Python reads them from there.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Storage types for 16-bit floats: plain bit patterns, so the same struct works

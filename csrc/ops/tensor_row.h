@@ -1,6 +1,6 @@
 // One row per tensor of a multi-tensor call: the pointers of the tensors that
 // belong to one parameter (param, grad, states...), its element count and
-// per-tensor flags. Python builds these rows (python/fusedopt/_kernels.py);
+// per-tensor flags. Python builds these rows (python/fusedopt/_kernels/rows.py);
 // each op header names the meaning of its columns.
 #pragma once
 #include <cstdint>

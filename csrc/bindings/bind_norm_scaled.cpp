@@ -1,14 +1,14 @@
 // Bindings of the per-tensor norms, LARS and LAMB entry points, and of the
 // host combine order every reduction shares. Only conversions;
-// python/fusedopt/_kernels.py checks every tensor first.
-#include "../cpu/large_batch_cpu.h"
+// python/fusedopt/_kernels/ checks every tensor first.
+#include "../cpu/norm_scaled_cpu.h"
 #include "../ops/combine.h"
 #include "../cuda/cuda_api.h"
 #include "bind_util.h"
 
 namespace fusedopt::bind {
 
-void register_large_batch(py::module_& m) {
+void register_norm_scaled(py::module_& m) {
   m.def(
       "cuda_reduction_workspace_elems",
       [](const RowArray& rows, int quantities) {

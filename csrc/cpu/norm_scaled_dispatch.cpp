@@ -1,4 +1,4 @@
-#include "large_batch_cpu.h"
+#include "norm_scaled_cpu.h"
 
 namespace fusedopt::cpu {
 void multi_tensor_norms(const NormsCall& call) { FO_SIMD_DISPATCH(multi_tensor_norms, call) }

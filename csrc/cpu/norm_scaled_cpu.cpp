@@ -8,7 +8,7 @@
 
 #include "../ops/combine.h"
 #include "../ops/dispatch.h"
-#include "large_batch_cpu.h"
+#include "norm_scaled_cpu.h"
 #include "optim_cpu.h"
 #include "optim_loops.h"
 #include "reduce_cpu.h"

@@ -6,13 +6,13 @@
 #include "../ops/norms.h"
 #include "simd.h"
 
-#define FO_LARGE_BATCH_CPU_DECLS                                                        \
+#define FO_NORM_SCALED_CPU_DECLS                                                        \
   void multi_tensor_norms(const NormsCall& call);                                       \
   void multi_tensor_lars(const OptimCall& call, const LarsHyper& h);                    \
   void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, \
                          int64_t n_grad_sq);
-FO_DECLARE_PER_SIMD(FO_LARGE_BATCH_CPU_DECLS)
+FO_DECLARE_PER_SIMD(FO_NORM_SCALED_CPU_DECLS)
 
 namespace fusedopt::cpu {
-FO_LARGE_BATCH_CPU_DECLS
+FO_NORM_SCALED_CPU_DECLS
 }  // namespace fusedopt::cpu
