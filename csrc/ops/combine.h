@@ -37,6 +37,9 @@ inline double combine_tree(double (&lanes)[kCombineLanes]) {
 // Host: the total of item(0..n-1) in exactly the order a CUDA combine warp adds them.
 template <class Item>
 double fixed_order_sum(int64_t n, const Item& item) {
+  // One item (a tensor of one chunk, the common case): lane 0 holds +0 + item
+  // and every other lane +0, which the tree adds without changing a bit.
+  if (n <= 1) return n == 1 ? 0.0 + item(0) : 0.0;
   double lanes[kCombineLanes];
   for (int l = 0; l < kCombineLanes; ++l) lanes[l] = combine_lane(n, l, item);
   return combine_tree(lanes);

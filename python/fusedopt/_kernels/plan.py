@@ -96,10 +96,12 @@ class StepPlan:
                     return False
         return not any(b.table.params_changed() for b in self.batches)
 
-    def commit_created(self, columns: Sequence[Column]) -> None:
+    def commit_created(self, columns: Sequence[Column]) -> List[int]:
         """After the kernels ran: zero state made for None entries goes into the
         caller's lists (as torch's functional SGD fills momentum_buffer_list), and
-        the plan stays valid for the next call that passes those tensors."""
+        the plan stays valid for the next call that passes those tensors.
+        Returns the positions that got new state."""
+        positions = sorted({i for _, i, _ in self.created})
         for c, i, t in self.created:
             lst = columns[c].tensors
             if isinstance(lst, list):
@@ -109,6 +111,7 @@ class StepPlan:
             for b in self.batches:
                 b.table.set_row_flag("first_step", [False] * len(b.table))
         self.created = []
+        return positions
 
 
 def _refresh_grads(plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:

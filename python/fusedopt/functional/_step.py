@@ -3,7 +3,7 @@ the two phases of a step (``prepare`` checks everything and returns a
 ``PreparedStep``; ``launch`` writes)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -58,16 +58,17 @@ class PreparedStep:
     Optimizers prepare every param group before launching any, so that an
     error in any group leaves everything untouched."""
 
-    __slots__ = ("plan", "_columns", "_run")
+    __slots__ = ("plan", "created", "_columns", "_run")
 
     def __init__(self, plan: StepPlan, columns: Sequence[Column], run: Callable[..., None]):
         self.plan = plan
+        self.created: List[int] = []  # after launch: positions whose state the call made
         self._columns = columns
         self._run = run
 
     def launch(self, **options) -> None:
         self._run(**options)
-        self.plan.commit_created(self._columns)
+        self.created = self.plan.commit_created(self._columns)
 
 
 def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], launch: bool):

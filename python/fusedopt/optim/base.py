@@ -102,8 +102,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_key_required_when_loaded(self, key: str) -> bool:
         return True
 
-    def _after_launch(self, group: dict, entry: _GroupLists) -> None:
-        """After the kernels ran (SGD, LARS: store momentum buffers made by the step)."""
+    def _after_launch(self, group: dict, entry: _GroupLists, created: Sequence[int]) -> None:
+        """After the kernels ran; ``created``: positions in ``entry.params`` whose
+        state the step made (SGD, LARS: their momentum buffers go into the state)."""
 
     # ---- options every optimizer shares ----------------------------------------
     def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
@@ -172,11 +173,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         prepared, pending = [], {}
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
-            entry = self._group_lists(gi, group, pending)
+            entry, grads = self._group_lists(gi, group, pending)
             if entry is None:
                 continue
             plan = self._plans.setdefault(gi, StepPlan())
-            call = self._call(group, entry, grad_scale, found_inf, plan=plan, launch=False,
+            call = self._call(group, entry, grads, grad_scale, found_inf, plan=plan, launch=False,
                               _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32)
             prepared.append((group, entry, call))
         # Everything is checked: commit new state, then write.
@@ -188,31 +189,37 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, st in pending.items():
                 self.state[p] = TrackedState(self._epoch, st)
         self._launch(prepared)
-        for group, entry, _ in prepared:
-            self._after_launch(group, entry)
+        for group, entry, call in prepared:
+            if call.created:
+                self._after_launch(group, entry, call.created)
         return loss
 
     def _launch(self, prepared: List[tuple]) -> None:
         for _, _, call in prepared:
             call.launch()
 
-    def _call(self, group: dict, entry: _GroupLists, grad_scale, found_inf, **extra):
-        grads = [p.grad for p in entry.params]
+    def _call(self, group: dict, entry: _GroupLists, grads: list, grad_scale, found_inf, **extra):
         return type(self)._functional(entry.params, grads, **entry.lists, **self._functional_kwargs(group),
                                       lr=group["lr"], grad_scale=grad_scale, found_inf=found_inf,
                                       master_params=entry.master, **extra)
 
-    def _group_lists(self, gi: int, group: dict, pending: dict) -> Optional[_GroupLists]:
-        """The group's params with grads and their state lists (cached while no
-        param, grad presence or state entry changed). New state goes to ``pending``."""
-        params = [p for p in group["params"] if p.grad is not None]
+    def _group_lists(self, gi: int, group: dict, pending: dict):
+        """(the group's params with grads and their state lists, their grads); the
+        lists are cached while no param, grad presence or state entry changed.
+        New state goes to ``pending``. (None, None) when no param has a grad."""
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                params.append(p)
+                grads.append(g)
         if not params:
-            return None
+            return None, None
         key = (tuple(map(id, params)), self._required_state_keys(group), bool(group.get("master_weights")),
                self._epoch[0])
         cached = self._group_cache.get(gi)
         if cached is not None and cached.key == key:
-            return cached
+            return cached, grads
         position = {id(p): i for i, p in enumerate(group["params"])}
         names = [self._param_label(group, gi, position[id(p)]) for p in params]
         states, new = [], False
@@ -228,7 +235,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         entry = _GroupLists(key, params, names, self._state_lists(group, states), master)
         if not new:  # lists that hold uncommitted state are rebuilt from the committed state next time
             self._group_cache[gi] = entry
-        return entry
+        return entry, grads
 
     def _complete_state(self, group: dict, p: torch.Tensor, name: str):
         """(state to use this step, whether anything was added). The stored state
@@ -268,7 +275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             states = [self.state[p] for p in params]
             master = [st.get("master") for st in states] if any(self._uses_master(group, p) for p in params) else None
             entry = _GroupLists(None, params, None, self._state_lists(group, states), master)
-            self._call(group, entry, grad_scale, found_inf, **extra(group))
+            self._call(group, entry, [p.grad for p in params], grad_scale, found_inf, **extra(group))
         return loss
 
     def _compiled_extra(self) -> Callable[[dict], dict]:

@@ -20,8 +20,8 @@ class MomentumState:
         # None (no buffer yet: a first momentum step) is filled in by the functional entry.
         return {"momentum_buffer_list": [st.get("momentum_buffer") for st in states]}
 
-    def _after_launch(self, group, entry):
-        store_momentum_buffers(self, group, entry)
+    def _after_launch(self, group, entry, created):
+        store_momentum_buffers(self, entry, created)
 
 
 class SGD(MomentumState, FusedOptimizer):
@@ -75,14 +75,14 @@ class SGD(MomentumState, FusedOptimizer):
                     nesterov=group["nesterov"], maximize=group["maximize"])
 
 
-def store_momentum_buffers(opt: FusedOptimizer, group: dict, entry) -> None:
+def store_momentum_buffers(opt: FusedOptimizer, entry, created) -> None:
     """Momentum buffers made by a first step (the functional entry put them in the
     list) become state, as torch.optim.SGD stores them."""
-    if group["momentum"] == 0:
-        return
-    for p, buf in zip(entry.params, entry.lists["momentum_buffer_list"]):
+    buffers = entry.lists["momentum_buffer_list"]
+    for i in created:
+        p, buf = entry.params[i], buffers[i]
         st = opt.state.get(p)
         if st is None:
             opt.state[p] = TrackedState(opt._epoch, {"momentum_buffer": buf})
-        elif st.get("momentum_buffer") is not buf:
+        else:
             st["momentum_buffer"] = buf
