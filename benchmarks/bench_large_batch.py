@@ -150,13 +150,20 @@ def stream_probes(n: int, device: torch.device) -> Dict[str, callable]:
     return {f"stream {name}": (lambda fn=fn: fn(a, b, c)) for name, (_, fn) in STREAMS.items()}
 
 
-def floor_fraction(fused: Optional[Summary], probes: Dict[str, Measured], n: int, bytes_per_param: int):
-    """(best streaming rate per repetition in B/s, floor time / fusedopt time per repetition)."""
-    per_probe = [[STREAMS[name.split(" ", 1)[1]][0] * n / t for t in m.samples]
-                 for name, m in probes.items() if m.error is None]
-    if fused is None or not per_probe:
+def stream_rates(probes: Dict[str, Measured], n: int) -> Dict[str, Summary]:
+    """Bytes per second of each streaming probe, per repetition."""
+    return {name.split(" ", 1)[1]: Summary.of([STREAMS[name.split(" ", 1)[1]][0] * n / t for t in m.samples])
+            for name, m in probes.items() if m.error is None}
+
+
+def floor_fraction(fused: Optional[Summary], rates: Dict[str, Summary], bytes_per_param: int, n: int):
+    """(best streaming rate per repetition in B/s, floor time / fusedopt time per repetition).
+    The best of the streams, repetition by repetition: a copy alone is not the attainable rate
+    (more read streams in flight stream faster), and a rate measured at another moment of a
+    shared machine is not this repetition's."""
+    if fused is None or not rates:
         return None, None
-    best = Summary.of([max(rates) for rates in zip(*per_probe)])
+    best = Summary.of([max(per_rep) for per_rep in zip(*(r.samples for r in rates.values()))])
     fractions = Summary.of([bytes_per_param * n / rate / t for rate, t in zip(best.samples, fused.samples)])
     return best, fractions
 
@@ -189,7 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     reps=reps, warmup=warmup, iters=args.iters, target_s=SECONDS_PER_REP[args.mode],
                     probes=stream_probes(n, device), after_rep=lambda i: bar.update(label))
                 fused = next(r for r in rows if r.name == "fusedopt")
-                bandwidth, fraction = floor_fraction(fused.time, probes, n, FLOOR_BYTES_PER_PARAM[case])
+                rates = stream_rates(probes, n)
+                bandwidth, fraction = floor_fraction(fused.time, rates, FLOOR_BYTES_PER_PARAM[case], n)
                 for r in rows:
                     floor_cell = ""
                     if r.name == "fusedopt" and fraction is not None:
@@ -198,14 +206,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                     record = dict(case=label, scale=scale, tensors=len(shapes), params=n, **r.as_dict())
                     if r.name == "fusedopt" and fraction is not None:
                         record.update(floor_bytes_per_step=FLOOR_BYTES_PER_PARAM[case] * n,
-                                      fraction_of_floor=fraction.as_dict(), attainable_bytes_per_s=bandwidth.as_dict())
+                                      fraction_of_floor=fraction.as_dict(), attainable_bytes_per_s=bandwidth.as_dict(),
+                                      stream_bytes_per_s={k: v.as_dict() for k, v in rates.items()})
                     records.append(record)
                 if bandwidth is not None:
-                    notes.append(f"{label}: {n:,} params (scale {scale:.3g}); best streaming rate "
-                                 f"{bandwidth.median / 1e9:.1f} GB/s ({bandwidth.low / 1e9:.1f}-{bandwidth.high / 1e9:.1f})")
-                if llc and 4 * n < 2 * llc:
-                    notes.append(f"{label}: one fp32 array ({4 * n / 2**20:.0f} MiB) is within twice the last-level "
-                                 f"cache ({llc / 2**20:.0f} MiB): reads can hit the cache, so '% of floor' may pass 100")
+                    streams = ", ".join(f"{k} {v.median / 1e9:.1f}" for k, v in rates.items())
+                    notes.append(f"{label}: {n:,} params (scale {scale:.3g}); streaming GB/s (median): {streams}; "
+                                 f"best per repetition {bandwidth.median / 1e9:.1f} "
+                                 f"({bandwidth.low / 1e9:.1f}-{bandwidth.high / 1e9:.1f})")
+                if llc and 4 * n < llc:
+                    notes.append(f"{label}: one fp32 array ({4 * n / 2**20:.0f} MiB) fits in the last-level cache "
+                                 f"({llc / 2**20:.0f} MiB): reads can hit the cache, so '% of floor' may pass 100")
                 failed = failed or any(r.status == "error" for r in rows)
                 errors += error_summary(rows)
                 del params, grads, probes

@@ -216,7 +216,9 @@ def test_floor_uses_the_best_stream_of_the_same_repetition():
     probes = {"stream copy": Measured([8e-6, 1e-6]), "stream add": Measured([1.2e-5, 1.2e-5]),
               "stream multiply-add": Measured([1.6e-5, 1e-6])}
     fused = Summary.of([28e-6, 28e-6])
-    best, fraction = large_batch.floor_fraction(fused, probes, n, 28)
+    rates = large_batch.stream_rates(probes, n)
+    assert rates["copy"].samples == pytest.approx((1e9, 8e9))
+    best, fraction = large_batch.floor_fraction(fused, rates, 28, n)
     assert best.samples == pytest.approx((1e9, 16e9))
     assert fraction.samples == pytest.approx((1.0, 1 / 16))
 
