@@ -114,6 +114,7 @@ def dense_spectrum(model, loss_fn, X, y) -> torch.Tensor:
 
 def count_rows(bar) -> List[dict]:
     model, X, y = trained_mlp()
+    bar.update("trained the MLP")
     loss_fn = torch.nn.functional.cross_entropy
     op = HessianOperator(model, loss_fn, (X, y))
     exact = dense_spectrum(model, loss_fn, X, y)
@@ -196,10 +197,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     cli.apply_threads(args.threads)
     env = environment.capture(torch.device("cpu"))
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
-    with Progress(1 + len(TASKS) + reps, "hessian", enabled=not args.no_progress) as bar:
+    with Progress(2 + len(TASKS) + reps, "hessian", enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)
     print(f"\nHessian eigenvalues ({args.mode}) on {environment.headline(env)}")
+    print("HVP counts are deterministic for the seed; errors are relative to the dense spectrum")
     table = [[r["task"], r["method"], str(r.get("hvps", "")),
               f"{r['max_relative_error']:.1e}" if "max_relative_error" in r else "",
               r["status"] if r["status"] != "ok" else "", (r.get("reason") or r["note"])[:80]] for r in counts]
@@ -213,10 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 report.noisy_cell(total)]]))
     width, batch, cap, _ = OVERHEAD[args.mode]
     settings = dict(mode=args.mode, tol=TOL, overhead=dict(width=width, batch=batch, hvp_cap=cap, reps=reps))
-    path = report.write_results(report.results_payload("hessian", env, settings, counts, overhead=overhead),
-                                name="hessian", device="cpu", out=args.out)
-    if path is not None:
-        print(f"wrote {path}")
+    report.save(report.results_payload("hessian", env, settings, counts, overhead=overhead), name="hessian",
+                device="cpu", out=args.out)
     return 1 if any(r["status"] == "error" for r in counts) else 0
 
 

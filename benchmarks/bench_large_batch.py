@@ -23,8 +23,8 @@ import torch
 
 import fusedopt
 from fusedopt.benchmarking import cli, environment, report
-from fusedopt.benchmarking.compare import (Candidate, error_summary, note_cell, run_candidates, timing_cells,
-                                            timing_header)
+from fusedopt.benchmarking.compare import (Candidate, any_errors, error_summary, note_cell, run_candidates,
+                                           timing_cells, timing_header)
 from fusedopt.benchmarking.peers import timm_lamb, timm_lars
 from fusedopt.benchmarking.progress import Progress
 from fusedopt.benchmarking.timing import Measured, Summary
@@ -168,6 +168,42 @@ def floor_fraction(fused: Optional[Summary], rates: Dict[str, Summary], bytes_pe
     return best, fractions
 
 
+def bench_case(case: str, device: torch.device, args, reps: int, warmup: int, llc: Optional[int], bar):
+    """One case: (rows, table lines, JSON records, notes)."""
+    label, shapes_of = CASES[case]
+    target = TARGET_ELEMENTS[device.type][args.mode]
+    scale = args.scale or (min(1.0, target / numel(shapes_of())) if target else 1.0)
+    shapes = scaled(shapes_of(), scale)
+    n = numel(shapes)
+    params, grads = random_params_and_grads(shapes, device)
+    rows, probes = run_candidates(
+        candidates(case, params, grads, with_loop=args.full), baseline=BASELINE, device=device, reps=reps,
+        warmup=warmup, iters=args.iters, target_s=SECONDS_PER_REP[args.mode], probes=stream_probes(n, device),
+        after_rep=lambda i: bar.update(label))
+    rates = stream_rates(probes, n)
+    fused = next(r for r in rows if r.name == "fusedopt")
+    bandwidth, fraction = floor_fraction(fused.time, rates, FLOOR_BYTES_PER_PARAM[case], n)
+    table, records, notes = [], [], []
+    for r in rows:
+        record = dict(case=label, scale=scale, tensors=len(shapes), params=n, **r.as_dict())
+        floor_cell = ""
+        if r is fused and fraction is not None:
+            floor_cell = f"{100 * fraction.median:.0f}% ({100 * fraction.low:.0f}-{100 * fraction.high:.0f})"
+            record.update(floor_bytes_per_step=FLOOR_BYTES_PER_PARAM[case] * n, fraction_of_floor=fraction.as_dict(),
+                          attainable_bytes_per_s=bandwidth.as_dict(),
+                          stream_bytes_per_s={k: v.as_dict() for k, v in rates.items()})
+        table.append([label, r.name, *timing_cells(r, "ms"), floor_cell, note_cell(r)])
+        records.append(record)
+    if bandwidth is not None:
+        streams = ", ".join(f"{k} {v.median / 1e9:.1f}" for k, v in rates.items())
+        notes.append(f"{label}: {n:,} params (scale {scale:.3g}); streaming GB/s (median): {streams}; best per "
+                     f"repetition {bandwidth.median / 1e9:.1f} ({bandwidth.low / 1e9:.1f}-{bandwidth.high / 1e9:.1f})")
+    if llc and 4 * n < llc:
+        notes.append(f"{label}: one fp32 array ({4 * n / 2**20:.0f} MiB) fits in the last-level cache "
+                     f"({llc / 2**20:.0f} MiB): reads can hit the cache, so '% of floor' may pass 100")
+    return rows, table, records, notes
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = cli.benchmark_parser("bench_large_batch.py", __doc__)
     ap.add_argument("--scale", type=cli.fraction_of_one, default=None,
@@ -181,62 +217,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     for device in devices:
         env = environment.capture(device)
         llc = env["last_level_cache_bytes"] if device.type == "cpu" else None
-        table, records, notes, errors = [], [], [], []
+        rows, table, records, notes = [], [], [], []
         with Progress(len(args.cases) * reps, f"large batch {device.type}", enabled=not args.no_progress) as bar:
             for case in args.cases:
-                label, shapes_of = CASES[case]
-                full = shapes_of()
-                target = TARGET_ELEMENTS[device.type][args.mode]
-                scale = args.scale or (min(1.0, target / numel(full)) if target else 1.0)
-                shapes = scaled(full, scale)
-                n = numel(shapes)
-                params, grads = random_params_and_grads(shapes, device)
-                rows, probes = run_candidates(
-                    candidates(case, params, grads, with_loop=args.full), baseline=BASELINE, device=device,
-                    reps=reps, warmup=warmup, iters=args.iters, target_s=SECONDS_PER_REP[args.mode],
-                    probes=stream_probes(n, device), after_rep=lambda i: bar.update(label))
-                fused = next(r for r in rows if r.name == "fusedopt")
-                rates = stream_rates(probes, n)
-                bandwidth, fraction = floor_fraction(fused.time, rates, FLOOR_BYTES_PER_PARAM[case], n)
-                for r in rows:
-                    floor_cell = ""
-                    if r.name == "fusedopt" and fraction is not None:
-                        floor_cell = f"{100 * fraction.median:.0f}% ({100 * fraction.low:.0f}-{100 * fraction.high:.0f})"
-                    table.append([label, r.name, *timing_cells(r, "ms"), floor_cell, note_cell(r)])
-                    record = dict(case=label, scale=scale, tensors=len(shapes), params=n, **r.as_dict())
-                    if r.name == "fusedopt" and fraction is not None:
-                        record.update(floor_bytes_per_step=FLOOR_BYTES_PER_PARAM[case] * n,
-                                      fraction_of_floor=fraction.as_dict(), attainable_bytes_per_s=bandwidth.as_dict(),
-                                      stream_bytes_per_s={k: v.as_dict() for k, v in rates.items()})
-                    records.append(record)
-                if bandwidth is not None:
-                    streams = ", ".join(f"{k} {v.median / 1e9:.1f}" for k, v in rates.items())
-                    notes.append(f"{label}: {n:,} params (scale {scale:.3g}); streaming GB/s (median): {streams}; "
-                                 f"best per repetition {bandwidth.median / 1e9:.1f} "
-                                 f"({bandwidth.low / 1e9:.1f}-{bandwidth.high / 1e9:.1f})")
-                if llc and 4 * n < llc:
-                    notes.append(f"{label}: one fp32 array ({4 * n / 2**20:.0f} MiB) fits in the last-level cache "
-                                 f"({llc / 2**20:.0f} MiB): reads can hit the cache, so '% of floor' may pass 100")
-                failed = failed or any(r.status == "error" for r in rows)
-                errors += error_summary(rows)
-                del params, grads, probes
-        print(f"\nlarge-batch optimizers ({args.mode}) on {environment.headline(env)}")
-        print(f"median of {reps} interleaved repetitions; spread = min-max over them, noisy above 20%")
-        header = ["case", "impl", *timing_header("ms", BASELINE), "% of floor", "note"]
-        print(report.format_table(header, table))
+                for into, part in zip((rows, table, records, notes), bench_case(case, device, args, reps, warmup,
+                                                                                  llc, bar)):
+                    into += part
+        report.print_title(f"large-batch optimizers ({args.mode})", env, reps)
+        print(report.format_table(["case", "impl", *timing_header("ms", BASELINE), "% of floor", "note"], table))
         for line in notes:
             print(line)
-        for line in errors:
-            print(line, file=sys.stderr)
         print("floor = bytes fusedopt's passes move (LARS 28 B/param, LAMB 44 B/param) / best streaming rate of "
               "the same repetition")
+        for line in error_summary(rows):
+            print(line, file=sys.stderr)
         settings = dict(mode=args.mode, reps=reps, warmup=warmup, iters=args.iters, scale=args.scale,
                         baseline=BASELINE, lars=LARS_HP, lamb=LAMB_HP, floor_bytes_per_param=FLOOR_BYTES_PER_PARAM,
                         streams={k: v[0] for k, v in STREAMS.items()})
-        path = report.write_results(report.results_payload("large_batch", env, settings, records), name="large_batch",
-                                    device=device.type, out=args.out, devices_in_run=len(devices))
-        if path is not None:
-            print(f"wrote {path}")
+        report.save(report.results_payload("large_batch", env, settings, records), name="large_batch",
+                    device=device.type, out=args.out, devices_in_run=len(devices))
+        failed = failed or any_errors(rows)
     return 1 if failed else 0
 
 

@@ -7,7 +7,6 @@ import datetime
 import importlib.util
 import json
 import subprocess
-import warnings
 from pathlib import Path
 
 import pytest

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .benchmarking import cli, environment, report
-from .benchmarking.compare import (Candidate, Row, error_summary, note_cell, run_candidates, timing_cells,
-                                        timing_header)
+from .benchmarking.compare import (Candidate, Row, any_errors, error_summary, note_cell, run_candidates,
+                                   timing_cells, timing_header)
 from .benchmarking.peers import OPTIMIZER_PEERS
 from .benchmarking.progress import Progress
 from .benchmarking.workloads import OPTIMIZER_WORKLOADS, numel, random_params_and_grads
@@ -141,30 +141,27 @@ def main(argv: Optional[Sequence[str]] = None, preset: Preset = OPTIMIZER_STEP) 
     for device in args.devices:
         env = environment.capture(device)  # before timing: the commit is the code that runs
         cases = [(w, o) for w in args.workloads for o in args.optimizers]
-        table, records, errors = [], [], []
+        table, records, rows = [], [], []
         with Progress(len(cases) * args.reps, f"{preset.prog} {device.type}", enabled=not args.no_progress) as bar:
             for w, o in cases:
                 for row, record in bench_workload(w, o, impls, device, args, lambda i: bar.update(f"{w} {o}")):
                     gbs = f"{record['effective_gb_per_s']:.1f}" if "effective_gb_per_s" in record else ""
                     table.append([w, o, row.name, *timing_cells(row, preset.unit), gbs, note_cell(row)])
                     records.append(record)
-                    errors += error_summary([row])
-        print(f"\n{preset.prog} ({args.mode}) on {environment.headline(env)}")
-        print(f"median of {args.reps} interleaved repetitions; spread = min-max over them, noisy above 20%")
+                    rows.append(row)
+        report.print_title(f"{preset.prog} ({args.mode})", env, args.reps)
         for line in peer_notes:
             print(line)
         header = ["workload", "opt", "impl", *timing_header(preset.unit, BASELINE), "GB/s", "note"]
         print(report.format_table(header, table))
-        for line in errors:
+        for line in error_summary(rows):
             print(line, file=sys.stderr)
         settings = dict(mode=args.mode, reps=args.reps, warmup=args.warmup, iters=args.iters,
                         seconds_per_rep=args.seconds_per_rep, impls=impls, baseline=BASELINE,
                         hyperparameters=HYPERPARAMETERS, bytes_per_param=BYTES_PER_PARAM, peers_skipped=peer_notes)
-        path = report.write_results(report.results_payload(preset.name, env, settings, records), name=preset.name,
-                                    device=device.type, out=args.out, devices_in_run=len(args.devices))
-        if path is not None:
-            print(f"wrote {path}")
-        failed = failed or any(r.get("status") == "error" for r in records)
+        report.save(report.results_payload(preset.name, env, settings, records), name=preset.name,
+                    device=device.type, out=args.out, devices_in_run=len(args.devices))
+        failed = failed or any_errors(rows)
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .report import median_cell, noisy_cell, ratio_cell, speedup_header, spread_cell
-from .timing import Measured, Summary, describe, measure_interleaved, ratios
+from .timing import Summary, describe, measure_interleaved, ratios
 
 OK, SKIPPED, ERROR = "ok", "skipped", "error"
 
@@ -57,7 +57,8 @@ class Row:
 
 
 def run_candidates(candidates: Sequence[Candidate], *, baseline: str, device: torch.device, reps: int,
-                   warmup: int, iters: Optional[int] = None, target_s: float = 0.2, probes: Optional[Dict[str, Callable[[], object]]] = None,
+                   warmup: int, iters: Optional[int] = None, target_s: float = 0.2,
+                   probes: Optional[Dict[str, Callable[[], object]]] = None,
                    after_rep: Optional[Callable[[int], None]] = None):
     """Build, time and summarize the candidates; ``probes`` are extra calls timed in the same
     interleaved repetitions (reference kernels such as a memory copy) and returned as Measured.
@@ -69,9 +70,9 @@ def run_candidates(candidates: Sequence[Candidate], *, baseline: str, device: to
         try:
             steps[c.name] = c.setup()
         except Unavailable as exc:
-            rows[c.name] = Row(c.name, SKIPPED, str(exc), note=c.note)
+            rows[c.name] = Row(c.name, SKIPPED, str(exc))
         except Exception as exc:
-            rows[c.name] = Row(c.name, ERROR if c.must_work else SKIPPED, describe(exc), note=c.note)
+            rows[c.name] = Row(c.name, ERROR if c.must_work else SKIPPED, describe(exc))
     timed_names = list(steps)
     measured = measure_interleaved({**steps, **(probes or {})}, reps=reps, iters=iters, target_s=target_s,
                                    warmup=warmup, device=device, after_rep=after_rep)
@@ -86,10 +87,9 @@ def run_candidates(candidates: Sequence[Candidate], *, baseline: str, device: to
             t = m.summary
             rows[name] = Row(name, OK, time=t, speedup=ratios(base_time, t) if base_time is not None else None,
                              extra={"calls_per_rep": m.calls_per_rep})
-    notes = {c.name: c.note for c in candidates}
     ordered = [rows[c.name] for c in candidates]
-    for row in ordered:
-        row.note = notes[row.name]
+    for c, row in zip(candidates, ordered):
+        row.note = c.note
     del steps
     gc.collect()  # the next workload's tensors should not share memory with this one's
     return ordered, {name: measured[name] for name in (probes or {})}

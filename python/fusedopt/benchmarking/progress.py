@@ -23,6 +23,8 @@ class Progress:
                 pass
             else:
                 self._bar = tqdm(total=self.total, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
+        if enabled and self._bar is None:
+            self._show("starting")  # the first unit can take a while: say at once that the run began
 
     def update(self, label: str = "", n: int = 1) -> None:
         self.done = min(self.done + n, self.total)
@@ -32,10 +34,12 @@ class Progress:
             self._bar.set_postfix_str(label, refresh=False)
             self._bar.update(n)
             return
-        now = time.monotonic()
-        if not self._in_place and self.done < self.total and now - self._last_line < self.log_interval_s:
+        if not self._in_place and self.done < self.total and time.monotonic() - self._last_line < self.log_interval_s:
             return  # a log wants a line every few seconds, not one per step
-        self._last_line = now
+        self._show(label)
+
+    def _show(self, label: str) -> None:
+        self._last_line = time.monotonic()
         width = 30
         filled = width * self.done // self.total
         line = f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}".strip()

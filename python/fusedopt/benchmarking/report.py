@@ -145,6 +145,23 @@ def write_results(payload: dict, *, name: str, device: str, out: Optional[str], 
     return path
 
 
+def save(payload: dict, **where) -> Optional[Path]:
+    """:func:`write_results`, and say where the file went."""
+    path = write_results(payload, **where)
+    if path is not None:
+        print(f"wrote {path}")
+    return path
+
+
+def print_title(title: str, env: dict, reps: int) -> None:
+    """The lines above a table: what ran, on what, and how the rows were measured."""
+    from .environment import headline
+
+    print(f"\n{title} on {headline(env)}")
+    print(f"median of {reps} interleaved repetitions; spread = min-max over them, {NOISY_MARK} above "
+          f"{100 * NOISY_SPREAD:.0f}%")
+
+
 def results_payload(benchmark: str, environment: dict, settings: dict, rows: List[dict], **extra) -> dict:
     """The JSON every benchmark writes: what ran, where, how, and one dict per table row."""
     return {"benchmark": benchmark, "schema": 1, "environment": environment, "settings": settings,

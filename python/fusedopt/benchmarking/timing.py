@@ -124,9 +124,9 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, w
     reversed every other repetition (so no callable always runs right after the same one).
 
     A repetition is ``iters`` calls, or when ``iters`` is None as many as take about
-    ``target_s``, from the time of the last warm-up call (at least one warm-up call then). A callable that raises is dropped
-    from the remaining repetitions and reported with its error; the others go on.
-    ``after_rep(i)`` runs after repetition i (progress)."""
+    ``target_s``, judged from the last warm-up call (there is at least one warm-up call then).
+    A callable that raises is dropped from the remaining repetitions and reported with its
+    error; the others go on. ``after_rep(i)`` runs after repetition i (progress)."""
     results = {name: Measured([]) for name in fns}
     calls: Dict[str, int] = {}
     live = list(fns)
