@@ -37,7 +37,7 @@ METHOD_NOTES = {"power + deflation": "PyHessian's method, written here",
                 "hessian-eigenthings": "fixed steps: fewest of 8, 16, 32... within tol (picked knowing the answer)"}
 TASKS = [("top-1", 1, "LA"), ("top-5", 5, "LA"), ("most negative", 1, "SA")]
 # Conv net per mode: (width, batch, HVP cap, repetitions).
-OVERHEAD = {"quick": (16, 8, 20, 3), "default": (32, 16, 30, 3), "full": (96, 32, 40, 3)}
+OVERHEAD = {"quick": (16, 8, 20, 3), "default": (24, 16, 30, 3), "full": (96, 32, 40, 3)}
 
 
 def power_deflation(op, k, tol, max_iter=1000, seed=0):

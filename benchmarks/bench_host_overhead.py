@@ -18,7 +18,7 @@ HOST_OVERHEAD = Preset(
            "default": ("torch-foreach", "torch-fused", "fusedopt", *OPTIMIZER_PEERS),
            "full": (*IMPLS, *OPTIMIZER_PEERS)},
     seconds_per_rep={"quick": 0.1, "default": 0.3, "full": 0.5},
-    devices=("cpu",), unit="us",
+    devices=("cpu",), unit="us", bandwidth_column=False,
 )
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Preset:
     seconds_per_rep: Dict[str, float] = field(default_factory=lambda: {"quick": 0.05, "default": 0.2, "full": 0.5})
     devices: Tuple[str, ...] = ("cpu", "cuda", "all")
     unit: str = "ms"
+    bandwidth_column: bool = True  # effective GB/s; meaningless where host work dominates
 
 
 OPTIMIZER_STEP = Preset(
@@ -145,14 +146,16 @@ def main(argv: Optional[Sequence[str]] = None, preset: Preset = OPTIMIZER_STEP) 
         with Progress(len(cases) * args.reps, f"{preset.prog} {device.type}", enabled=not args.no_progress) as bar:
             for w, o in cases:
                 for row, record in bench_workload(w, o, impls, device, args, lambda i: bar.update(f"{w} {o}")):
-                    gbs = f"{record['effective_gb_per_s']:.1f}" if "effective_gb_per_s" in record else ""
-                    table.append([w, o, row.name, *timing_cells(row, preset.unit), gbs, note_cell(row)])
+                    gbs = [f"{record['effective_gb_per_s']:.1f}" if "effective_gb_per_s" in record else ""]
+                    table.append([w, o, row.name, *timing_cells(row, preset.unit),
+                                  *(gbs if preset.bandwidth_column else []), note_cell(row)])
                     records.append(record)
                     rows.append(row)
         report.print_title(f"{preset.prog} ({args.mode})", env, args.reps)
         for line in peer_notes:
             print(line)
-        header = ["workload", "opt", "impl", *timing_header(preset.unit, BASELINE), "GB/s", "note"]
+        header = ["workload", "opt", "impl", *timing_header(preset.unit, BASELINE),
+                  *(["GB/s"] if preset.bandwidth_column else []), "note"]
         print(report.format_table(header, table))
         for line in error_summary(rows):
             print(line, file=sys.stderr)
