@@ -151,6 +151,8 @@ def test_a_tracked_file_is_never_overwritten(repo):
     assert tracked.read_text() == "{}\n"
     report.write_results({"x": 1}, name="optim", device="cpu", out=str(untracked))  # the user's own file
     assert json.loads(untracked.read_text()) == {"x": 1}
+    tracked.unlink()  # deleted from the working tree, still tracked: writing it would bring it back changed
+    assert "tracks" in report.check_out_path(str(tracked))
 
 
 def test_several_devices_get_one_file_each(tmp_path):

@@ -1,9 +1,9 @@
 """Optimizer step benchmark: fusedopt's Adam, AdamW and SGD against torch.optim's foreach and fused
 implementations (and its for-loop with --full), and against bitsandbytes and torchao when installed.
 
-Run as ``fusedopt bench`` (``python -m fusedopt bench``, ``python benchmarks/bench_optim.py``):
-about a minute on 2 CPU cores by default (ResNet-50 and 5000 x 1000 parameter shapes); ``--full``
-adds GPT-2 small and the for-loop (several minutes); ``--quick`` is a smoke-size run.
+Run as `fusedopt bench` (`python -m fusedopt bench`, `python benchmarks/bench_optim.py`): about
+a minute on 2 CPU cores by default (ResNet-50 and 5000 x 1000 parameter shapes); --full adds
+GPT-2 small and the for-loop (several minutes); --quick is a smoke-size run.
 
 Each implementation gets its own params and state; the grads are shared (they are only read).
 The implementations run interleaved, repetition by repetition, and each row shows its median

@@ -49,16 +49,17 @@ def benchmark_parser(prog: str, description: str, *, devices=("cpu", "cuda", "al
     size.add_argument("--full", action="store_true", help="the whole suite (minutes)")
     ap.add_argument("--device", choices=list(devices), default=devices[-1] if "all" in devices else devices[0],
                     help="where to run" + (" (all: the CPU, and CUDA when available)" if "all" in devices else ""))
-    ap.add_argument("--reps", type=integer_at_least(MIN_REPS, " (the spread needs 3 or more)"), default=None,
+    ap.add_argument("--reps", metavar="N", type=integer_at_least(MIN_REPS, " (the spread needs 3 or more)"),
+                    default=None,
                     help=f"interleaved repetitions per row (>= {MIN_REPS}; median and spread over them)")
     if calls:
-        ap.add_argument("--iters", type=integer_at_least(1), default=None,
+        ap.add_argument("--iters", metavar="N", type=integer_at_least(1), default=None,
                         help="calls timed per repetition (default: as many as fill the mode's time per repetition)")
-        ap.add_argument("--warmup", type=integer_at_least(0), default=None,
+        ap.add_argument("--warmup", metavar="N", type=integer_at_least(0), default=None,
                         help="untimed calls before the first repetition (default 1)")
-    ap.add_argument("--threads", type=integer_at_least(1), default=None,
+    ap.add_argument("--threads", metavar="N", type=integer_at_least(1), default=None,
                     help="threads for torch and fusedopt (default: all usable cores)")
-    ap.add_argument("--out", default=None,
+    ap.add_argument("--out", metavar="PATH", default=None,
                     help="JSON path (default: a new timestamped file under benchmarks/results/ in a source "
                          "checkout, else in the current folder); 'none' to skip. A tracked file is never overwritten")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -94,7 +94,7 @@ def check_out_path(out: Optional[str]) -> Optional[str]:
     path = Path(out)
     if path.is_dir():
         return f"--out {out}: is a folder; give a file path"
-    if path.exists() and is_tracked(path):
+    if is_tracked(path):  # also when deleted from the working tree: writing it would recreate it
         return (f"--out {out}: refusing to overwrite a file git tracks (committed results keep their "
                 "names); give a new path")
     return None
