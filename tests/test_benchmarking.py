@@ -172,6 +172,13 @@ def test_environment_names_device_versions_commit_and_date():
     json.dumps(env)  # it goes into the results file as it is
 
 
+def test_a_busy_machine_is_said_above_the_table():
+    env = {"usable_cores": 2, "load_average_1min": 5.5}
+    assert "load average 5.5 on 2 cores" in environment.busy_warning(env)
+    assert environment.busy_warning({"usable_cores": 2, "load_average_1min": 1.0}) is None
+    assert environment.busy_warning({"usable_cores": 2, "load_average_1min": None}) is None
+
+
 def test_git_commit_is_short_and_marks_a_dirty_tree(repo, tmp_path_factory):
     clean = environment.git_commit(repo)
     assert len(clean) >= 7 and "+" not in clean
@@ -233,3 +240,27 @@ def test_capped_lanczos_run_does_not_warn(recwarn):
     result = hessian.capped_eigsh(MatrixOperator(a + a.T), cap=10)
     assert not bool(result.converged.all())  # the cap bites: this is the case that used to warn
     assert not [w for w in recwarn if "converge" in str(w.message)]
+
+
+# ---- peers ------------------------------------------------------------------------------------------
+def test_a_missing_peer_is_unavailable_with_its_install_command():
+    from fusedopt.benchmarking.peers import OptimizerPeer, import_peer
+
+    with pytest.raises(Unavailable, match=r"not installed \(pip install no-such-peer\)"):
+        import_peer("fusedopt_no_such_peer_module", "no-such-peer")
+    peer = OptimizerPeer("ghost", "fusedopt_no_such_peer_module", "no-such-peer", "", lambda *a: None)
+    assert "pip install no-such-peer" in peer.missing()
+
+
+def test_bench_names_a_missing_peer_once_and_runs_the_rest(tmp_path, capsys, monkeypatch):
+    import fusedopt.bench as bench
+    from fusedopt.benchmarking.peers import OptimizerPeer
+
+    ghost = OptimizerPeer("ghost", "fusedopt_no_such_peer_module", "no-such-peer", "", lambda *a: None)
+    monkeypatch.setitem(bench.OPTIMIZER_PEERS, "ghost", ghost)
+    out = tmp_path / "r.json"
+    rc = bench.main(["--device", "cpu", "--workloads", "tiny", "--optimizers", "sgd", "--reps", "3", "--iters", "1",
+                     "--no-progress", "--impls", "torch-fused", "fusedopt", "ghost", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.count("peer ghost skipped") == 1
+    assert {r["impl"] for r in json.loads(out.read_text())["rows"]} == {"torch-fused", "fusedopt"}

@@ -67,6 +67,15 @@ def last_level_cache_bytes() -> Optional[int]:
     return best
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): above the core count, other work
+    competes for the CPU, and times (torch's threaded CPU paths most) stretch unevenly."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
@@ -82,6 +91,7 @@ def capture(device: torch.device) -> dict:
         "cpu_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "last_level_cache_bytes": last_level_cache_bytes(),
+        "load_average_1min": load_average(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "fusedopt": fusedopt.__version__,
@@ -99,3 +109,12 @@ def headline(env: dict) -> str:
     return (f"{env['device_name']} ({env['device']}, {env['usable_cores']} cores usable), torch {env['torch']}, "
             f"fusedopt {env['fusedopt']} at {env['commit']}, threads torch={env['threads']['torch']} "
             f"fusedopt={env['threads']['fusedopt']}, {env['date']}")
+
+
+def busy_warning(env: dict) -> Optional[str]:
+    """A line for the reader when the machine was busy as the run began, else None."""
+    load = env.get("load_average_1min")
+    if load is None or load <= env["usable_cores"]:
+        return None
+    return (f"busy machine: load average {load:.1f} on {env['usable_cores']} cores at the start; expect noisy rows "
+            "(torch's threaded CPU paths can slow down by orders of magnitude when their threads wait for a core)")

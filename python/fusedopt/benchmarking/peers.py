@@ -102,6 +102,7 @@ def counting_autograd_grad() -> Iterator[List[int]]:
 def pyhessian_top(model, loss_fn, X, y, k: int, tol: float) -> Tuple[List[float], int]:
     """Top-k eigenvalues by PyHessian (power iteration with deflation); (values, HVPs)."""
     pyhessian = import_peer("pyhessian", "pyhessian")
+    torch.manual_seed(0)  # its start vectors come from torch's global generator
     h = pyhessian.hessian(model, loss_fn, data=(X, y), cuda=False)
     with counting_autograd_grad() as count:
         values, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=k)

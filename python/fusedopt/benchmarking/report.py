@@ -155,9 +155,11 @@ def save(payload: dict, **where) -> Optional[Path]:
 
 def print_title(title: str, env: dict, reps: int) -> None:
     """The lines above a table: what ran, on what, and how the rows were measured."""
-    from .environment import headline
+    from .environment import busy_warning, headline
 
     print(f"\n{title} on {headline(env)}")
+    if busy_warning(env):
+        print(busy_warning(env))
     print(f"median of {reps} interleaved repetitions; spread = min-max over them, {NOISY_MARK} above "
           f"{100 * NOISY_SPREAD:.0f}%")
 
