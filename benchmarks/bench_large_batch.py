@@ -1,112 +1,93 @@
-"""LARS on ResNet-50 parameter shapes and LAMB on BERT-base shapes: fusedopt against
-a for-loop and a foreach (torch._foreach_*) reference of the same math.
+"""LARS on ResNet-50 parameter shapes and LAMB on BERT-base shapes: fusedopt against a foreach
+(torch._foreach_*) implementation of the same math, timm's Lars/Lamb when installed, and with
+--full a per-tensor for-loop; plus how close fusedopt comes to its memory-bandwidth floor.
 
-Prints time per step, the speed-up over each reference and the bandwidth floor:
-the bytes fusedopt's passes must move per step divided by the measured copy
-bandwidth of the device. JSON goes to benchmarks/results/.
+    python benchmarks/bench_large_batch.py [--quick | --full] [--device cpu|cuda|all] [--scale 0.25]
 
-    python benchmarks/bench_large_batch.py                 # cuda if available, else cpu
-    python benchmarks/bench_large_batch.py --device cpu --scale 0.25
+Sizes: every tensor shrinks to --scale of its elements (the tensor count stays). By default a
+CPU case is scaled to about 16M elements (4M with --quick), beyond the last-level cache so
+that the floor applies, and a GPU case runs at full size; --full runs full size everywhere.
 
---scale shrinks every tensor to that fraction of its elements (the tensor count
-stays): default 1.0 on GPU, 0.15 on CPU so the run takes well under 2 minutes on
-2 cores.
+The floor is the bytes fusedopt's passes must move (fp32: LARS 28 B/param = norms pass reads p, g;
+update reads p, g, buf, writes p, buf; LAMB 44 B/param = grad-norm pass reads g; moments pass
+reads p, g, m, v, writes m, v; apply pass reads p, m, v, writes p) divided by the best streaming
+rate measured in the same repetitions: the fastest of a copy (1 read + 1 write stream), an
+in-place add (2 + 1) and an in-place multiply-add (3 + 1) over buffers of the workload's size.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import time
+import sys
+from typing import Dict, List, Optional
 
 import torch
 
 import fusedopt
+from fusedopt.benchmarking import cli, environment, report
+from fusedopt.benchmarking.compare import (Candidate, any_errors, error_summary, note_cell, run_candidates,
+                                           timing_cells, timing_header)
+from fusedopt.benchmarking.peers import timm_lamb, timm_lars
+from fusedopt.benchmarking.progress import Progress
+from fusedopt.benchmarking.timing import Measured, Summary
+from fusedopt.benchmarking.workloads import bert_base_shapes, numel, random_params_and_grads, resnet50_shapes, scaled
+
+BASELINE = "foreach-reference"
+LARS_HP = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coeff=1e-3, eps=1e-8)
+LAMB_HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
+FLOOR_BYTES_PER_PARAM = {"lars": 4 * (2 + 5), "lamb": 4 * (1 + 6 + 4)}
+CASES = {"lars": ("LARS resnet50", resnet50_shapes), "lamb": ("LAMB bert-base", bert_base_shapes)}
+TARGET_ELEMENTS = {"cpu": {"quick": 4e6, "default": 16e6, "full": None}, "cuda": {"quick": 25e6, "default": None,
+                                                                                 "full": None}}
+REPS = {"quick": 3, "default": 5, "full": 7}
+SECONDS_PER_REP = {"quick": 0.05, "default": 0.2, "full": 0.5}
+# Streaming probes: (bytes moved per element, the call on buffers a, b, c).
+STREAMS = {"copy": (8, lambda a, b, c: b.copy_(a)),
+           "add": (12, lambda a, b, c: a.add_(b, alpha=1e-9)),
+           "multiply-add": (16, lambda a, b, c: a.addcmul_(b, c, value=1e-9))}
 
 
-# ---- parameter shapes ----------------------------------------------------------
-def resnet50_shapes():
-    """torchvision resnet50: 161 tensors, 25,557,032 parameters."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
-                       (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if b == 0:
-                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
-            inplanes = planes * 4
-    shapes += [(1000, 2048), (1000,)]
-    return shapes
-
-
-def bert_base_shapes():
-    """BertModel (bert-base-uncased): 199 tensors, 109,482,240 parameters."""
-    h, ff = 768, 3072
-    shapes = [(30522, h), (512, h), (2, h), (h,), (h,)]
-    for _ in range(12):
-        shapes += [(h, h), (h,)] * 4 + [(h,), (h,), (ff, h), (ff,), (h, ff), (h,), (h,), (h,)]
-    shapes += [(h, h), (h,)]
-    return shapes
-
-
-def numel(s):
-    n = 1
-    for d in s:
-        n *= d
-    return n
-
-
-def scaled(shapes, scale):
-    return shapes if scale == 1.0 else [(max(1, round(numel(s) * scale)),) for s in shapes]
-
-
-# ---- references of the same math (issue 3) ----------------------------------------
-def lars_ratio(pn, gn, lr, wd, tc, eps):
+# ---- references of the same math ---------------------------------------------------------------
+def lars_ratio(pn, gn, wd, tc, eps):
     r = tc * pn / (gn + wd * pn + eps)
     return torch.where((pn > 0) & (gn > 0), r, torch.ones_like(r))
 
 
-def lars_loop(params, grads, bufs, lr, mom, wd, tc, eps):
+def lars_loop(params, grads, bufs, lr, momentum, weight_decay, trust_coeff, eps):
     for p, g, b in zip(params, grads, bufs):
-        r = lars_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), lr, wd, tc, eps)
-        d = (g + wd * p) * r
-        b.mul_(mom).add_(d)
+        r = lars_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(g), weight_decay, trust_coeff, eps)
+        b.mul_(momentum).add_((g + weight_decay * p) * r)
         p.add_(b, alpha=-lr)
 
 
-def lars_foreach(params, grads, bufs, lr, mom, wd, tc, eps):
-    pn = torch.stack(torch._foreach_norm(params))
-    gn = torch.stack(torch._foreach_norm(grads))
-    r = lars_ratio(pn, gn, lr, wd, tc, eps)
-    d = torch._foreach_add(grads, params, alpha=wd)
+def lars_foreach(params, grads, bufs, lr, momentum, weight_decay, trust_coeff, eps):
+    r = lars_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads)),
+                   weight_decay, trust_coeff, eps)
+    d = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_mul_(d, list(r.unbind()))
-    torch._foreach_mul_(bufs, mom)
+    torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, d)
     torch._foreach_add_(params, bufs, alpha=-lr)
 
 
-def lamb_loop(params, grads, ms, vs, step, lr, b1, b2, eps, wd, mgn):
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    c = torch.clamp(total / mgn, min=1.0)
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+def lamb_trust(pn, un):
+    return torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
+
+
+def lamb_loop(params, grads, ms, vs, step, lr, betas, eps, weight_decay, max_grad_norm):
+    (b1, b2), bc1, bc2 = betas, 1 - betas[0] ** step, 1 - betas[1] ** step
+    c = torch.clamp(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                    / max_grad_norm, min=1.0)
     for p, g, m, v in zip(params, grads, ms, vs):
         g = g / c
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        u = (m / bc1) / (v.sqrt() / bc2 ** 0.5 + eps) + wd * p
-        pn, un = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-        r = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
-        p.add_(u * r, alpha=-lr)
+        u = (m / bc1) / (v.sqrt() / bc2 ** 0.5 + eps) + weight_decay * p
+        p.add_(u * lamb_trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)), alpha=-lr)
 
 
-def lamb_foreach(params, grads, ms, vs, step, lr, b1, b2, eps, wd, mgn):
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    c = torch.clamp(total / mgn, min=1.0)
+def lamb_foreach(params, grads, ms, vs, step, lr, betas, eps, weight_decay, max_grad_norm):
+    (b1, b2), bc1, bc2 = betas, 1 - betas[0] ** step, 1 - betas[1] ** step
+    c = torch.clamp(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) / max_grad_norm, min=1.0)
     g = torch._foreach_div(grads, c)
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
     torch._foreach_mul_(ms, b1)
     torch._foreach_add_(ms, g, alpha=1 - b1)
     torch._foreach_mul_(vs, b2)
@@ -116,133 +97,148 @@ def lamb_foreach(params, grads, ms, vs, step, lr, b1, b2, eps, wd, mgn):
     torch._foreach_add_(denom, eps)
     u = torch._foreach_div(ms, bc1)
     torch._foreach_div_(u, denom)
-    torch._foreach_add_(u, params, alpha=wd)
-    pn = torch.stack(torch._foreach_norm(params))
-    un = torch.stack(torch._foreach_norm(u))
-    r = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
+    torch._foreach_add_(u, params, alpha=weight_decay)
+    r = lamb_trust(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u)))
     torch._foreach_mul_(u, list(r.unbind()))
     torch._foreach_add_(params, u, alpha=-lr)
 
 
-# ---- timing --------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ---- candidates ------------------------------------------------------------------------------------
+def optimizer_setup(make, params, grads):
+    """A setup for an optimizer class over the shared tensors (wrapped, not copied)."""
+    def setup():
+        wrapped = [torch.nn.Parameter(p) for p in params]
+        for p, g in zip(wrapped, grads):
+            p.grad = g
+        opt = make(wrapped)
+        opt.step()  # state created outside the timed region
+        return opt.step
+    return setup
 
 
-def time_steps(fn, device, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+def reference_setup(fn, params, grads, n_state, *extra):
+    def setup():
+        states = [[torch.zeros_like(p) for p in params] for _ in range(n_state)]
+        return lambda: fn(params, grads, *states, *extra)
+    return setup
 
 
-def copy_bandwidth(device, n=1 << 26):
-    """Bytes/s of a large tensor copy (read + write): the attainable streaming rate."""
-    a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    b = torch.empty_like(a)
-    t = time_steps(lambda: b.copy_(a), device, 2, 5)
-    return 2 * a.numel() * 4 / t
+def candidates(case: str, params, grads, with_loop: bool) -> List[Candidate]:
+    """Every candidate shares the params and grads (memory: --full at BERT-base size): each keeps
+    its own state, and the params drift under all of them, which does not change the timing."""
+    if case == "lars":
+        ref_args, hp = tuple(LARS_HP.values()), LARS_HP
+        refs = {"loop-reference": lars_loop, "foreach-reference": lars_foreach}
+        ours = lambda ps: fusedopt.LARS(ps, **hp)  # noqa: E731
+        peer = lambda ps: timm_lars(ps, **hp)  # noqa: E731
+        n_state, step = 1, ()
+    else:
+        ref_args, hp = tuple(LAMB_HP.values()), LAMB_HP
+        refs = {"loop-reference": lamb_loop, "foreach-reference": lamb_foreach}
+        ours = lambda ps: fusedopt.LAMB(ps, **hp)  # noqa: E731
+        peer = lambda ps: timm_lamb(ps, **hp)  # noqa: E731
+        n_state, step = 2, (10,)  # a fixed bias-correction step: its value does not change the cost
+    out = [Candidate(name, reference_setup(fn, params, grads, n_state, *step, *ref_args))
+           for name, fn in refs.items() if with_loop or name != "loop-reference"]
+    out.append(Candidate("fusedopt", optimizer_setup(ours, params, grads), must_work=True))
+    out.append(Candidate("timm", optimizer_setup(peer, params, grads)))
+    return out
 
 
-def make(shapes, device, n_state):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    params = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(device) * 1e-2 for s in shapes]
-    states = [[torch.zeros_like(p) for p in params] for _ in range(n_state)]
-    return params, grads, states
+def stream_probes(n: int, device: torch.device) -> Dict[str, callable]:
+    a, b, c = (torch.empty(n, device=device).uniform_() for _ in range(3))
+    return {f"stream {name}": (lambda fn=fn: fn(a, b, c)) for name, (_, fn) in STREAMS.items()}
 
 
-def time_fused(cls, params, grads, hp, device, warmup, steps):
-    """Time of cls(params, **hp).step() with the given grads (params wrapped, not copied)."""
-    ps = [torch.nn.Parameter(p) for p in params]
-    for p, g in zip(ps, grads):
-        p.grad = g
-    return time_steps(cls(ps, **hp).step, device, warmup, steps)
+def stream_rates(probes: Dict[str, Measured], n: int) -> Dict[str, Summary]:
+    """Bytes per second of each streaming probe, per repetition."""
+    return {name.split(" ", 1)[1]: Summary.of([STREAMS[name.split(" ", 1)[1]][0] * n / t for t in m.samples])
+            for name, m in probes.items() if m.error is None}
 
 
-def bench_lars(shapes, device, warmup, steps):
-    hp = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coeff=1e-3, eps=1e-8)
-    results = {}
-    params, grads, (bufs,) = make(shapes, device, 1)
-    args = (hp["lr"], hp["momentum"], hp["weight_decay"], hp["trust_coeff"], hp["eps"])
-    results["loop"] = time_steps(lambda: lars_loop(params, grads, bufs, *args), device, warmup, steps)
-    results["foreach"] = time_steps(lambda: lars_foreach(params, grads, bufs, *args), device, warmup, steps)
-    results["fusedopt"] = time_fused(fusedopt.LARS, params, grads, hp, device, warmup, steps)
-    n = sum(p.numel() for p in params)
-    # pass 1 reads p, g; pass 2 reads p, g, buf and writes p, buf (fp32).
-    return results, n, n * 4 * (2 + 5)
+def floor_fraction(fused: Optional[Summary], rates: Dict[str, Summary], bytes_per_param: int, n: int):
+    """(best streaming rate per repetition in B/s, floor time / fusedopt time per repetition).
+    The best of the streams, repetition by repetition: a copy alone is not the attainable rate
+    (more read streams in flight stream faster), and a rate measured at another moment of a
+    shared machine is not this repetition's."""
+    if fused is None or not rates:
+        return None, None
+    best = Summary.of([max(per_rep) for per_rep in zip(*(r.samples for r in rates.values()))])
+    fractions = Summary.of([bytes_per_param * n / rate / t for rate, t in zip(best.samples, fused.samples)])
+    return best, fractions
 
 
-def bench_lamb(shapes, device, warmup, steps):
-    hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
-    results = {}
-    params, grads, (ms, vs) = make(shapes, device, 2)
-    args = (hp["lr"], 0.9, 0.999, hp["eps"], hp["weight_decay"], hp["max_grad_norm"])
-    results["loop"] = time_steps(lambda: lamb_loop(params, grads, ms, vs, 10, *args), device, warmup, steps)
-    results["foreach"] = time_steps(lambda: lamb_foreach(params, grads, ms, vs, 10, *args), device, warmup, steps)
-    results["fusedopt"] = time_fused(fusedopt.LAMB, params, grads, hp, device, warmup, steps)
-    n = sum(p.numel() for p in params)
-    # pass 1 reads g; pass 2 reads p, g, m, v, writes m, v; pass 3 reads p, m, v, writes p (fp32).
-    return results, n, n * 4 * (1 + 6 + 4)
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__) or ".",
-                                       text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and fusedopt.cuda_available() else "cpu")
-    ap.add_argument("--scale", type=float, default=None, help="fraction of every tensor's elements (default: 1 on GPU, 0.15 on CPU)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 3 on CPU)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/large_batch_<device>.json)")
-    a = ap.parse_args()
-    device = torch.device(a.device)
-    on_gpu = device.type == "cuda"
-    scale = a.scale if a.scale is not None else (1.0 if on_gpu else 0.15)
-    steps = a.steps if a.steps is not None else (20 if on_gpu else 3)
-    warmup = 3 if on_gpu else 1
-    bw = copy_bandwidth(device, 1 << 26 if on_gpu else 1 << 24)
-    name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores, {fusedopt.get_num_threads()} fusedopt threads, simd {fusedopt.build_info()['cpu_simd']})"
-    print(f"device: {name}; copy bandwidth {bw / 1e9:.1f} GB/s; scale {scale}; {steps} timed steps")
-    rows = []
-    for label, shapes, fn in (("LARS resnet50", resnet50_shapes(), bench_lars),
-                              ("LAMB bert-base", bert_base_shapes(), bench_lamb)):
-        sh = scaled(shapes, scale)
-        res, n, nbytes = fn(sh, device, warmup, steps)
-        floor = nbytes / bw
-        row = dict(case=label, tensors=len(sh), params=n, bytes_per_step=nbytes, floor_ms=floor * 1e3,
-                   **{f"{k}_ms": v * 1e3 for k, v in res.items()},
-                   speedup_vs_loop=res["loop"] / res["fusedopt"], speedup_vs_foreach=res["foreach"] / res["fusedopt"],
-                   fraction_of_floor=floor / res["fusedopt"])
-        rows.append(row)
-        del res
-    hdr = f"{'case':16} {'tensors':>7} {'params':>11} {'loop ms':>9} {'foreach ms':>10} {'fused ms':>9} " \
-          f"{'x loop':>7} {'x foreach':>9} {'MB/step':>8} {'floor ms':>8} {'% floor':>7}"
-    print(hdr)
+def bench_case(case: str, device: torch.device, args, reps: int, warmup: int, llc: Optional[int], bar):
+    """One case: (rows, table lines, JSON records, notes)."""
+    label, shapes_of = CASES[case]
+    target = TARGET_ELEMENTS[device.type][args.mode]
+    scale = args.scale or (min(1.0, target / numel(shapes_of())) if target else 1.0)
+    shapes = scaled(shapes_of(), scale)
+    n = numel(shapes)
+    params, grads = random_params_and_grads(shapes, device)
+    rows, probes = run_candidates(
+        candidates(case, params, grads, with_loop=args.full), baseline=BASELINE, device=device, reps=reps,
+        warmup=warmup, iters=args.iters, target_s=SECONDS_PER_REP[args.mode], probes=stream_probes(n, device),
+        after_rep=lambda i: bar.update(label))
+    rates = stream_rates(probes, n)
+    fused = next(r for r in rows if r.name == "fusedopt")
+    bandwidth, fraction = floor_fraction(fused.time, rates, FLOOR_BYTES_PER_PARAM[case], n)
+    table, records, notes = [], [], []
     for r in rows:
-        print(f"{r['case']:16} {r['tensors']:>7} {r['params']:>11,} {r['loop_ms']:>9.2f} {r['foreach_ms']:>10.2f} "
-              f"{r['fusedopt_ms']:>9.2f} {r['speedup_vs_loop']:>7.2f} {r['speedup_vs_foreach']:>9.2f} "
-              f"{r['bytes_per_step'] / 1e6:>8.1f} {r['floor_ms']:>8.2f} {100 * r['fraction_of_floor']:>6.1f}%")
-    print("bytes/step: fp32, LARS 2 passes = 28 B/param (norms: read p,g; update: read p,g,buf, write p,buf); "
-          "LAMB 3 passes = 44 B/param (grad norm: read g; moments: read p,g,m,v, write m,v; apply: read p,m,v, write p). "
-          "floor = bytes / copy bandwidth.")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"large_batch_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=name, torch=torch.__version__, fusedopt=fusedopt.__version__, git_commit=git_commit(),
-                       scale=scale, steps=steps, copy_bandwidth_gbs=bw / 1e9, results=rows), f, indent=2)
-    print(f"wrote {out}")
+        record = dict(case=label, scale=scale, tensors=len(shapes), params=n, **r.as_dict())
+        floor_cell = ""
+        if r is fused and fraction is not None:
+            floor_cell = f"{100 * fraction.median:.0f}% ({100 * fraction.low:.0f}-{100 * fraction.high:.0f})"
+            record.update(floor_bytes_per_step=FLOOR_BYTES_PER_PARAM[case] * n, fraction_of_floor=fraction.as_dict(),
+                          attainable_bytes_per_s=bandwidth.as_dict(),
+                          stream_bytes_per_s={k: v.as_dict() for k, v in rates.items()})
+        table.append([label, r.name, *timing_cells(r, "ms"), floor_cell, note_cell(r)])
+        records.append(record)
+    if bandwidth is not None:
+        streams = ", ".join(f"{k} {v.median / 1e9:.1f}" for k, v in rates.items())
+        notes.append(f"{label}: {n:,} params (scale {scale:.3g}); streaming GB/s (median): {streams}; best per "
+                     f"repetition {bandwidth.median / 1e9:.1f} ({bandwidth.low / 1e9:.1f}-{bandwidth.high / 1e9:.1f})")
+    if llc and 4 * n < llc:
+        notes.append(f"{label}: one fp32 array ({4 * n / 2**20:.0f} MiB) fits in the last-level cache "
+                     f"({llc / 2**20:.0f} MiB): reads can hit the cache, so '% of floor' may pass 100")
+    return rows, table, records, notes
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = cli.benchmark_parser("bench_large_batch.py", __doc__)
+    ap.add_argument("--scale", type=cli.fraction_of_one, default=None,
+                    help="fraction of every tensor's elements (default: see above)")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    args = cli.parse(ap, argv)
+    devices = cli.resolve_devices(ap, args.device)
+    cli.apply_threads(args.threads)
+    reps, warmup = cli.pick(args.reps, args.mode, REPS), 1 if args.warmup is None else args.warmup
+    failed = False
+    for device in devices:
+        env = environment.capture(device)
+        llc = env["last_level_cache_bytes"] if device.type == "cpu" else None
+        rows, table, records, notes = [], [], [], []
+        with Progress(len(args.cases) * reps, f"large batch {device.type}", enabled=not args.no_progress) as bar:
+            for case in args.cases:
+                for into, part in zip((rows, table, records, notes), bench_case(case, device, args, reps, warmup,
+                                                                                  llc, bar)):
+                    into += part
+        report.print_title(f"large-batch optimizers ({args.mode})", env, reps)
+        print(report.format_table(["case", "impl", *timing_header("ms", BASELINE), "% of floor", "note"], table))
+        for line in notes:
+            print(line)
+        print("floor = bytes fusedopt's passes move (LARS 28 B/param, LAMB 44 B/param) / best streaming rate of "
+              "the same repetition")
+        for line in error_summary(rows):
+            print(line, file=sys.stderr)
+        settings = dict(mode=args.mode, reps=reps, warmup=warmup, iters=args.iters, scale=args.scale,
+                        baseline=BASELINE, lars=LARS_HP, lamb=LAMB_HP, floor_bytes_per_param=FLOOR_BYTES_PER_PARAM,
+                        streams={k: v[0] for k, v in STREAMS.items()})
+        report.save(report.results_payload("large_batch", env, settings, records), name="large_batch",
+                    device=device.type, out=args.out, devices_in_run=len(devices))
+        failed = failed or any_errors(rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Optimizer step benchmark (fusedopt vs torch.optim). The logic lives in fusedopt.bench so that
-`python -m fusedopt bench` and this script are the same program; see `--help`."""
+"""Optimizer step benchmark (fusedopt vs torch.optim and installed peers): the same program as
+`fusedopt bench`, whose logic lives in fusedopt.bench; see `--help`."""
 import sys
 
 from fusedopt.bench import main
