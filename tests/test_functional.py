@@ -209,3 +209,19 @@ def test_prepared_step_writes_only_when_launched(seed):
     assert [tensor_bits(t) for t in params + m + v + steps] == before
     call.launch()
     assert all(float(s) == 1 for s in steps) and not torch.equal(params[0], torch.zeros(5))
+
+
+def test_owned_lists_plan_still_sees_a_param_whose_storage_changed(seed):
+    """With owned_lists the per-tensor identity comparison is skipped for the same
+    list objects, but a param whose storage changed is re-checked (and a wrong
+    one rejected before anything is written)."""
+    params, m, v, _, steps = adam_lists([(5,), (6,)], torch.float32, False)
+    h = dict(amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.0, eps=1e-8, maximize=False)
+    plan = F.StepPlan(owned_lists=True)
+    grads = [torch.randn_like(p) for p in params]
+    F.adam(params, grads, m, v, [], steps, plan=plan, **h)
+    params[1].data = torch.randn(3)  # same tensor object, new storage and shape
+    before = [tensor_bits(t) for t in params + m + v + steps]
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] has shape \[6\]; expected \[3\]"):
+        F.adam(params, grads, m, v, [], steps, plan=plan, **h)
+    assert [tensor_bits(t) for t in params + m + v + steps] == before

@@ -70,9 +70,17 @@ class Batch:
 class StepPlan:
     """A cache owned by the caller of a functional entry (``plan=``): pass the same
     object every step and the checks and row tables of the last call are reused
-    while the params and states are the same tensor objects."""
+    while the params and states are the same tensor objects.
 
-    def __init__(self) -> None:
+    ``owned_lists=True`` is a promise that the caller never changes a list it
+    passed in place (it passes a new list object instead, as the optimizer
+    classes do): a call with the very same list objects then skips comparing
+    their tensors one by one. Params' storage and this step's grads are
+    checked on every call either way."""
+
+    def __init__(self, owned_lists: bool = False) -> None:
+        self.owned_lists = owned_lists
+        self._sources: Optional[tuple] = None  # the list objects the plan was built from
         self.layout: Optional[KernelLayout] = None
         self.key: Tuple[str, ...] = ()
         self.params: List[torch.Tensor] = []
@@ -85,11 +93,15 @@ class StepPlan:
     def _matches(self, layout: KernelLayout, params: Sequence, columns: Sequence[Column]) -> bool:
         if self.layout is not layout or self.key != tuple(c.name for c in columns) or self.created:
             return False
-        if len(params) != len(self.params) or not all(map(is_, params, self.params)):
-            return False
-        for col, kept in zip(columns, self.columns):
-            if len(col.tensors) != len(kept) or not all(map(is_, col.tensors, kept)):
+        same_lists = (self.owned_lists and self._sources is not None and self._sources[0] is params
+                      and all(map(is_, (c.tensors for c in columns), self._sources[1])))
+        if not same_lists:
+            if len(params) != len(self.params) or not all(map(is_, params, self.params)):
                 return False
+            for col, kept in zip(columns, self.columns):
+                if len(col.tensors) != len(kept) or not all(map(is_, col.tensors, kept)):
+                    return False
+            self._sources = (params, tuple(c.tensors for c in columns))  # new lists, same tensors
         if self.has_dtensor:  # the shards the rows point at must still be theirs
             for b in self.batches:
                 if any(local_tensor(params[i]) is not t for i, t in zip(b.index, b.table.params)):
@@ -145,6 +157,7 @@ def prepare(layout: KernelLayout, params: Sequence[torch.Tensor], grads: Sequenc
     plan.layout, plan.key = layout, tuple(c.name for c in columns)
     plan.params = list(params)
     plan.columns = [list(c.tensors) for c in columns]
+    plan._sources = (params, tuple(c.tensors for c in columns))
     plan.batches, plan.created = built
     plan.has_dtensor = any(map(is_dtensor, params))
     return plan

@@ -176,7 +176,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             entry, grads = self._group_lists(gi, group, pending)
             if entry is None:
                 continue
-            plan = self._plans.setdefault(gi, StepPlan())
+            plan = self._plans.get(gi)
+            if plan is None:  # the group's lists are rebuilt, never changed in place: owned
+                plan = self._plans[gi] = StepPlan(owned_lists=True)
             call = self._call(group, entry, grads, grad_scale, found_inf, plan=plan, launch=False,
                               _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32)
             prepared.append((group, entry, call))
