@@ -13,10 +13,18 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="fusedopt", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("command", choices=["bench", "spectrum"])
-    ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see COMMAND --help)")
+    from . import __version__
+    ap = argparse.ArgumentParser(prog="fusedopt", description="fusedopt: fused optimizers and Hessian tools.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1].split('"""')[0])
+    ap.add_argument("--version", action="version", version=f"fusedopt {__version__}")
+    ap.add_argument("command", choices=["bench", "spectrum"], help="see COMMAND --help")
+    if not argv:  # no command: the help, not an error
+        ap.print_help()
+        return 0
+    if argv[0].startswith("-"):
+        ap.parse_args(argv)  # --help, --version, or an argparse error line
+        return 0
     ns = ap.parse_args(argv[:1])
     rest = argv[1:]
     # Imported lazily: each command pulls in only what it needs.

@@ -8,34 +8,10 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .._cli_types import fraction_of_one, integer_at_least  # noqa: F401 - part of this module's API
 from .report import check_out_path
 
 MIN_REPS = 3  # fewer repetitions give no spread worth printing
-
-
-def integer_at_least(low: int, why: str = "") -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{why}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in some messages
-    return parse
-
-
-def fraction_of_one(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
 
 
 def benchmark_parser(prog: str, description: str, *, devices=("cpu", "cuda", "all"), calls: bool = True

@@ -1,10 +1,12 @@
-"""`fusedopt spectrum`: train a small built-in model and show its Hessian spectrum before and after."""
+"""fusedopt spectrum: train a small built-in model and show its Hessian spectrum before and after."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 import torch
+
+from .._cli_types import integer_at_least, positive_float
 
 
 def _progress(total, desc):
@@ -41,10 +43,10 @@ def synthetic_problem(seed: int, n: int = 1024, dim: int = 20, classes: int = 10
 
 def spectrum_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fusedopt spectrum", description=__doc__)
-    ap.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="fusedopt.Adam learning rate")
-    ap.add_argument("--k", type=int, default=5, help="eigenvalues from each end")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=integer_at_least(0), default=300, help="training steps (default 300)")
+    ap.add_argument("--lr", type=positive_float, default=1e-2, help="fusedopt.Adam learning rate (> 0)")
+    ap.add_argument("--k", type=integer_at_least(1), default=5, help="eigenvalues from each end (>= 1)")
+    ap.add_argument("--seed", type=integer_at_least(0), default=0)
     ap.add_argument("--plot-prefix", default="spectrum", help="plots go to PREFIX_init.png and PREFIX_final.png")
     args = ap.parse_args(argv)
     from .. import Adam
