@@ -25,6 +25,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import fusedopt
+
 from crash_guard import CHILD, log_case, run_in_child
 from optim_registry import OPTIMIZERS, snapshot
 
@@ -41,7 +43,13 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14),
        torch.float16: (2e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
 
 
-def tolerance(spec, dtype):
+def tolerance(spec, dtype, case, dtypes):
+    """fp64 params follow the fp64 reference to fp64 rounding, except under LAMB
+    clipping across lower-precision grads: their sums of squares (fp32 within a
+    chunk) enter the one clipping norm, so fp64 params get fp32 bounds then."""
+    clips = spec.make is fusedopt.LAMB and any(g["hyper"].get("max_grad_norm") is not None for g in case["groups"])
+    if dtype is torch.float64 and clips and any(d is not torch.float64 for d in dtypes):
+        return TOL[torch.float32]
     return TOL[dtype]
 
 
@@ -171,7 +179,7 @@ def run_case(case):
                     q.copy_(q.to(p.dtype).float())  # the fused param is stored rounded each step
                 peak[i] = torch.maximum(peak[i], q.abs().double())
     for i, (p, q) in enumerate(zip(flat, ref_flat)):
-        rtol, atol = tolerance(spec, p.dtype)
+        rtol, atol = tolerance(spec, p.dtype, case, {t.dtype for t in flat})
         got, want = p.detach().double(), q.detach().double()
         same = (got == want) | (got.isnan() & want.isnan())
         close = (got - want).abs() <= atol + rtol * peak[i]

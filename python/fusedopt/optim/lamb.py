@@ -28,6 +28,9 @@ class LAMB(FusedOptimizer):
             \ \text{used if } \lambda \ne 0 \text{ or always\_adapt, else } r = 1 \\
         p &\leftarrow p - \gamma\, r\, u
 
+    The clipping norm is fp64 (exact for fp64 grads; an fp32 or 16-bit grad's sum of
+    squares is accumulated in fp32 within a chunk, so fp64 params that share the
+    norm with lower-precision grads get a clip factor of fp32 precision).
     The clipping norm covers the grads of all param groups on the device (``p.grad``
     itself is never modified). With params on several devices the per-tensor grad
     norms are copied between devices (asynchronously) so the norm covers all of them.
