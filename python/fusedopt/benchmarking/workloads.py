@@ -61,6 +61,16 @@ def bert_base_shapes() -> List[Shape]:
     return shapes
 
 
+def bert_large_shapes() -> List[Shape]:
+    """BertModel (bert-large-uncased): 391 tensors, 335,141,888 params."""
+    h, ff = 1024, 4096
+    shapes: List[Shape] = [(30522, h), (512, h), (2, h), (h,), (h,)]
+    for _ in range(24):
+        shapes += [(h, h), (h,)] * 4 + [(h,), (h,), (ff, h), (ff,), (h, ff), (h,), (h,), (h,)]
+    shapes += [(h, h), (h,)]
+    return shapes
+
+
 def many_tensors_shapes(count: int = 5000, size: int = 1000) -> List[Shape]:
     """``count`` equal 1-d tensors: per-tensor costs dominate as ``size`` shrinks."""
     return [(size,)] * count
