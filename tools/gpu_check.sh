@@ -103,7 +103,7 @@ env_stage() {
   # Queries only: no card setting is touched (no -pm, -pl, -ac, -lgc, -r, ...).
   command -v nvidia-smi >/dev/null &&
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv
-  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  command -v nvcc >/dev/null && nvcc --version | grep release
   "$py" - "$out/env.json" <<'EOF'
 import json, platform, shutil, subprocess, sys, torch
 def run(cmd):
@@ -117,7 +117,7 @@ nvcc = run(["nvcc", "--version"]) if shutil.which("nvcc") else None
 commit = run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
 if run(["git", "status", "--porcelain", "--untracked-files=no"]):
     commit += "+dirty"
-env = {"gpu": name, "driver": driver, "gpu_memory": memory, "nvcc": nvcc.splitlines()[-1] if nvcc else None,
+env = {"gpu": name, "driver": driver, "gpu_memory": memory, "nvcc": next((l for l in nvcc.splitlines() if "release" in l), None) if nvcc else None,
        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
        "cuda_available": torch.cuda.is_available(), "commit": commit}
 json.dump(env, open(sys.argv[1], "w"), indent=1)

@@ -1,0 +1,141 @@
+"""tools/gpu_check.sh and its parts, on a machine without a GPU (issue 17, part 1).
+
+What only a GPU can show (the build for sm_90, the CUDA tests, compute-sanitizer, the numbers)
+is not here; these tests make sure the one lent run is not wasted on the script itself: it
+ends within its budgets, reports every stage, keeps OUTDIR under the device tool's 8 files,
+and the RESULTS.md writer turns JSON into the table and the target lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
+STAGES = ["env", "build", "tests", "memcheck", "racecheck", "bench", "results", "total"]
+SAMPLE = ROOT / "tests" / "data" / "bench_cuda_sample.json"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def run_check(out: Path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUILD": "dry-run",
+            "PYTHONPATH": str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    return subprocess.run(["bash", str(SCRIPT), str(out)], env=full, capture_output=True, text=True, timeout=60)
+
+
+def summary(out: Path) -> dict:
+    lines = (out / "summary.txt").read_text().splitlines()
+    return {line.split()[0]: line.split(None, 1)[1].rsplit(None, 1)[0].strip() for line in lines}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_end_to_end_without_gpu(tmp_path):
+    t0 = time.monotonic()
+    proc = run_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 40
+    got = summary(tmp_path)
+    assert list(got) == STAGES
+    for name in ("tests", "memcheck", "racecheck", "bench"):
+        assert got[name] == "skipped: no GPU"
+    assert got["env"] == got["build"] == got["total"] == "ok"
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and sum(p.stat().st_size for p in files) < 1_000_000
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "dry-run: FUSEDOPT_CUDA=on FUSEDOPT_CUDA_ARCHS=90" in log and "--no-build-isolation" in log
+    assert all(f"===== {s} =====" in log for s in STAGES[:-1])
+    assert json.loads((tmp_path / "env.json").read_text())["commit"]
+
+
+def test_stage_timeout_is_reported_and_the_rest_run(tmp_path):
+    t0 = time.monotonic()
+    proc = run_check(tmp_path, GPU_CHECK_SLEEP_TESTS="60", GPU_CHECK_BUDGET_TESTS="2", GPU_CHECK_SLEEP_BENCH="0")
+    assert time.monotonic() - t0 < 40
+    assert proc.returncode != 0
+    got = summary(tmp_path)
+    assert got["tests"] == "timed out (2s)"
+    assert got["bench"] == "ok"  # the stages after the hung one still ran
+    assert got["total"] == "1 stage(s) not ok"
+
+
+def test_total_budget_clamps_every_stage(tmp_path):
+    # Two hung stages with large budgets of their own: the 12 s total still bounds the run.
+    t0 = time.monotonic()
+    run_check(tmp_path, GPU_CHECK_TOTAL_S="12", GPU_CHECK_SLEEP_TESTS="100", GPU_CHECK_SLEEP_BENCH="100")
+    assert time.monotonic() - t0 < 25
+    got = summary(tmp_path)
+    assert list(got) == STAGES
+    assert got["tests"].startswith("timed out") and got["bench"].startswith("timed out")
+
+
+def test_failed_stage_is_reported_with_its_exit_code(tmp_path):
+    # Without nvcc's CUDA or pip's package the real build would take minutes; a python that does
+    # not exist fails it at once, which is what this test needs.
+    proc = run_check(tmp_path, GPU_CHECK_BUILD="run", PYTHON="/nonexistent/python")
+    got = summary(tmp_path)
+    assert got["build"].startswith("failed (exit ")
+    assert list(got) == STAGES and proc.returncode != 0
+
+
+def writer(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "write_results_md.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_results_writer_table_and_targets(tmp_path):
+    env = tmp_path / "env.json"
+    env.write_text(json.dumps({"gpu": "SAMPLE", "driver": "0.0", "torch": "0.0", "commit": "abc1234"}))
+    proc = writer(SAMPLE, "--env", env, "--out", tmp_path / "RESULTS.md")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Device SAMPLE, driver 0.0, torch 0.0" in text and "commit abc1234" in text
+    assert "| adam-fp32-500M | 3.75 | 93.3% | 1.50x vs torch fused (1.40-1.60) |" in text
+    assert "| lamb-resnet50 | error: RuntimeError: sample failure |" in text
+    assert "adam-fp32-500M: met (93.3%)" in text
+    assert "sgd-momentum-fp32-500M: MISSED, 83.3% is 6.7 points short" in text
+    assert "adam-10000x4096: MISSED, 1.60x is 1.25x short of 2x" in text
+    # A row that is not in the JSON gets no number, only "not measured".
+    assert "adam-bf16-master-500M: not measured" in text
+    assert "lamb-resnet50: not measured (RuntimeError: sample failure)" in text
+
+
+def test_bench_cuda_skips_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU path")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py"), "--quick", "--out", "none"],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "python")))
+    assert proc.returncode == 0 and proc.stdout.strip() == "skipped: no GPU", proc.stdout + proc.stderr
+
+
+def test_bench_cuda_rows_on_cpu_at_small_size():
+    # The row logic (bytes, percent of copy, speed-up, host time) on tiny CPU tensors.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_cuda
+    finally:
+        sys.path.pop(0)
+    import fusedopt
+
+    cpu, settings = torch.device("cpu"), dict(reps=3, warmup=1, target_s=0.002)
+    copy = bench_cuda.copy_bandwidth(cpu, 1 << 20, settings)
+    shapes = [(1000,)] * 4
+    row = bench_cuda.compare("adam", {"fusedopt": bench_cuda.optimizer_step(fusedopt.Adam, shapes, torch.float32, cpu),
+                                      "torch": bench_cuda.optimizer_step(torch.optim.Adam, shapes, torch.float32, cpu)},
+                             elements=4000, bytes_per_element=28, copy_rate=copy["copy_bytes_per_s"],
+                             settings=settings, device=cpu, host=True)
+    assert row["bytes_per_step"] == 4000 * 28 and row["pct_copy_bw"] > 0
+    assert row["speedup"]["median"] > 0 and set(row["host_s"]) == {"fusedopt", "torch"}
+    lanczos = bench_cuda.lanczos_rows(cpu, copy["copy_bytes_per_s"], settings, n=4096)
+    assert [r["name"] for r in lanczos] == ["lanczos-dots", "lanczos-orthogonalize"]
+    assert all("error" not in r for r in lanczos), lanczos
