@@ -34,6 +34,7 @@ BYTES_PER_ELEMENT = {"adam": 28, "adamw": 28, "sgd-momentum": 20, "adam-bf16-mas
 MODES = {"quick": dict(reps=5, warmup=2, target_s=0.03), "default": dict(reps=7, warmup=3, target_s=0.1),
          "full": dict(reps=11, warmup=3, target_s=0.3)}
 BIG = 64 * 2**23  # 536,870,912 params (>= 500M) in 64 tensors of 8M: large tensors, a few launches
+MANY = (10_000, 4096)  # tensor count and size of the row where per-tensor host work dominates
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, settings: dict) -> dict:
@@ -132,17 +133,20 @@ def lanczos_rows(device, copy_rate, settings, n: int = 2**23) -> List[dict]:
     return [dots, orth]
 
 
-def run(settings: dict, device: torch.device, copy_bytes: int) -> List[dict]:
+def run(settings: dict, device: torch.device, copy_bytes: int,
+        on_row: Callable[[List[dict]], None] = lambda rows: None) -> List[dict]:
+    """Every row, in order; ``on_row(rows so far)`` after each (to save what a timeout would lose)."""
     import fusedopt
 
     results = [copy_bandwidth(device, copy_bytes, settings)]
     rate = results[0]["copy_bytes_per_s"]
     print(f"copy: {rate / 1e12:.2f} TB/s (read + write)", flush=True)
-    big = [(2**23,)] * (BIG // 2**23)
+    big = [(min(BIG, 2**23),)] * max(1, BIG // 2**23)
     f32, bf16 = torch.float32, torch.bfloat16
 
     def add(row):
         results.append(row)
+        on_row(results)
         print(row["name"], {k: row[k] for k in ("pct_copy_bw", "error") if k in row},
               f"{row['time_s']['median'] * 1e3:.3g} ms" if "time_s" in row else "", flush=True)
 
@@ -164,13 +168,15 @@ def run(settings: dict, device: torch.device, copy_bytes: int) -> List[dict]:
                 elements=BIG, bytes_per_element=BYTES_PER_ELEMENT["adam-bf16-master"], **common))
     for model, shapes in (("resnet50", workloads.resnet50_shapes()), ("bert-large", workloads.bert_large_shapes())):
         n = workloads.numel(shapes)
-        # No torch LARS/LAMB: these rows are held to their byte floors only.
-        add(compare(f"lars-{model}", {"fusedopt": optimizer_step(fusedopt.LARS, shapes, f32, device, momentum=0.9)},
+        # No torch LARS/LAMB: these rows are held to their byte floors only. Weight decay makes
+        # LARS adapt (with none it skips the norm pass and is plain SGD).
+        add(compare(f"lars-{model}", {"fusedopt": optimizer_step(fusedopt.LARS, shapes, f32, device, momentum=0.9,
+                                                                 weight_decay=1e-4)},
                     elements=n, bytes_per_element=BYTES_PER_ELEMENT["lars"], **common))
         add(compare(f"lamb-{model}", {"fusedopt": optimizer_step(fusedopt.LAMB, shapes, f32, device)},
                     elements=n, bytes_per_element=BYTES_PER_ELEMENT["lamb"], **common))
-    many = [(4096,)] * 10_000
-    add(compare("adam-10000x4096", {"fusedopt": optimizer_step(fusedopt.Adam, many, f32, device),
+    many = [(MANY[1],)] * MANY[0]
+    add(compare(f"adam-{MANY[0]}x{MANY[1]}", {"fusedopt": optimizer_step(fusedopt.Adam, many, f32, device),
                                     "torch fused": optimizer_step(torch.optim.Adam, many, f32, device, fused=True)},
                 elements=workloads.numel(many), bytes_per_element=BYTES_PER_ELEMENT["adam"], host=True, **common))
     for row in lanczos_rows(device, rate, settings):
@@ -191,10 +197,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.reps:
         mode["reps"] = args.reps
     env = environment.capture(device)
-    rows = run(mode, device, copy_bytes=2**32)  # 4 GiB: far past the 60 MB L2
-    report.save(report.results_payload("bench_cuda", env, dict(mode=args.mode, **mode), rows,
-                                       bytes_per_element=BYTES_PER_ELEMENT), name="bench_cuda", device="cuda",
-                out=args.out)
+
+    def payload(rows):
+        return report.results_payload("bench_cuda", env, dict(mode=args.mode, **mode), rows,
+                                      bytes_per_element=BYTES_PER_ELEMENT)
+
+    def partial(rows):  # a named --out is rewritten after every row: a killed run keeps its rows
+        if args.out not in (None, "none"):
+            report.write_results(payload(rows), name="bench_cuda", device="cuda", out=args.out)
+
+    rows = run(mode, device, copy_bytes=2**32, on_row=partial)  # 4 GiB: far past the 60 MB L2
+    report.save(payload(rows), name="bench_cuda", device="cuda", out=args.out)
     return 0 if not any("error" in r for r in rows) else 1
 
 

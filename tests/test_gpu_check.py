@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
-STAGES = ["env", "build", "tests", "memcheck", "racecheck", "bench", "results", "total"]
+STAGES = ["env", "build", "tests", "large", "memcheck", "racecheck", "bench", "results", "total"]
 SAMPLE = ROOT / "tests" / "data" / "bench_cuda_sample.json"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -46,7 +46,7 @@ def test_end_to_end_without_gpu(tmp_path):
     assert time.monotonic() - t0 < 40
     got = summary(tmp_path)
     assert list(got) == STAGES
-    for name in ("tests", "memcheck", "racecheck", "bench"):
+    for name in ("tests", "large", "memcheck", "racecheck", "bench"):
         assert got[name] == "skipped: no GPU"
     assert got["env"] == got["build"] == got["total"] == "ok"
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -118,24 +118,30 @@ def test_bench_cuda_skips_without_gpu():
     assert proc.returncode == 0 and proc.stdout.strip() == "skipped: no GPU", proc.stdout + proc.stderr
 
 
-def test_bench_cuda_rows_on_cpu_at_small_size():
-    # The row logic (bytes, percent of copy, speed-up, host time) on tiny CPU tensors.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_cuda
-    finally:
-        sys.path.pop(0)
-    import fusedopt
+def test_bench_cuda_all_rows_on_cpu_at_small_size(monkeypatch, tmp_path):
+    # Every row of the GPU run (bytes, percent of copy, speed-up, host time), on tiny CPU
+    # tensors, then through the writer: the lent GPU run should only meet new numbers.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_cuda
+    from fusedopt.benchmarking import workloads
 
-    cpu, settings = torch.device("cpu"), dict(reps=3, warmup=1, target_s=0.002)
-    copy = bench_cuda.copy_bandwidth(cpu, 1 << 20, settings)
-    shapes = [(1000,)] * 4
-    row = bench_cuda.compare("adam", {"fusedopt": bench_cuda.optimizer_step(fusedopt.Adam, shapes, torch.float32, cpu),
-                                      "torch": bench_cuda.optimizer_step(torch.optim.Adam, shapes, torch.float32, cpu)},
-                             elements=4000, bytes_per_element=28, copy_rate=copy["copy_bytes_per_s"],
-                             settings=settings, device=cpu, host=True)
-    assert row["bytes_per_step"] == 4000 * 28 and row["pct_copy_bw"] > 0
-    assert row["speedup"]["median"] > 0 and set(row["host_s"]) == {"fusedopt", "torch"}
-    lanczos = bench_cuda.lanczos_rows(cpu, copy["copy_bytes_per_s"], settings, n=4096)
-    assert [r["name"] for r in lanczos] == ["lanczos-dots", "lanczos-orthogonalize"]
-    assert all("error" not in r for r in lanczos), lanczos
+    monkeypatch.setattr(bench_cuda, "BIG", 4096)
+    monkeypatch.setattr(bench_cuda, "MANY", (10, 256))
+    monkeypatch.setattr(workloads, "resnet50_shapes", lambda: [(64, 3), (64,)])
+    monkeypatch.setattr(workloads, "bert_large_shapes", lambda: [(100, 10), (10,)])
+    small_lanczos = bench_cuda.lanczos_rows
+    monkeypatch.setattr(bench_cuda, "lanczos_rows", lambda *a: small_lanczos(*a, n=4096))
+    saved = []
+    rows = bench_cuda.run(dict(reps=3, warmup=1, target_s=0.002), torch.device("cpu"), 1 << 16,
+                          on_row=lambda r: saved.append(len(r)))
+    assert saved == list(range(2, len(rows) + 1))  # saved after every row
+    assert [r for r in rows if "error" in r or "baseline_error" in r] == []
+    by_name = {r["name"]: r for r in rows}
+    adam = by_name["adam-fp32-500M"]
+    assert adam["bytes_per_step"] == 4096 * 28 and adam["pct_copy_bw"] > 0 and adam["speedup"]["median"] > 0
+    assert set(by_name["adam-10x256"]["host_s"]) == {"fusedopt", "torch fused"}
+    assert {"lanczos-dots", "lanczos-orthogonalize", "lamb-bert-large"} <= set(by_name)
+    (tmp_path / "b.json").write_text(json.dumps({"rows": rows, "settings": {"mode": "test", "reps": 3}}))
+    proc = writer(tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "| lamb-bert-large |" in proc.stdout and "adam-fp32-500M: " in proc.stdout
