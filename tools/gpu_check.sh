@@ -18,6 +18,8 @@
 #   GPU_CHECK_BUDGET_<STAGE> a stage's budget in seconds (STAGE upper-case, '-' as '_')
 #   GPU_CHECK_BUILD=dry-run  print the build command instead of running it (CPU tests)
 #   GPU_CHECK_SLEEP_<STAGE>  run `sleep N` in place of that stage (tests of the timeouts)
+#   GPU_CHECK_ASSUME_GPU=1   run the CUDA stages even where no GPU is seen (tests: they must fail)
+#   GPU_CHECK_COMMIT         the commit to record where the tree has no .git (a copied checkout)
 #   PYTHON                   the interpreter (default python3)
 set -u
 [[ $# -eq 1 ]] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
@@ -44,6 +46,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 &&
    "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   has_gpu=1
 fi
+has_gpu=${GPU_CHECK_ASSUME_GPU:-$has_gpu}  # tests: run the GPU stages' plumbing on a CPU machine
 
 budget_of() {  # budget_of STAGE DEFAULT: the override, clamped to the time left (5 s kept for the summary)
   local var=GPU_CHECK_BUDGET_${1^^}; var=${var//-/_}
@@ -105,7 +108,7 @@ env_stage() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv
   command -v nvcc >/dev/null && nvcc --version | grep release
   "$py" - "$out/env.json" <<'EOF'
-import json, platform, shutil, subprocess, sys, torch
+import json, os, platform, shutil, subprocess, sys, torch
 def run(cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip() or None
@@ -114,9 +117,11 @@ def run(cmd):
 smi = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]) if shutil.which("nvidia-smi") else None
 name, driver, memory = ([s.strip() for s in smi.splitlines()[0].split(",")] + [None] * 3)[:3] if smi else (None, None, None)
 nvcc = run(["nvcc", "--version"]) if shutil.which("nvcc") else None
-commit = run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-if run(["git", "status", "--porcelain", "--untracked-files=no"]):
+# A copied working tree may come without .git: then the caller's GPU_CHECK_COMMIT names the code.
+commit = run(["git", "rev-parse", "--short", "HEAD"])
+if commit and run(["git", "status", "--porcelain", "--untracked-files=no"]):
     commit += "+dirty"
+commit = commit or os.environ.get("GPU_CHECK_COMMIT") or "unknown"
 env = {"gpu": name, "driver": driver, "gpu_memory": memory, "nvcc": next((l for l in nvcc.splitlines() if "release" in l), None) if nvcc else None,
        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
        "cuda_available": torch.cuda.is_available(), "commit": commit}
@@ -160,8 +165,9 @@ tests/test_trust_ratio_and_clipping.py::test_cuda_matches_reference[lamb-dtype0]
 tests/test_tensor_norms.py::test_cuda_matches_vector_norm_and_is_deterministic[dtype0] \
 tests/test_hessian_lanczos.py::test_kernels_cuda_match_cpu \
 tests/test_cuda_integration.py::test_master_weights_cuda_match_cpu[Adam]"
-memcheck_stage() { cuda_ready && SANITIZER_TOOLS=memcheck PYTHON=$py tools/run_compute_sanitizer.sh -q $SANITIZER_TESTS; }
-racecheck_stage() { cuda_ready && SANITIZER_TOOLS=racecheck PYTHON=$py tools/run_compute_sanitizer.sh -q $SANITIZER_TESTS; }
+# set -f: the node ids' [..] must reach pytest as they are, never as glob patterns.
+memcheck_stage() { set -f; cuda_ready && SANITIZER_TOOLS=memcheck PYTHON=$py tools/run_compute_sanitizer.sh -q $SANITIZER_TESTS; }
+racecheck_stage() { set -f; cuda_ready && SANITIZER_TOOLS=racecheck PYTHON=$py tools/run_compute_sanitizer.sh -q $SANITIZER_TESTS; }
 
 bench_stage() { cuda_ready && "$py" benchmarks/bench_cuda.py --quick --out "$out/bench_cuda.json"; }
 
