@@ -179,3 +179,12 @@ def test_the_node_ids_the_gpu_stages_name_exist():
     large = [i for i in got if i.startswith("tests/test_large.py") and "past_2_31" in i]
     assert large == ["tests/test_large.py::test_cuda_fp32_adam_past_2_31_elements"]
     assert sorted(set(got) - set(large)) == sorted(ids)
+
+
+def test_only_the_named_stages_run_and_stale_results_go(tmp_path):
+    (tmp_path / "bench_cuda.json").write_text(SAMPLE.read_text())  # left by an earlier run
+    proc = run_check(tmp_path, GPU_CHECK_STAGES="build results")
+    got = summary(tmp_path)
+    assert got["build"] == "ok" and got["results"] == "skipped: no bench_cuda.json"
+    assert all(got[s] == "not run (GPU_CHECK_STAGES)" for s in ("env", "tests", "bench")), got
+    assert proc.returncode == 0 and not (tmp_path / "RESULTS.md").exists()
