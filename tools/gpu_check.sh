@@ -158,8 +158,12 @@ cuda_ready() {  # a CUDA stage on a GPU with a CPU-only fusedopt would skip ever
   "$py" -c 'import fusedopt, sys; sys.exit(0 if fusedopt.cuda_available() else "fusedopt has no usable CUDA kernels (build stage?)")'
 }
 
-tests_stage() {
-  cuda_ready && "$py" -m pytest -q -p no:cacheprovider -m cuda tests --durations=5
+per_test_timeout() {  # pytest-timeout where installed (the CUDA image has it): one hung test fails alone
+  "$py" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout=$1"
+}
+
+tests_stage() {  # -v: the test ids that passed stay in the log even when the stage is killed
+  cuda_ready && "$py" -m pytest -v -p no:cacheprovider -m cuda tests --durations=5 $(per_test_timeout 30)
 }
 
 large_stage() {  # the >2**31-element test is marked slow, so it is named explicitly (about 35 GB of GPU memory)
