@@ -5,6 +5,7 @@
 # (FUSEDOPT_CUDA=on) and compute-sanitizer on the PATH or under $CUDA_HOME/bin.
 #
 #   tools/run_compute_sanitizer.sh [pytest args...]   (default: the cuda-marked tests)
+#   SANITIZER_TOOLS=memcheck tools/run_compute_sanitizer.sh ...   (one tool; default both)
 #
 # Fails when either tool reports an error or a test fails. The slow >2**31-element
 # test is left out unless you pass --runslow yourself (it takes long under memcheck).
@@ -16,7 +17,7 @@ sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
 "$python" -c "import fusedopt, sys; sys.exit(0 if fusedopt.cuda_available() else 'no usable GPU / CUDA build')"
 [[ $# -eq 0 ]] && set -- tests -q -m cuda
 status=0
-for tool in memcheck racecheck; do
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
   echo "=== compute-sanitizer --tool $tool ==="
   # --target-processes all: the fuzz test's child process is checked too.
   "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all --print-limit 20 \

@@ -51,14 +51,23 @@ def gpt2_small_shapes() -> List[Shape]:
     return shapes
 
 
-def bert_base_shapes() -> List[Shape]:
-    """BertModel (bert-base-uncased): 199 tensors, 109,482,240 params."""
-    h, ff = 768, 3072
+def _bert_shapes(h: int, ff: int, layers: int) -> List[Shape]:
+    """BertModel's parameter shapes (embeddings, ``layers`` encoder layers, pooler)."""
     shapes: List[Shape] = [(30522, h), (512, h), (2, h), (h,), (h,)]
-    for _ in range(12):
+    for _ in range(layers):
         shapes += [(h, h), (h,)] * 4 + [(h,), (h,), (ff, h), (ff,), (h, ff), (h,), (h,), (h,)]
     shapes += [(h, h), (h,)]
     return shapes
+
+
+def bert_base_shapes() -> List[Shape]:
+    """BertModel (bert-base-uncased): 199 tensors, 109,482,240 params."""
+    return _bert_shapes(768, 3072, 12)
+
+
+def bert_large_shapes() -> List[Shape]:
+    """BertModel (bert-large-uncased): 391 tensors, 335,141,888 params."""
+    return _bert_shapes(1024, 4096, 24)
 
 
 def many_tensors_shapes(count: int = 5000, size: int = 1000) -> List[Shape]:
