@@ -22,23 +22,22 @@ def integer_at_least(low: int, why: str = "") -> Callable[[str], int]:
     return parse
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0.0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _number(accept: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """A float that ``accept`` takes; otherwise the error says ``must be <expected>``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected
+    return parse
 
 
-def fraction_of_one(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
+# A learning rate: finite and > 0.
+positive_float = _number(lambda v: math.isfinite(v) and v > 0.0, "a finite number > 0")
+# A fraction: in (0, 1].
+fraction_of_one = _number(lambda v: 0.0 < v <= 1.0, "in (0, 1]")
