@@ -68,7 +68,8 @@ class HessianReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as e:
-            raise ImportError("report.plot needs matplotlib: pip install 'fusedopt[plot]'") from e
+            raise ImportError('report.plot needs matplotlib: pip install ".[plot]" from a fusedopt checkout, '
+                              'or pip install matplotlib into an existing install') from e
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.semilogy(self.density.grid, np.maximum(self.density.density, 1e-12), color="tab:blue", label="density")
         for i, lam in enumerate(self.top_eigenvalues):
