@@ -225,3 +225,33 @@ def test_owned_lists_plan_still_sees_a_param_whose_storage_changed(seed):
     with pytest.raises(ValueError, match=r"exp_avgs\[1\] has shape \[6\]; expected \[3\]"):
         F.adam(params, grads, m, v, [], steps, plan=plan, **h)
     assert [tensor_bits(t) for t in params + m + v + steps] == before
+
+
+def test_host_lr_is_refused_under_cuda_graph_capture():
+    """The rule (checked on CPU): under capture only a CUDA tensor lr is accepted,
+    since a host value would be frozen into the graph."""
+    from fusedopt.functional._step import _lr_scalars
+    cuda = torch.device("cuda")
+    for lr in (1e-3, torch.tensor(1e-3)):
+        with pytest.raises(RuntimeError, match="under CUDA graph capture lr must be a CUDA tensor"):
+            _lr_scalars(lr, cuda, capturing=True)
+    assert _lr_scalars(1e-3, torch.device("cpu")) == (1e-3, None)
+
+
+@pytest.mark.parametrize("cls", [fusedopt.LARS, fusedopt.LAMB])
+def test_rebuild_after_capture_keeps_the_norm_slots_alive(cls, seed):
+    """A plan that served a captured step keeps the norm buffers of its old tables
+    when it is rebuilt (a graph replays writes to them); one that never did frees them."""
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7, 3)]
+    for captured in (False, True):
+        opt = cls(params, lr=0.1, weight_decay=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        plan = opt._plans[0]
+        old = plan.batches[0].table.norms
+        plan.captured = captured  # what a step prepared during CUDA graph capture sets
+        params[1].grad = None     # another set of params with grads: the plan is rebuilt
+        opt.step()
+        assert plan.batches[0].table.norms is not old
+        assert any(t is old for t in plan.retired) == captured

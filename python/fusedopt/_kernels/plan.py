@@ -80,6 +80,12 @@ class StepPlan:
 
     def __init__(self, owned_lists: bool = False) -> None:
         self.owned_lists = owned_lists
+        # Set when a call was prepared during CUDA graph capture: a graph may then
+        # write the norm slots of these tables on every replay, so a rebuild keeps
+        # the old buffers alive (``retired``, for the plan's lifetime) instead of
+        # freeing memory a graph still writes.
+        self.captured = False
+        self.retired: List[torch.Tensor] = []
         self._sources: Optional[tuple] = None  # the list objects the plan was built from
         self.layout: Optional[KernelLayout] = None
         self.key: Tuple[str, ...] = ()
@@ -154,6 +160,8 @@ def prepare(layout: KernelLayout, params: Sequence[torch.Tensor], grads: Sequenc
         _refresh_grads(plan, grads)
         return plan
     built = _build(layout, params, grads, columns, labels, state_dtype, create)
+    if plan.captured:
+        plan.retired += [b.table.norms for b in plan.batches if b.table.norms is not None]
     plan.layout, plan.key = layout, tuple(c.name for c in columns)
     plan.params = list(params)
     plan.columns = [list(c.tensors) for c in columns]

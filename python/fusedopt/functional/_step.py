@@ -26,10 +26,16 @@ def _amp_scalar(t, device: torch.device, what: str) -> Optional[torch.Tensor]:
     return t.reshape(())
 
 
-def _lr_scalars(lr, device: torch.device):
+def _lr_scalars(lr, device: torch.device, capturing: bool = False):
     """(float lr, device tensor lr or None). A CPU tensor lr is read on the host
     (no device sync); a CUDA tensor lr is passed by pointer and read by the kernel,
-    so changing it in place (as lr schedulers do for tensor lrs) needs no recapture."""
+    so changing it in place (as lr schedulers do for tensor lrs) needs no recapture.
+    Under CUDA graph capture a host lr would be frozen into the graph (a later
+    scheduler change would silently do nothing on replay), so it is refused."""
+    if capturing and not (isinstance(lr, torch.Tensor) and lr.device.type == "cuda"):
+        raise RuntimeError(
+            "under CUDA graph capture lr must be a CUDA tensor (e.g. lr=torch.tensor(1e-3, device='cuda'), "
+            "changed in place by the scheduler); a float or CPU-tensor lr would be fixed into the graph")
     if isinstance(lr, torch.Tensor):
         if lr.device.type == "cpu":
             return float(lr), None
@@ -46,7 +52,10 @@ def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_s
     for b in plan.batches:
         dev = b.table.device
         if dev not in out:
-            lr_value, lr_tensor = _lr_scalars(lr, dev)
+            capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            if capturing:
+                plan.captured = True  # its buffers may now be used by a graph: keep them alive
+            lr_value, lr_tensor = _lr_scalars(lr, dev, capturing)
             out[dev] = DeviceScalars(lr_value, lr_tensor, _amp_scalar(grad_scale, dev, amp_names[0]),
                                      _amp_scalar(found_inf, dev, amp_names[1]))
     return out
