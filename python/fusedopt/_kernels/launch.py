@@ -66,16 +66,17 @@ def launch_elementwise(table: RowTable, state_dtype: torch.dtype, scalars: Devic
     fn(*_head(table, state_dtype, scalars), float(scalars.lr), *layout.hyper_values(hyper), int(flags))
 
 
-def reduction_workspace(table: RowTable, quantities: int, extra: int = 0):
-    """(tensor, pointer) of the fp64 CUDA workspace of a reduction; (None, 0) on CPU.
+def reduction_workspace(rows, device: torch.device, quantities: int, extra: int = 0):
+    """(tensor, pointer) of the fp64 CUDA workspace of a reduction over ``rows``
+    (an int64 row array); (None, 0) on CPU.
 
     Allocated per call through torch's caching allocator, so it follows the
     stream semantics of any other tensor (no host sync, no cross-stream reuse).
     """
-    if table.device.type != "cuda":
+    if device.type != "cuda":
         return None, 0
-    n = int(_C.cuda_reduction_workspace_elems(table.rows, quantities)) + extra
-    ws = torch.empty(max(n, 1), dtype=torch.float64, device=table.device)
+    n = int(_C.cuda_reduction_workspace_elems(rows, quantities)) + extra
+    ws = torch.empty(max(n, 1), dtype=torch.float64, device=device)
     return ws, ws.data_ptr()
 
 
@@ -91,7 +92,7 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
     head = _head(table, state_dtype, scalars)
     hyper_values = layout.hyper_values(hyper)
     if layout.name == "lars":
-        ws, ws_ptr = reduction_workspace(table, 2)
+        ws, ws_ptr = reduction_workspace(table.rows, table.device, 2)
         _C.multi_tensor_lars(*head, ws_ptr, float(scalars.lr), *hyper_values, int(flags))
     elif layout.name == "lamb":
         gs_ptr, n_gs = 0, 0
@@ -100,7 +101,7 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
                 raise ValueError(f"grad_sq must be a contiguous float64 tensor on {table.device}; "
                                  f"got {shape_str(grad_sq)}")
             gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
-        ws, ws_ptr = reduction_workspace(table, 2, extra=1)
+        ws, ws_ptr = reduction_workspace(table.rows, table.device, 2, extra=1)
         _C.multi_tensor_lamb(*head, ws_ptr, gs_ptr, n_gs, float(scalars.lr), *hyper_values, int(flags))
     else:
         raise ValueError(f"{layout.name!r} is not a norm-scaled kernel")

@@ -11,7 +11,7 @@ import torch
 from .. import _C
 from .checks import check_param, shape_str
 from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, ROW_FLAGS, ROW_WIDTH, kernel_layout
-from .launch import device_index, require_cuda, stream_of
+from .launch import device_index, reduction_workspace, require_cuda, stream_of
 from .rows import RowTable
 
 _NORMS = kernel_layout("norms")
@@ -44,12 +44,7 @@ def _sum_squares(inputs: np.ndarray, numels: np.ndarray, dtype: torch.dtype, out
     rows[:, _NORMS.column("out")] = out.data_ptr() + out.element_size() * index
     rows[:, NUMEL_COLUMN] = numels
     rows[:, FLAGS_COLUMN] = np.where(inputs % 16 == 0, _ALIGNED16, 0)
-    ws = None
-    ws_ptr = 0
-    if out.device.type == "cuda":
-        ws = torch.empty(max(int(_C.cuda_reduction_workspace_elems(rows, 1)), 1), dtype=torch.float64,
-                         device=out.device)
-        ws_ptr = ws.data_ptr()
+    ws, ws_ptr = reduction_workspace(rows, out.device, 1)
     _C.multi_tensor_norms(rows, DTYPE_CODES[dtype], DTYPE_CODES[out.dtype], device_index(out.device),
                           stream_of(out.device), ws_ptr, bool(take_sqrt))
     del ws  # the caching allocator keeps it alive for the stream's pending work

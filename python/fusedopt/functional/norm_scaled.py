@@ -75,6 +75,12 @@ def lamb_clip_sums(plans: Sequence[Union[StepPlan, PreparedStep]]) -> Dict[torch
         if any(b.sharded for b in batches):
             reduce_rows_over_shards(out, [p for b in batches for p in b.sources])
         local[dev] = out
+    return share_across_devices(local)
+
+
+def share_across_devices(local: Dict[torch.device, torch.Tensor]) -> Dict[torch.device, torch.Tensor]:
+    """Every device gets the sums of all devices, concatenated in one fixed order
+    (asynchronous copies, no host sync); one device: unchanged."""
     if len(local) <= 1:
         return local
     return {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}

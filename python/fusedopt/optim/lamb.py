@@ -7,6 +7,7 @@ import torch
 
 from .. import _hyper, _ops, functional
 from .adam import check_adam_group, new_moments
+from ..functional.norm_scaled import share_across_devices
 from .base import FusedOptimizer
 
 
@@ -140,7 +141,5 @@ class LAMB(FusedOptimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     by_device.setdefault(p.device, []).append(p.grad)
-        local = {dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()}
-        if len(local) > 1:  # every device sees all sums, in one fixed order
-            local = {dev: torch.cat([t.to(dev, non_blocking=True) for t in local.values()]) for dev in local}
+        local = share_across_devices({dev: _ops.grad_sq_norms(gs) for dev, gs in by_device.items()})
         return lambda group: {"clip_grad_sq": local} if group["max_grad_norm"] is not None else {}
