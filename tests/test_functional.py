@@ -255,3 +255,20 @@ def test_rebuild_after_capture_keeps_the_norm_slots_alive(cls, seed):
         opt.step()
         assert plan.batches[0].table.norms is not old
         assert any(t is old for t in plan.retired) == captured
+
+
+@pytest.mark.parametrize("bad", [lambda sq: sq.float(), lambda sq: sq.reshape(1, -1), lambda sq: "sums"])
+def test_lamb_bad_clip_sums_write_nothing(bad, seed):
+    """A wrong clip_grad_sq is rejected before any batch of the call is written
+    (fp32 and fp64 params: two batches)."""
+    params = [torch.randn(5), torch.randn(4, dtype=torch.float64)]
+    lists = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros(()) for _ in params])
+    grads = [torch.randn_like(p) for p in params]
+    sq = F.grad_sq_norms([g.double() for g in grads])
+    before = [tensor_bits(t) for t in params + [t for lst in lists for t in lst]]
+    with pytest.raises(ValueError, match="clip_grad_sq must give a contiguous 1-D float64 tensor"):
+        F.lamb(params, grads, *lists, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+               bias_correction=True, grad_averaging=True, max_grad_norm=0.5, trust_clip=False, always_adapt=False,
+               decoupled_decay=False, clip_grad_sq=bad(sq))
+    assert [tensor_bits(t) for t in params + [t for lst in lists for t in lst]] == before

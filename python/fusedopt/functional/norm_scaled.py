@@ -14,7 +14,7 @@ import torch
 from .. import _hyper
 from .._dtensor import reduce_rows_over_shards
 from .._kernels import (MASTER, STATE, STEP, Column, Labels, StepPlan, grad_sq_norms_into, kernel_layout,
-                        launch_norm_scaled, prepare)
+                        launch_norm_scaled, prepare, shape_str)
 from ._step import PreparedStep, compiling, device_scalars, finish
 
 _LARS = kernel_layout("lars")
@@ -52,9 +52,16 @@ def clip_sums_for(plan: StepPlan, given: Optional[ClipSums]) -> Dict[torch.devic
     given ones, else those of this call's grads."""
     if given is None:
         return lamb_clip_sums([plan])
-    if isinstance(given, torch.Tensor):
-        return {b.table.device: given for b in plan.batches}
-    return given
+    sums = {b.table.device: given for b in plan.batches} if isinstance(given, torch.Tensor) else given
+    for b in plan.batches:  # all checked before the first batch launches
+        dev = b.table.device
+        t = sums.get(dev) if isinstance(sums, Mapping) else None
+        if not isinstance(t, torch.Tensor) or t.dtype is not torch.float64 or t.device != dev or t.dim() != 1 \
+                or not t.is_contiguous():
+            got = shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"clip_grad_sq must give a contiguous 1-D float64 tensor on {dev} (per-grad sums of "
+                             f"squares, as lamb_clip_sums returns); got {got}")
+    return sums
 
 
 def lamb_clip_sums(plans: Sequence[Union[StepPlan, PreparedStep]]) -> Dict[torch.device, torch.Tensor]:
@@ -162,6 +169,8 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
                         always_adapt=always_adapt, decoupled=decoupled_decay, clip_grads=max_grad_norm is not None)
     # The apply call of a split step advances the step counters.
     split_flags = (_LAMB.flags(moments_only=True), _LAMB.flags(apply_only=True))
+    if clip_grad_sq is not None and max_grad_norm is not None:
+        clip_sums_for(plan, clip_grad_sq)  # checked now, before anything is written
     hyper = dict(h, max_grad_norm=float(max_grad_norm or 0.0))  # the kernel reads it only when clipping
     adapts = weight_decay != 0 or always_adapt
     run = _run_norm_scaled(plan, lr, grad_scale, found_inf, hyper, flags, adapts, split_flags, _split,
