@@ -139,21 +139,31 @@ def test_bf16_state_is_fp32_math_with_rounded_state(spec):
     opt = spec.make(ps, state_dtype=torch.bfloat16, **spec.hyper)
     opt_fp32_state = spec.make(fp32_state, **spec.hyper)
     ref = reference(spec, ps, state_dtype=torch.bfloat16)
+    # A state may be one bf16 ulp off the reference's (a tie of the two fp32
+    # values around a bf16 rounding boundary, allowed below), and the update
+    # computed from it is then off by up to that relative amount: each step adds
+    # bf16 eps times the size of that step's update to the param bound.
+    state_slack = [0.0] * len(ps)
+    bf16_eps = torch.finfo(torch.bfloat16).eps
     for step in range(5):
         set_grads(ps, ref, torch.float32)
         for p, q in zip(ps, fp32_state):
             q.grad = p.grad.clone()
+        before = [r.detach().clone() for r in ref.params]
         opt.step()
         opt_fp32_state.step()
         ref.step()
         for i, (p, r) in enumerate(zip(ps, ref.params)):
+            state_slack[i] += 2 * bf16_eps * float((r.detach() - before[i]).abs().max())
             rtol, atol = drift_tol(torch.float32, step + 1, float(r.abs().max()))
-            torch.testing.assert_close(p.detach(), r, rtol=rtol, atol=atol)
+            torch.testing.assert_close(p.detach(), r, rtol=rtol, atol=atol + state_slack[i])
             for key in spec.state_keys:
                 got, want = opt.state[p][key], ref.state(i)[key]
                 assert got.dtype is torch.bfloat16, key
-                # the same fp32 value rounded on both sides, up to one bf16 ulp where they differ
-                torch.testing.assert_close(got.float(), want, rtol=torch.finfo(torch.bfloat16).eps, atol=atol)
+                # the same fp32 value rounded on both sides, up to one bf16 ulp where they differ;
+                # an element near zero keeps the absolute error of the larger values it came from
+                torch.testing.assert_close(got.float(), want, rtol=bf16_eps,
+                                           atol=atol + 2 * bf16_eps * float(want.abs().max()))
     assert any(not torch.equal(a, b) for a, b in zip(ps, fp32_state))
 
 
