@@ -13,6 +13,7 @@ void register_optim(py::module_& m);
 void register_lanczos(py::module_& m);
 void register_norm_scaled(py::module_& m);
 void register_layout(py::module_& m);
+void register_tensor_scan(py::module_& m);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
   bind::register_lanczos(m);
   bind::register_norm_scaled(m);
   bind::register_layout(m);
+  bind::register_tensor_scan(m);
 }

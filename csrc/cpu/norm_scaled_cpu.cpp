@@ -137,7 +137,7 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
       const auto element = [](C& p, C g, C& buf, C first, const LarsScalars<C>& sc) {
         lars_element<C>(p, g, buf, first, sc);
       };
-      for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+      for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                      [&](int64_t, int64_t r, int64_t b, int64_t e) {
         momentum_piece<P, S, C, M>(call.rows[r], kLarsColumns, b, e, scalars[r], element);
       });
@@ -165,7 +165,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
     with_master(any_master(call, kLambMaster), [&](auto master) {
       constexpr bool M = decltype(master)::value;
       if (!lamb_adapts(h)) {  // r = 1: moments and update in one pass
-        for_each_piece(off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
           double unused[2];
           lamb_moment_piece<P, S, C, true, M>(call.rows[r], b, e, scalars[r], unused);
         });
@@ -183,7 +183,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
         scalars[r].ratio = static_cast<C>(lamb_trust_ratio(h, n[0], n[1]));
       }
       if (moments_only) return;
-      for_each_piece(off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
+      for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
         lamb_apply_piece<P, S, C, M>(call.rows[r], b, e, scalars[r]);
       });
     });

@@ -43,7 +43,7 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
         call, kAdamStep, true, [&](double t) { return adam_scalars<C>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
     const bool master = any_master(call, kAdamMaster);
-    for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+    for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                    [&](int64_t, int64_t r, int64_t b, int64_t e) {
       const TensorRow& row = call.rows[r];
       if (amsgrad) {
@@ -69,7 +69,7 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
     const auto element = [](C& p, C g, C& buf, C first, const SgdScalars<C>& sc) {
       sgd_element<C>(p, g, buf, first, sc);
     };
-    for_each_piece(row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+    for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                    [&](int64_t, int64_t r, int64_t b, int64_t e) {
       master ? momentum_piece<P, S, C, true>(call.rows[r], kSgdColumns, b, e, s, element)
              : momentum_piece<P, S, C, false>(call.rows[r], kSgdColumns, b, e, s, element);

@@ -21,7 +21,9 @@ std::vector<Scalars> step_scalars(const OptimCall& call, int step_column, bool a
   std::vector<Scalars> out(static_cast<size_t>(call.n_rows));
   float last = 0.0f;  // set by row 0
   Scalars cached{};
+  constexpr int64_t kAhead = 8;  // the counters are scattered one-element tensors: overlap their misses
   for (int64_t r = 0; r < call.n_rows; ++r) {
+    if (r + kAhead < call.n_rows) __builtin_prefetch(col<float>(call.rows[r + kAhead], step_column), 1);
     float* step = col<float>(call.rows[r], step_column);
     const float t = *step + 1.0f;
     if (advance) *step = t;

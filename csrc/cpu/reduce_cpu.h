@@ -27,7 +27,7 @@ std::vector<double> reduce_rows(const TensorRow* rows, int64_t n_rows, Piece&& p
     base[r + 1] = base[r] + pieces;
   }
   std::vector<double> partial(static_cast<size_t>(base[n_rows]) * K, 0.0);
-  for_each_piece(off, chunk, [&](int64_t c, int64_t r, int64_t b, int64_t e) {
+  for_each_piece(rows, off, chunk, [&](int64_t c, int64_t r, int64_t b, int64_t e) {
     piece(r, b, e, &partial[static_cast<size_t>(base[r] + c - off[r] / chunk) * K]);
   });
   std::vector<double> sums(static_cast<size_t>(n_rows) * K, 0.0);

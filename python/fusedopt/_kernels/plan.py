@@ -18,6 +18,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .._dtensor import is_dtensor, local_tensor, shard_groups
+from . import fast_checks
 from .checks import check_like, check_param, check_step_tensor
 from .layout import KernelLayout
 from .norms import attach_norm_slots
@@ -96,7 +97,9 @@ class StepPlan:
         # (column index, position, tensor) of zero state made for None entries.
         self.created: List[Tuple[int, int, torch.Tensor]] = []
 
-    def _matches(self, layout: KernelLayout, params: Sequence, columns: Sequence[Column]) -> bool:
+    def _same_tensors(self, layout: KernelLayout, params: Sequence, columns: Sequence[Column]) -> bool:
+        """Whether the call passes the tensor objects the plan was built from (their
+        storage and this step's grads are checked by ``_refresh``)."""
         if self.layout is not layout or self.key != tuple(c.name for c in columns) or self.created:
             return False
         same_lists = (self.owned_lists and self._sources is not None and self._sources[0] is params
@@ -112,7 +115,7 @@ class StepPlan:
             for b in self.batches:
                 if any(local_tensor(params[i]) is not t for i, t in zip(b.index, b.table.params)):
                     return False
-        return not any(b.table.params_changed() for b in self.batches)
+        return True
 
     def commit_created(self, columns: Sequence[Column]) -> List[int]:
         """After the kernels ran: zero state made for None entries goes into the
@@ -132,13 +135,24 @@ class StepPlan:
         return positions
 
 
-def _refresh_grads(plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:
+def _batch_grads(plan: StepPlan, b: Batch, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     if len(plan.batches) == 1 and not plan.has_dtensor:
-        plan.batches[0].table.refresh_grads(grads)
-        return
+        return grads
+    gs = [grads[i] for i in b.index]
+    return [local_tensor(g) for g in gs] if plan.has_dtensor else gs
+
+
+def _refresh(plan: StepPlan, grads: Sequence[torch.Tensor]) -> bool:
+    """Checks that no param of a plan of the same tensors changed and this step's
+    grads fit, and points the rows at the grads. False: a param changed (re-plan).
+    Raises on a bad grad, before anything is written."""
+    if all(b.table.refresh_fast(_batch_grads(plan, b, grads)) for b in plan.batches):
+        return True  # one C++ pass per batch; anything unusual goes on to the Python checks
+    if any(b.table.params_changed() for b in plan.batches):
+        return False
     for b in plan.batches:
-        gs = [grads[i] for i in b.index]
-        b.table.refresh_grads([local_tensor(g) for g in gs] if plan.has_dtensor else gs)
+        b.table.refresh_grads(_batch_grads(plan, b, grads))
+    return True
 
 
 def prepare(layout: KernelLayout, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -156,8 +170,7 @@ def prepare(layout: KernelLayout, params: Sequence[torch.Tensor], grads: Sequenc
         if len(col.tensors) != n:
             raise ValueError(f"{col.arg} has {len(col.tensors)} entries; expected {n}, one per param")
     plan = StepPlan() if plan is None else plan
-    if plan._matches(layout, params, columns):
-        _refresh_grads(plan, grads)
+    if plan._same_tensors(layout, params, columns) and _refresh(plan, grads):
         return plan
     built = _build(layout, params, grads, columns, labels, state_dtype, create)
     if plan.captured:
@@ -203,6 +216,8 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
         table.check_no_overlap(written)
         table.set_row_flag("first_step", first)
         table.refresh_grads([local_tensor(grads[i]) for i in index])
+        if fast_checks.enabled():
+            table.enable_fast_checks()
         if "norms" in layout.columns:
             attach_norm_slots(table)
         batches.append(Batch(index, table, sdtype, [params[i] for i in index]))

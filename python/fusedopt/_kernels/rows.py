@@ -3,7 +3,9 @@
 A row holds the pointers of the tensors that belong to one parameter (their
 columns are named by the kernel's layout), its element count and per-row
 flags. A table is built once per set of tensors and kept (in a ``StepPlan``);
-each step only refreshes the grad pointers.
+each step only checks that its params are unchanged and refreshes the grad
+pointers: in one C++ pass (``refresh_fast``, fast_checks.py) or, when that
+says anything differs or is off, with the Python checks here.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import _C
 from .checks import check_grad, same_metadata
-from .layout import FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
+from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
 
 _ALIGNED16 = ROW_FLAGS["aligned16"]
 
@@ -40,6 +43,7 @@ class RowTable:
         self.norms: Optional[torch.Tensor] = None  # per-row norm slots (norm-scaled kernels)
         # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
         self._written = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self._scanner = None  # the C++ per-step checks (enable_fast_checks)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -67,6 +71,24 @@ class RowTable:
         # Same pointers imply the same device; dtype, shape (hence size) and
         # strides can still change under an unchanged pointer.
         return not same_metadata(self.params, self.dtype, self.shapes)
+
+    def enable_fast_checks(self) -> None:
+        """Sets up ``refresh_fast`` for later steps; after ``check_no_overlap``,
+        once every tensor of the table is checked."""
+        starts, ends = self._written
+        cpu = self.device.type == "cpu"
+        self._scanner = _C.RowScanner(self.rows, DTYPE_CODES[self.dtype], 0 if cpu else 1,
+                                      -1 if cpu else self.device.index, self._param_column,
+                                      self.layout.column("grad"), [tuple(s) for s in self.shapes],
+                                      starts, ends, self.params[0].element_size())
+
+    def refresh_fast(self, grads: Sequence[torch.Tensor]) -> bool:
+        """``params_changed()`` is False and ``refresh_grads(grads)`` would pass:
+        then the grad column is refreshed, in one C++ pass. False when anything
+        differs, or cannot be told this way (then run those two)."""
+        if self._scanner is None:
+            return False
+        return self._scanner.refresh(self.params, grads if isinstance(grads, list) else list(grads))
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
         """Checks this step's grads against the params and points the grad column at them."""

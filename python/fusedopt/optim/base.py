@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _C
 from .._dtensor import is_dtensor, local_tensor
 from .._kernels.checks import check_param
 from ..functional import StepPlan
@@ -39,12 +40,14 @@ def _eager_step_outside_compile(opt: "FusedOptimizer", closure):
 
 
 class _GroupLists:
-    """The tensors of one group's step besides the grads, kept while unchanged."""
+    """The tensors of one group's step besides the grads, kept while unchanged.
+    ``group_params``: a copy of the group's params list when this was built."""
 
-    __slots__ = ("key", "params", "names", "lists", "master")
+    __slots__ = ("key", "params", "names", "lists", "master", "group_params")
 
-    def __init__(self, key, params, names, lists, master):
+    def __init__(self, key, params, names, lists, master, group_params=None):
         self.key, self.params, self.names, self.lists, self.master = key, params, names, lists, master
+        self.group_params = group_params
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -209,19 +212,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """(the group's params with grads and their state lists, their grads); the
         lists are cached while no param, grad presence or state entry changed.
         New state goes to ``pending``. (None, None) when no param has a grad."""
-        params, grads = [], []
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                params.append(p)
-                grads.append(g)
-        if not params:
-            return None, None
-        key = (tuple(map(id, params)), self._required_state_keys(group), bool(group.get("master_weights")),
-               self._epoch[0])
+        group_params = group["params"]
         cached = self._group_cache.get(gi)
-        if cached is not None and cached.key == key:
+        # One C++ pass: the grads, which params have one, and whether the group
+        # still holds the very params of the cached lists.
+        grads, has_grad, same_params = _C.grads_of(group_params, cached.group_params if cached else None)
+        if not grads:
+            return None, None
+        key = (has_grad, self._required_state_keys(group), bool(group.get("master_weights")), self._epoch[0])
+        if cached is not None and same_params and cached.key == key:
             return cached, grads
+        params = [p for p, has in zip(group_params, has_grad) if has]
         position = {id(p): i for i, p in enumerate(group["params"])}
         names = [self._param_label(group, gi, position[id(p)]) for p in params]
         states, new = [], False
@@ -234,7 +235,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         master = None
         if any(self._uses_master(group, local_tensor(p)) for p in params):
             master = [st.get("master") for st in states]
-        entry = _GroupLists(key, params, names, self._state_lists(group, states), master)
+        entry = _GroupLists(key, params, names, self._state_lists(group, states), master, list(group_params))
         if not new:  # lists that hold uncommitted state are rebuilt from the committed state next time
             self._group_cache[gi] = entry
         return entry, grads
