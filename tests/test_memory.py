@@ -2,6 +2,8 @@
 
 Workspace per step (see README "Guarantees"): on CPU one vector of per-row
 scalars and the row offsets, O(number of tensors), freed when the call returns;
+the kept plans (row tables, their C++ checks' scratch, the group lists) are
+O(number of tensors) and replaced, not added to, when rebuilt;
 on CUDA the launch tables travel in the kernel parameters, so SGD/Adam use no
 device workspace at all.
 """
@@ -47,6 +49,25 @@ def test_no_host_memory_growth(spec, seed):
     grown = rss_bytes() - before
     assert grown < 2 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over {STEPS} steps"
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
+def test_no_host_memory_growth_when_plans_are_rebuilt(spec, seed):
+    """A param that has a grad every other step: the kept lists, row tables and
+    their C++ checks (fast_checks.py) are rebuilt at every step; the old ones go."""
+    params = small_model("cpu")
+    opt = spec.make(params, **spec.hyper)
+    grad = params[1].grad
+
+    def churn(n):
+        for i in range(n):
+            params[1].grad = grad if i % 2 else None
+            opt.step()
+    churn(500)
+    before = rss_bytes()
+    churn(STEPS // 4)
+    grown = rss_bytes() - before
+    assert grown < 2 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over {STEPS // 4} re-planned steps"
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """Bad input is rejected with a clear message, and nothing is lost.
 
-Every test runs for every optimizer of optim_registry.OPTIMIZERS. Most build an
+Every test runs for every optimizer of optim_registry.OPTIMIZERS, on both paths
+of the per-step checks (``checks``: the C++ pass and the Python checks). Most build an
 optimizer that has taken one good step (params, grads AND state exist; with
 ``steps=0`` it never stepped), introduce one defect, check the exception type
 and message, and check that params, grads, state and hyperparameters are
@@ -15,10 +16,20 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt._kernels import fast_checks
 from optim_registry import BY_NAME, OPTIMIZERS, snapshot, state_dict_bits
 from reference_optim import drift_tol
 
 STATEFUL = [s for s in OPTIMIZERS if s.state_keys]
+
+
+@pytest.fixture(autouse=True, params=["fast", "python"])
+def checks(request):
+    """Every test on both paths of a kept plan's per-step checks: the C++ pass
+    through torch's C shim, and the Python checks (fusedopt/_kernels/fast_checks.py)."""
+    fast_checks.set_enabled(request.param == "fast")
+    yield request.param
+    fast_checks.set_enabled(True)
 
 
 def sgd_family(spec) -> bool:
