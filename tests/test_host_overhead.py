@@ -315,3 +315,15 @@ def test_functional_plan_sees_a_replaced_list_entry(checks, seed):
     adam_call(twin_params, grads, twin_state, StepPlan())
     assert all(torch.equal(a, b) for a, b in zip(params + state["m"], twin_params + twin_state["m"]))
     assert plan.columns[0][1] is state["m"][1]
+
+
+def test_environment_variable_switches_the_fast_checks_off():
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, fusedopt; p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3); "
+            "o = fusedopt.Adam([p]); o.step(); o.step(); print(fusedopt.build_info()['fast_checks'])")
+    env = dict(os.environ, FUSEDOPT_FAST_CHECKS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "off (FUSEDOPT_FAST_CHECKS=0)"
+    assert fusedopt.build_info()["fast_checks"] == "on (torch C shim)"

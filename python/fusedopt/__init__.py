@@ -7,6 +7,7 @@ from . import _C
 from . import lr
 from . import functional
 from .optim import LAMB, LARS, SGD, Adam, AdamW
+from ._kernels import fast_checks as _fast_checks
 
 
 def cuda_available() -> bool:
@@ -15,7 +16,9 @@ def cuda_available() -> bool:
 
 
 def build_info() -> dict:
-    """Version, CUDA build facts and the CPU SIMD level in use."""
+    """Version, CUDA build facts, the CPU SIMD level in use, and whether the per-step
+    checks take the C++ path through torch's C shim (``fast_checks``: "on (...)" or
+    "off (why)"; README "Host overhead")."""
     archs = _C.cuda_archs()
     return {
         "version": __version__,
@@ -24,6 +27,7 @@ def build_info() -> dict:
         "cuda_available": cuda_available(),
         "cpu_simd": _C.simd_level(),
         "cpu_threads": _C.num_threads(),
+        "fast_checks": _fast_checks.status(),
     }
 
 

@@ -91,6 +91,8 @@ OPTIMIZER_WORKLOADS: Dict[str, Callable[[], List[Shape]]] = {
     "bert-base": bert_base_shapes,
     "5000x1000": many_tensors_shapes,
     "1000x64": host_overhead_shapes,
+    "10000x64": lambda: many_tensors_shapes(10_000, 64),  # issue 12's host-overhead targets
+    "10000x4096": lambda: many_tensors_shapes(10_000, 4096),  # the same on a GPU: 1.1 GB per Adam step
     "tiny": odd_shapes,
 }
 
