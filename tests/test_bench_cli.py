@@ -122,3 +122,33 @@ def test_default_modes_stay_small():
     assert "gpt2-small" not in preset.workloads["default"] and "gpt2-small" in preset.workloads["full"]
     assert "torch-forloop" not in preset.impls["default"]
     assert {"torch-foreach", "torch-fused", "fusedopt"} <= set(preset.impls["default"])
+
+
+def load_host_overhead_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", REPO / "benchmarks" / "bench_host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_overhead_run_checks_the_targets(tmp_path, capsys, monkeypatch):
+    """bench_host_overhead.py on tiny shapes: every row and target line is there, in the table and the JSON."""
+    script = load_host_overhead_script()
+    pairs = script.SMALL + script.NORM_SCALED
+    monkeypatch.setitem(script.CASES["cpu"], "quick", [("tiny", pairs)])
+    monkeypatch.setattr(script, "TARGETS", [("tiny", w, a, b, bound, kind) for _, w, a, b, bound, kind in
+                                            script.TARGETS[:5]])
+    out = tmp_path / "h.json"
+    rc = script.main(["--quick", "--device", "cpu", "--reps", "3", "--iters", "1", "--warmup", "0", "--no-progress",
+                      "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "ERROR" not in text and "us/tensor" in text
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "host_overhead"
+    assert {r["impl"] for r in data["rows"]} == {f"{i} {o}" for i, o in pairs}
+    assert all(r["status"] == "ok" for r in data["rows"]), [r.get("reason") for r in data["rows"]]
+    assert [t["target"] for t in data["targets"]] == [t[1] for t in script.TARGETS[:5]]
+    assert all(t["ratio"] > 0 and isinstance(t["met"], bool) for t in data["targets"])
+    for t in data["targets"]:
+        assert t["target"] in text
