@@ -49,7 +49,7 @@ def test_fast_checks_are_on():
 def python_facts(t):
     cpu = t.device.type == "cpu"
     return (t.data_ptr(), DTYPE_CODES.get(t.dtype, -1), 0 if cpu else 1, -1 if cpu else t.device.index,
-            t.is_contiguous(), tuple(t.shape))
+            t.is_contiguous(), tuple(t.shape), tuple(t.stride()))
 
 
 def tensor_zoo(gen, device="cpu"):
@@ -175,13 +175,15 @@ def test_a_rejected_refresh_writes_no_row(seed):
 def build(spec, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5), (2, 3, 4), (6,)]]
+    # and a channels_last one: the C++ checks compare its strides
+    params.append(torch.nn.Parameter(torch.randn(3, 4, 2, 2, generator=gen).to(memory_format=torch.channels_last)))
     opt = spec.make(params, **spec.hyper)
     return opt, params, gen
 
 
 def set_grads(params, gen, skip=()):
-    for i, p in enumerate(params):
-        p.grad = None if i in skip else torch.randn(p.shape, generator=gen)
+    for i, p in enumerate(params):  # grads in their param's layout, as autograd makes them
+        p.grad = None if i in skip else torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen))
 
 
 def rebuild_plans(opt):
@@ -237,6 +239,10 @@ REFUSED = {
     "grad_is_a_state": (grad_alias_state, ValueError, "shares memory"),
     "grad_is_another_param": (lambda opt, ps: setattr(ps[3], "grad", ps[0].data[:6]), ValueError, "shares memory"),
     "param_resized": (lambda opt, ps: setattr(ps[0], "data", ps[0].data[:4]), ValueError, "shape"),
+    "grad_of_another_layout": (lambda opt, ps: setattr(ps[4], "grad", ps[4].grad.contiguous()), ValueError,
+                               r"grad of .*\]\[4\] has strides \[16, 4, 2, 1\]; expected \[16, 1, 8, 4\]"),
+    "param_made_contiguous": (lambda opt, ps: setattr(ps[4], "data", ps[4].data.contiguous()), ValueError,
+                              r"\]\[4\] (has strides|is not contiguous)"),
 }
 
 

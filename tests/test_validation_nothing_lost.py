@@ -179,17 +179,20 @@ def test_sparse_param(spec):
 
 @ids
 @steps
-def test_non_contiguous_param(spec, steps):
+@pytest.mark.parametrize("how", ["gaps", "overlaps"])
+def test_param_whose_memory_is_not_one_run(spec, steps, how):
     opt, _ = fresh(spec, steps=steps)
-    p = torch.nn.Parameter(torch.randn(4, 6).t())
-    add_param(opt, p, torch.randn(6, 4))
-    assert_rejected_unchanged(opt, ValueError, r"params'\]\[3\] is not contiguous \(strides \[1, 6\].*"
-                                               r"call .contiguous\(\) on the parameter")
+    data = torch.randn(4, 12)[:, ::2] if how == "gaps" else torch.randn(4, 1).expand(4, 6)
+    p = torch.nn.Parameter(data)
+    add_param(opt, p, torch.randn(4, 6))
+    assert_rejected_unchanged(opt, ValueError, r"params'\]\[3\] has memory with gaps or overlaps \(strides \[\d+, "
+                                               r"\d+\].*dense and non-overlapping.*call .contiguous\(\)")
 
 
 @ids
-def test_non_contiguous_param_cached_table(spec):
-    # Same pointer, new layout: the cached table must notice.
+def test_param_layout_changed_under_cached_table(spec):
+    # Same pointer, new layout (a transposed view is one flat run): the cached
+    # table must notice, and the state and grad made for the old layout no longer fit.
     opt, params = fresh(spec)
     p = torch.nn.Parameter(torch.randn(4, 4))
     add_param(opt, p, torch.randn(4, 4))
@@ -197,15 +200,37 @@ def test_non_contiguous_param_cached_table(spec):
     opt.step()
     p.data = p.data.t()
     p.grad = torch.randn(4, 4)
-    assert_rejected_unchanged(opt, ValueError, r"params'\]\[3\] is not contiguous")
+    assert_rejected_unchanged(opt, ValueError, r"params'\]\[3\] (is not contiguous|has strides \[4, 1\]; "
+                                               r"expected \[1, 4\], the memory layout of its parameter)")
 
 
 @ids
-def test_channels_last_param(spec):
-    opt, _ = fresh(spec)
+@steps
+def test_channels_last_param_with_contiguous_grad(spec, steps):
+    opt, _ = fresh(spec, steps=steps)
     p = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
     add_param(opt, p, torch.randn(2, 3, 4, 5))
-    assert_rejected_unchanged(opt, ValueError, r"params'\]\[3\] is not contiguous.*channels_last")
+    assert_rejected_unchanged(opt, ValueError, r"grad of param_groups\[0\]\['params'\]\[3\] has strides "
+                                               r"\[60, 20, 5, 1\]; expected \[60, 1, 15, 3\], the memory layout")
+
+
+@ids_stateful
+def test_loaded_state_of_another_layout_is_copied_into_the_params(spec):
+    """A checkpoint whose state is contiguous (e.g. saved from a contiguous model)
+    loads into a channels_last param's layout."""
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    p.grad = torch.randn_like(p)
+    opt = spec.make([p], **spec.hyper)
+    opt.step()
+    sd = opt.state_dict()
+    for key in spec.state_keys:
+        sd["state"][0][key] = sd["state"][0][key].contiguous()
+    fresh_opt = spec.make([p], **spec.hyper)
+    fresh_opt.load_state_dict(sd)
+    for key in spec.state_keys:
+        st = fresh_opt.state[p][key]
+        assert st.stride() == p.stride() and torch.equal(st, opt.state[p][key])
+    fresh_opt.step()
 
 
 @ids
@@ -413,9 +438,9 @@ def test_bad_second_group_leaves_first_group_untouched(spec, problem, trained):
         opt.param_groups[1]["lr"] = float("nan")
         exc, match = ValueError, r"invalid lr in param_groups\[1\]"
     elif problem == "bad_param":
-        second[1].data = torch.randn(6, 4).t()
-        second[1].grad = torch.randn(6, 4).t()
-        exc, match = ValueError, r"param_groups\[1\]\['params'\]\[1\] is not contiguous"
+        second[1].data = torch.randn(4, 12)[:, ::2]  # memory with gaps
+        second[1].grad = torch.randn(4, 12)[:, ::2]
+        exc, match = ValueError, r"param_groups\[1\]\['params'\]\[1\] has memory with gaps or overlaps"
     elif problem == "sparse_grad":
         second[0].grad = second[0].grad.to_sparse()
         exc, match = TypeError, r"param_groups\[1\]\['params'\]\[0\] is sparse"

@@ -65,7 +65,8 @@ inline void prefetch_impl(const void* impl) {
 class RowScanner {
  public:
   RowScanner(py::array rows, int dtype, int device_type, int device_index, int param_column, int grad_column,
-             const std::vector<std::vector<int64_t>>& shapes, std::vector<int64_t> written_starts,
+             const std::vector<std::vector<int64_t>>& shapes, const std::vector<std::vector<int64_t>>& layouts,
+             std::vector<int64_t> written_starts,
              std::vector<int64_t> written_ends, int64_t element_size)
       : rows_(std::move(rows)), dtype_(dtype), device_type_(device_type), device_index_(device_index),
         param_column_(param_column), grad_column_(grad_column), starts_(std::move(written_starts)),
@@ -76,11 +77,19 @@ class RowScanner {
         rows_.shape(1) != static_cast<py::ssize_t>(sizeof(TensorRow) / sizeof(int64_t)))
       throw std::invalid_argument("RowScanner: rows must be a writeable C-contiguous int64 array of shape [n, 10]");
     n_ = rows_.shape(0);
-    if (static_cast<int64_t>(shapes.size()) != n_ || starts_.size() != ends_.size())
-      throw std::invalid_argument("RowScanner: one shape per row, and as many written starts as ends");
+    if (static_cast<int64_t>(shapes.size()) != n_ || static_cast<int64_t>(layouts.size()) != n_ ||
+        starts_.size() != ends_.size())
+      throw std::invalid_argument("RowScanner: one shape and layout per row, and as many written starts as ends");
     offsets_.push_back(0);
-    for (const auto& s : shapes) {
-      dims_.insert(dims_.end(), s.begin(), s.end());
+    for (int64_t i = 0; i < n_; ++i) {
+      const auto& shape = shapes[static_cast<size_t>(i)];
+      const auto& layout = layouts[static_cast<size_t>(i)];
+      if (!layout.empty() && layout.size() != shape.size())
+        throw std::invalid_argument("RowScanner: a layout has one stride per dim");
+      dims_.insert(dims_.end(), shape.begin(), shape.end());
+      strides_.insert(strides_.end(), layout.begin(), layout.end());
+      strided_rows_.push_back(!layout.empty());
+      stride_offsets_.push_back(static_cast<int64_t>(strides_.size() - layout.size()));
       offsets_.push_back(static_cast<int64_t>(dims_.size()));
     }
   }
@@ -132,13 +141,19 @@ class RowScanner {
   }
 
  private:
-  // A dense contiguous tensor of the table's dtype and device with row i's shape.
+  // A dense tensor of the table's dtype and device with row i's shape and
+  // memory layout: contiguous, or the row's strides (0 for a size-1 dim, where
+  // any stride is the same; python/fusedopt/_kernels/checks.py layout_key).
   bool matches(const TensorFacts& f, int64_t i) const {
-    if (!f.strided || !f.contiguous || f.dtype != dtype_ || f.device_type != device_type_ ||
-        f.device_index != device_index_)
+    if (!f.strided || f.dtype != dtype_ || f.device_type != device_type_ || f.device_index != device_index_)
       return false;
     const int64_t begin = offsets_[i], dim = offsets_[i + 1] - begin;
-    return f.dim == dim && std::equal(dims_.begin() + begin, dims_.begin() + begin + dim, f.sizes);
+    if (f.dim != dim || !std::equal(dims_.begin() + begin, dims_.begin() + begin + dim, f.sizes)) return false;
+    if (!strided_rows_[static_cast<size_t>(i)]) return f.contiguous;
+    const int64_t* want = strides_.data() + stride_offsets_[static_cast<size_t>(i)];
+    for (int64_t d = 0; d < dim; ++d)
+      if (f.sizes[d] != 1 && f.strides[d] != want[d]) return false;
+    return true;
   }
 
   // Whether [start, start + nbytes) shares a byte with a tensor the kernel
@@ -154,6 +169,8 @@ class RowScanner {
   int64_t n_ = 0;
   int dtype_, device_type_, device_index_, param_column_, grad_column_;
   std::vector<int64_t> dims_, offsets_;  // row i's shape: dims_[offsets_[i] : offsets_[i + 1]]
+  std::vector<int64_t> strides_, stride_offsets_;  // a non-contiguous row's strides, from stride_offsets_[i]
+  std::vector<bool> strided_rows_;                 // whether row i is non-contiguous
   std::vector<int64_t> starts_, ends_;
   int64_t element_size_;
   std::vector<void*> impls_;    // scratch of refresh: TensorImpls, then data pointers
@@ -163,9 +180,12 @@ class RowScanner {
 py::object tensor_facts(py::handle t) {
   TensorFacts f;
   if (!read_tensor_facts(t.ptr(), &f)) return py::none();
-  py::tuple sizes(static_cast<size_t>(f.dim));
-  for (int64_t d = 0; d < f.dim; ++d) sizes[static_cast<size_t>(d)] = f.sizes[d];
-  return py::make_tuple(f.data, f.dtype, f.device_type, f.device_index, f.contiguous, sizes);
+  py::tuple sizes(static_cast<size_t>(f.dim)), strides(static_cast<size_t>(f.dim));
+  for (int64_t d = 0; d < f.dim; ++d) {
+    sizes[static_cast<size_t>(d)] = f.sizes[d];
+    strides[static_cast<size_t>(d)] = f.strides[d];
+  }
+  return py::make_tuple(f.data, f.dtype, f.device_type, f.device_index, f.contiguous, sizes, strides);
 }
 
 }  // namespace
@@ -177,14 +197,15 @@ void register_tensor_scan(py::module_& m) {
   m.def("torch_shim_active", &torch_shim_loaded);
   m.def("tensor_facts", &tensor_facts,
         "(data_ptr, fusedopt dtype code or -1, device type (0 cpu, 1 cuda, -1 other), device index, "
-        "contiguous, sizes) read through the shim, or None when it cannot read t");
+        "contiguous, sizes, strides) read through the shim, or None when it cannot read t");
   m.def("grads_of", &grads_of, py::arg("params"), py::arg("previous"),
         "(grads of the params that have one, mask bytes, whether params is the same objects as previous)");
   py::class_<RowScanner>(m, "RowScanner")
       .def(py::init<py::array, int, int, int, int, int, const std::vector<std::vector<int64_t>>&,
-                    std::vector<int64_t>, std::vector<int64_t>, int64_t>(),
+                    const std::vector<std::vector<int64_t>>&, std::vector<int64_t>, std::vector<int64_t>, int64_t>(),
            py::arg("rows"), py::arg("dtype"), py::arg("device_type"), py::arg("device_index"),
-           py::arg("param_column"), py::arg("grad_column"), py::arg("shapes"), py::arg("written_starts"),
+           py::arg("param_column"), py::arg("grad_column"), py::arg("shapes"), py::arg("layouts"),
+           py::arg("written_starts"),
            py::arg("written_ends"), py::arg("element_size"))
       .def("refresh", &RowScanner::refresh, py::arg("params"), py::arg("grads"));
 }

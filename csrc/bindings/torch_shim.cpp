@@ -31,6 +31,7 @@ struct Shim {
   Error (*layout)(Handle, int32_t*);
   Error (*dim)(Handle, int64_t*);
   Error (*sizes)(Handle, int64_t**);
+  Error (*strides)(Handle, int64_t**);
   Error (*is_contiguous)(Handle, bool*);
   int32_t float32, float16, bfloat16, float64;  // torch's ScalarType codes
   int32_t cpu, cuda, strided;                   // DeviceType and Layout codes
@@ -68,7 +69,7 @@ bool torch_shim_load(const char* path) {
                   find(lib, "aoti_torch_get_device_type", &s.device_type) &&
                   find(lib, "aoti_torch_get_device_index", &s.device_index) &&
                   find(lib, "aoti_torch_get_layout", &s.layout) && find(lib, "aoti_torch_get_dim", &s.dim) &&
-                  find(lib, "aoti_torch_get_sizes", &s.sizes) &&
+                  find(lib, "aoti_torch_get_sizes", &s.sizes) && find(lib, "aoti_torch_get_strides", &s.strides) &&
                   find(lib, "aoti_torch_is_contiguous", &s.is_contiguous) &&
                   code(lib, "aoti_torch_dtype_float32", &s.float32) &&
                   code(lib, "aoti_torch_dtype_float16", &s.float16) &&
@@ -115,11 +116,12 @@ bool read_impl_facts(void* impl, TensorFacts* out) {
   const Handle h = &cell;
   const Shim& s = g_shim;
   int32_t layout = 0, dtype = 0, device_type = 0, device_index = 0;
-  int64_t* sizes = nullptr;
+  int64_t *sizes = nullptr, *strides = nullptr;
   bool contiguous = false;
   if (s.layout(h, &layout) != 0 || layout != s.strided) return false;  // data_ptr() of sparse tensors throws
   if (s.dtype(h, &dtype) != 0 || s.device_type(h, &device_type) != 0 || s.device_index(h, &device_index) != 0 ||
-      s.dim(h, &out->dim) != 0 || s.sizes(h, &sizes) != 0 || s.is_contiguous(h, &contiguous) != 0)
+      s.dim(h, &out->dim) != 0 || s.sizes(h, &sizes) != 0 || s.strides(h, &strides) != 0 ||
+      s.is_contiguous(h, &contiguous) != 0)
     return false;
   out->strided = true;
   out->dtype = dtype == s.float32    ? kFloat32
@@ -131,6 +133,7 @@ bool read_impl_facts(void* impl, TensorFacts* out) {
   out->device_index = out->device_type == kShimCpu ? -1 : device_index;
   out->contiguous = contiguous;
   out->sizes = sizes;
+  out->strides = strides;
   return true;
 }
 

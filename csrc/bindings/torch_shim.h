@@ -24,7 +24,8 @@ struct TensorFacts {
   bool strided = false;            // the dense layout (not sparse, mkldnn, jagged)
   bool contiguous = false;         // is_contiguous() in the default memory format
   int64_t dim = 0;
-  const int64_t* sizes = nullptr;  // borrowed from the tensor: valid while it lives unchanged
+  const int64_t* sizes = nullptr;    // borrowed from the tensor: valid while it lives unchanged
+  const int64_t* strides = nullptr;  // the same
 };
 
 constexpr int kShimCpu = 0;

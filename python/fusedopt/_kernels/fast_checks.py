@@ -38,7 +38,7 @@ def _library_path() -> Optional[str]:
 
 def _python_facts(t: torch.Tensor):
     return (t.data_ptr(), DTYPE_CODES.get(t.dtype, -1), 0 if t.device.type == "cpu" else 1,
-            -1 if t.device.type == "cpu" else t.device.index, t.is_contiguous(), tuple(t.shape))
+            -1 if t.device.type == "cpu" else t.device.index, t.is_contiguous(), tuple(t.shape), tuple(t.stride()))
 
 
 def _self_check() -> Optional[str]:
@@ -47,6 +47,7 @@ def _self_check() -> Optional[str]:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     samples = [base, base.t(), base[1:, 2:], base.to(torch.bfloat16)[2], torch.zeros((), dtype=torch.float64),
                torch.ones(1, 3, 1, dtype=torch.float16), torch.empty(0, 5), torch.ones(3, dtype=torch.int64),
+               torch.ones(2, 3, 4, 5).to(memory_format=torch.channels_last),
                torch.nn.Parameter(torch.randn(2, 3))]
     for t in samples:
         got, want = _C.tensor_facts(t), _python_facts(t)

@@ -28,7 +28,7 @@ def check_norm_inputs(tensors: Sequence[torch.Tensor], what: str = "tensors") ->
         raise ValueError(f"{what} is empty; expected at least one tensor")
     device = None
     for i, t in enumerate(tensors):
-        check_param(t, f"{what}[{i}]")
+        check_param(t, f"{what}[{i}]", contiguous=True)
         if device is None:
             device = t.device
         elif t.device != device:

@@ -205,7 +205,7 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
                 t = _checked_entry(col, i, local[k], sdtype, labels, create)
                 if t is None and col.name == create:
                     # like the source, so DTensor params get DTensor state, as in torch.optim
-                    made = torch.zeros_like(params[i], dtype=sdtype, memory_format=torch.contiguous_format)
+                    made = torch.zeros_like(params[i], dtype=sdtype, memory_format=torch.preserve_format)
                     created.append((c, i, made))
                     t = local_tensor(made)
                     first[k] = True

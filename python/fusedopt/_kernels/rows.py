@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from .checks import check_grad, same_metadata
+from .checks import check_grad, layout_key, same_metadata
 from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
 
 _ALIGNED16 = ROW_FLAGS["aligned16"]
@@ -39,6 +39,10 @@ class RowTable:
         self.device = p0.device
         self.dtype = p0.dtype
         self.shapes = [p.shape for p in params]
+        # None for a contiguous param (nearly all), else its strides (checks.layout_key):
+        # every tensor of the row must have them.
+        layouts = [layout_key(p) for p in params]
+        self.layouts = None if all(k is None for k in layouts) else layouts
         self.nbytes = self.rows[:, NUMEL_COLUMN] * p0.element_size()
         self.norms: Optional[torch.Tensor] = None  # per-row norm slots (norm-scaled kernels)
         # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
@@ -70,7 +74,7 @@ class RowTable:
             return True
         # Same pointers imply the same device; dtype, shape (hence size) and
         # strides can still change under an unchanged pointer.
-        return not same_metadata(self.params, self.dtype, self.shapes)
+        return not same_metadata(self.params, self.dtype, self.shapes, layouts=self.layouts)
 
     def enable_fast_checks(self) -> None:
         """Sets up ``refresh_fast`` for later steps; after ``check_no_overlap``,
@@ -80,6 +84,8 @@ class RowTable:
         self._scanner = _C.RowScanner(self.rows, DTYPE_CODES[self.dtype], 0 if cpu else 1,
                                       -1 if cpu else self.device.index, self._param_column,
                                       self.layout.column("grad"), [tuple(s) for s in self.shapes],
+                                      [()] * len(self) if self.layouts is None else
+                                      [() if k is None else k for k in self.layouts],
                                       starts, ends, self.params[0].element_size())
 
     def refresh_fast(self, grads: Sequence[torch.Tensor]) -> bool:
@@ -92,7 +98,7 @@ class RowTable:
 
     def refresh_grads(self, grads: Sequence[torch.Tensor]) -> None:
         """Checks this step's grads against the params and points the grad column at them."""
-        if not same_metadata(grads, self.dtype, self.shapes, self.device):
+        if not same_metadata(grads, self.dtype, self.shapes, self.device, self.layouts):
             for p, g, name in zip(self.params, grads, self.names):
                 check_grad(g, p, f"grad of {name}")
         grad_column = self.layout.column("grad")

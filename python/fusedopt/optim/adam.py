@@ -20,7 +20,7 @@ def new_moments(p: torch.Tensor, dtype: torch.dtype, keys) -> dict:
     """A step counter and zero moments like p (DTensor params get DTensor states)."""
     st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
     for key in keys:
-        st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     return st
 
 

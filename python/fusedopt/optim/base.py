@@ -259,7 +259,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _new_master(p: torch.Tensor) -> torch.Tensor:
-        return p.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return p.detach().to(dtype=torch.float32, memory_format=torch.preserve_format, copy=True)
 
     # ---- torch.compile ---------------------------------------------------------
     def _compiled_step(self, closure=None):

@@ -10,7 +10,7 @@ from typing import Any, List
 
 import torch
 
-from .._dtensor import local_tensor
+from .._dtensor import is_dtensor, local_tensor
 
 
 class TrackedState(dict):
@@ -110,6 +110,15 @@ def load_state_dict(opt, state_dict: dict) -> None:
     opt._group_cache.clear()
 
 
+def _like_param(value: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a loaded state tensor on p's device, in ``dtype``, with p's memory
+    layout (a channels_last param gets channels_last state, whatever the checkpoint
+    holds: the kernels walk param and state as flat runs side by side)."""
+    if is_dtensor(p):  # FSDP2 shards: contiguous, as the sharded params are
+        return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+    return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+
+
 def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: str) -> dict:
     """Copies a loaded state to p's device and the state dtype, checking it."""
     if not saved:
@@ -132,7 +141,7 @@ def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: s
             if not value.is_floating_point():
                 raise TypeError(f"loaded state['{key}'] of {name} has dtype {value.dtype}; expected a float")
             dtype = torch.float32 if key == "master" else want
-            out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+            out[key] = _like_param(value.detach(), p, dtype)
         else:
             out[key] = value
     for key in opt._required_state_keys(group):
