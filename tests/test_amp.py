@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import assert_params_close, snapshot, tiny_model, twin
-from optim_registry import TRAINING
+from optim_registry import TRAINING, variant
 
 specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
 
@@ -47,6 +47,43 @@ def test_grad_scaler_matches_reference_with_inf_and_nan_steps(spec):
     if "step" in opt.state[next(model.parameters())]:
         steps = [float(opt.state[p]["step"]) for p in model.parameters()]
         assert steps == [float(ref_opt.state[p]["step"]) for p in ref.parameters()] == [5.0] * len(steps)
+
+
+FIRST_STEP_SPECS = [variant(s, s.name + "-dampening", dampening=0.5, nesterov=False) if "momentum" in s.hyper
+                    else s for s in TRAINING]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("spec", FIRST_STEP_SPECS, ids=repr)
+def test_a_skipped_first_step_is_as_if_it_never_happened(spec, device):
+    """GradScaler often overflows on its first step. The skipped step must leave
+    no trace: SGD/LARS momentum starts from the first real grad (b = g, not
+    (1 - dampening) g into a zero buffer), and the checkpoint of a model whose only
+    step was skipped has no momentum buffers, as torch.optim's has none (Adam and
+    LAMB keep zero moments at step 0, equivalent to none: the next step is step 1)."""
+    model = tiny_model().to(device)
+    ref = twin(model)
+    opt, ref_opt = spec.make(model.parameters(), **spec.hyper), spec.reference(ref.parameters(), **spec.hyper)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=2)
+    ref_scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=2)
+    for step, poison in enumerate([float("inf"), float("nan"), None, None, float("inf"), None]):
+        x, y = torch.randn(16, 6, device=device), torch.randn(16, 3, device=device)
+        opt.zero_grad(), ref_opt.zero_grad()
+        scaled_backward(model, scaler, x, y, poison)
+        scaled_backward(ref, ref_scaler, x, y, poison)
+        scaler.step(opt)
+        ref_scaler.step(ref_opt)
+        scaler.update(), ref_scaler.update()
+        assert_params_close(model, ref)
+        if step < 2:  # nothing has really stepped yet
+            if "momentum" in spec.hyper:
+                assert opt.state_dict()["state"] == {} == ref_opt.state_dict()["state"], step
+            else:  # Adam, LAMB: zero moments at step 0, which the next step treats as torch's first
+                assert all(float(st["step"]) == 0.0 for st in opt.state.values()), step
+    if "momentum" in spec.hyper:
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-6)
 
 
 @specs

@@ -41,7 +41,8 @@ py::dict kernel(const Names& columns, const Names& flags, const std::vector<cons
 void register_layout(py::module_& m) {
   py::dict kernels;
   kernels["sgd"] = kernel(
-      {{"param", kSgdParam}, {"grad", kSgdGrad}, {"momentum_buffer", kSgdMomentumBuffer}, {"master", kSgdMaster}},
+      {{"param", kSgdParam}, {"grad", kSgdGrad}, {"momentum_buffer", kSgdMomentumBuffer}, {"master", kSgdMaster},
+       {"buffer_age", kSgdBufferAge}},
       {{"nesterov", kSgdNesterov}, {"maximize", kSgdMaximize}},
       {"momentum", "dampening", "weight_decay"});
   kernels["adam"] = kernel(
@@ -52,7 +53,7 @@ void register_layout(py::module_& m) {
       {"beta1", "beta2", "eps", "weight_decay"});
   kernels["lars"] = kernel(
       {{"param", kLarsParam}, {"grad", kLarsGrad}, {"momentum_buffer", kLarsMomentumBuffer}, {"norms", kLarsNorms},
-       {"master", kLarsMaster}},
+       {"master", kLarsMaster}, {"buffer_age", kLarsBufferAge}},
       {{"nesterov", kLarsNesterov}, {"trust_clip", kLarsTrustClip}, {"always_adapt", kLarsAlwaysAdapt},
        {"norms_only", kLarsNormsOnly}, {"norms_given", kLarsNormsGiven}},
       {"momentum", "dampening", "weight_decay", "trust_coeff", "eps"});

@@ -143,6 +143,7 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
       });
     });
   });
+  if (!norms_only) advance_buffer_ages(call, kLarsBufferAge);
 }
 
 void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, int64_t n_grad_sq) {

@@ -75,6 +75,7 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
              : momentum_piece<P, S, C, false>(call.rows[r], kSgdColumns, b, e, s, element);
     });
   });
+  advance_buffer_ages(call, kSgdBufferAge);
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_SIMD_NS

@@ -33,6 +33,13 @@ std::vector<Scalars> step_scalars(const OptimCall& call, int step_column, bool a
   return out;
 }
 
+// After a step that ran (not skipped): every momentum-buffer age counter of
+// the call counts it (ops/sgd.h momentum_first_step).
+inline void advance_buffer_ages(const OptimCall& call, int age_column) {
+  for (int64_t r = 0; r < call.n_rows; ++r)
+    if (float* age = col<float>(call.rows[r], age_column)) *age += 1.0f;
+}
+
 // Elements [b, e) of an SGD or LARS row: p (or its master) and the momentum
 // buffer move by element(p, g, buf, first, s) (ops/sgd.h, ops/lars.h). The
 // scalars come by value, so the compiler knows no store in the loop changes them.
@@ -42,7 +49,7 @@ void momentum_piece(const TensorRow& r, const MomentumColumns& c, int64_t b, int
   const ParamIO<P, C, kMaster> p(r, c.param, c.master);
   const P* __restrict__ g = col<const P>(r, c.grad);
   S* __restrict__ buf = col<S>(r, c.buffer);
-  const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
+  const C first = momentum_first_step(r, c.age) ? C(1) : C(0);
   for (int64_t i = b; i < e; ++i) {
     C pv = p.load(i);
     C bv = buf ? load_as<S, C>(buf[i]) : C(0);

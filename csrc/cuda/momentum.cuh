@@ -19,9 +19,11 @@ struct MomentumFunctor {
   template <int V, class Scalars>
   __device__ void apply(const TensorRow& r, int64_t i, const Scalars& s) const {
     constexpr int param = Rule::kColumns.param, grad = Rule::kColumns.grad;
-    constexpr int buffer = Rule::kColumns.buffer, master = Rule::kColumns.master;
+    constexpr int buffer = Rule::kColumns.buffer, master = Rule::kColumns.master, age = Rule::kColumns.age;
     C p[V], g[V], buf[V];
-    const C first = (r.flags & kRowFirstStep) ? C(1) : C(0);
+    // The age counter is advanced by a later kernel on the stream (advance_steps),
+    // so every block of the row reads the same value.
+    const C first = momentum_first_step(r, age) ? C(1) : C(0);
     load_param<V, P>(r, param, master, i, p);
     load_elems<V>(col<P>(r, grad), i, g);
     // A first step starts the buffer from d (torch clones it): nothing to read.

@@ -188,6 +188,7 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* worksp
     launch_elementwise(call.rows, call.n_rows, stream,
                        MomentumFunctor<P, S, LarsRule>{LarsRule{h}, device_scalars(call)});
   });
+  if (!(h.flags & kLarsNormsOnly)) advance_steps(call.rows, call.n_rows, kLarsBufferAge, call.found_inf, stream);
 }
 
 void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* grad_sq, int64_t n_grad_sq,

@@ -66,6 +66,7 @@ void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const
     n = 0;
   };
   for (int64_t r = 0; r < n_rows; ++r) {
+    if (rows[r].ptr[step_column] == 0) continue;  // an optional counter (SGD/LARS buffer ages)
     t.steps[n++] = reinterpret_cast<float*>(rows[r].ptr[step_column]);
     if (n == kMaxStepsPerLaunch) flush();
   }
@@ -93,6 +94,7 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
     launch_elementwise(call.rows, call.n_rows, stream,
                        MomentumFunctor<P, S, SgdRule>{SgdRule{h}, device_scalars(call)});
   });
+  advance_steps(call.rows, call.n_rows, kSgdBufferAge, call.found_inf, stream);
 }
 
 }  // namespace fusedopt::cuda

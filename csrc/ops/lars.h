@@ -14,8 +14,9 @@ namespace fusedopt {
 // ratios), written by the norms pass of the same call. kLarsMaster:
 // optional fp32 master copy of a 16-bit param; when present the math (norms
 // included) reads and writes it and the param gets it rounded to nearest even.
-enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster };
-constexpr MomentumColumns kLarsColumns{kLarsParam, kLarsGrad, kLarsMomentumBuffer, kLarsMaster};
+// kLarsBufferAge (optional): sgd.h momentum_first_step.
+enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster, kLarsBufferAge };
+constexpr MomentumColumns kLarsColumns{kLarsParam, kLarsGrad, kLarsMomentumBuffer, kLarsMaster, kLarsBufferAge};
 enum LarsFlag : int {
   kLarsNesterov = 1, kLarsTrustClip = 2, kLarsAlwaysAdapt = 4,
   // A step split in two calls, so that sharded (FSDP2) norms can be all-reduced

@@ -6,13 +6,25 @@
 
 namespace fusedopt {
 
-enum SgdColumn { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer, kSgdMaster };
+// kSgdBufferAge (optional): see momentum_first_step.
+enum SgdColumn { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer, kSgdMaster, kSgdBufferAge };
 enum SgdFlag : int { kSgdNesterov = 1, kSgdMaximize = 2 };
 
 // Where SGD and LARS rows keep the tensors of the momentum loop they share
 // (cpu/optim_loops.h momentum_piece, cuda/momentum.cuh MomentumFunctor).
-struct MomentumColumns { int param, grad, buffer, master; };
-constexpr MomentumColumns kSgdColumns{kSgdParam, kSgdGrad, kSgdMomentumBuffer, kSgdMaster};
+struct MomentumColumns { int param, grad, buffer, master, age; };
+constexpr MomentumColumns kSgdColumns{kSgdParam, kSgdGrad, kSgdMomentumBuffer, kSgdMaster, kSgdBufferAge};
+
+// Whether this step starts a row's momentum buffer from its update (torch's
+// first step). A buffer the call created comes with a counter on the device
+// (the age column: the steps that wrote the buffer, advanced after each step
+// that was not skipped), so that a step AMP skips (found_inf) leaves the next
+// one a first step, as if it never happened, with no host read. A row without
+// a counter uses its first-step flag.
+FO_HD bool momentum_first_step(const TensorRow& r, int age_column) {
+  const float* age = reinterpret_cast<const float*>(r.ptr[age_column]);
+  return age != nullptr ? *age == 0.0f : (r.flags & kRowFirstStep) != 0;
+}
 
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay;

@@ -18,11 +18,11 @@ from .lanczos import lanczos_dots, lanczos_orthogonalize
 from .launch import DeviceScalars, launch_elementwise, launch_norm_scaled, require_cuda
 from .layout import DTYPE_CODES, DTYPE_OF_CODE, kernel_layout
 from .norms import check_norm_inputs, grad_sq_norms_into, tensor_norms_into
-from .plan import MASTER, STATE, STEP, Column, Labels, StepPlan, prepare
+from .plan import AGE, MASTER, STATE, STEP, Column, Labels, StepPlan, prepare
 
 __all__ = [
     "check_dense", "check_like", "check_param", "shape_str", "lanczos_dots", "lanczos_orthogonalize",
     "DeviceScalars", "launch_elementwise", "launch_norm_scaled", "require_cuda", "DTYPE_CODES", "DTYPE_OF_CODE",
-    "kernel_layout", "check_norm_inputs", "grad_sq_norms_into", "tensor_norms_into", "MASTER", "STATE", "STEP",
+    "kernel_layout", "check_norm_inputs", "grad_sq_norms_into", "tensor_norms_into", "AGE", "MASTER", "STATE", "STEP",
     "Column", "Labels", "StepPlan", "prepare",
 ]

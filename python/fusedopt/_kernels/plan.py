@@ -26,6 +26,10 @@ from .rows import RowTable
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 STATE, STEP, MASTER = "state", "step", "master"
+# A counter that belongs with the state a call creates (SGD/LARS momentum buffer
+# ages, csrc/ops/sgd.h momentum_first_step): made, zero, wherever the create
+# column's entry is made; None elsewhere (no counter: the row's flag decides).
+AGE = "age"
 
 
 class Column(NamedTuple):
@@ -33,7 +37,7 @@ class Column(NamedTuple):
     argument's name (for messages), what it holds and its tensors (one per param)."""
     name: str
     arg: str
-    kind: str  # STATE (like the param, in the state dtype), STEP (fp32 counter) or MASTER (fp32 copy)
+    kind: str  # STATE (like the param, in the state dtype), STEP (fp32 counter), AGE or MASTER (fp32 copy)
     tensors: Sequence[Optional[torch.Tensor]]
 
 
@@ -203,7 +207,11 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
             col_tensors = []
             for k, i in enumerate(index):
                 t = _checked_entry(col, i, local[k], sdtype, labels, create)
-                if t is None and col.name == create:
+                if col.kind == AGE and first[k]:  # the create column (before this one) made this row's state
+                    made = torch.zeros((), dtype=torch.float32, device=local[k].device)
+                    created.append((c, i, made))
+                    t = made
+                elif t is None and col.name == create:
                     # like the source, so DTensor params get DTensor state, as in torch.optim
                     made = torch.zeros_like(params[i], dtype=sdtype, memory_format=torch.preserve_format)
                     created.append((c, i, made))
@@ -211,7 +219,7 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
                     first[k] = True
                 col_tensors.append(t)
             table.set_column(col.name, col_tensors)
-            if col.kind != STEP:
+            if col.kind not in (STEP, AGE):  # one-element counters, checked on their own
                 written.append(col_tensors)
         table.check_no_overlap(written)
         table.set_row_flag("first_step", first)
@@ -250,7 +258,7 @@ def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, la
     t = col.tensors[i]
     what = labels.column(col, i)
     if t is None:
-        if col.name == create:
+        if col.name == create or col.kind == AGE:
             return None
         if col.kind == MASTER:
             if p.dtype in _SIXTEEN_BIT:
@@ -259,7 +267,7 @@ def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, la
             return None
         raise ValueError(f"{what} is None; expected a tensor like its parameter")
     t = local_tensor(t)
-    if col.kind == STEP:
+    if col.kind in (STEP, AGE):
         check_step_tensor(t, p, what)
     elif col.kind == MASTER:
         if p.dtype not in _SIXTEEN_BIT:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from .. import _hyper
-from .._kernels import MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise, prepare
+from .._kernels import AGE, MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise, prepare
 from ._step import compiling, device_scalars, finish
 
 _SGD = kernel_layout("sgd")
@@ -22,6 +22,17 @@ _ADAM = kernel_layout("adam")
 
 def _master_column(master_params) -> List[Column]:
     return [] if master_params is None else [Column("master", "master_params", MASTER, master_params)]
+
+
+def momentum_columns(momentum: float, buffers, ages) -> List[Column]:
+    """SGD's and LARS's momentum state: the buffers, and their age counters when
+    the caller keeps them (``momentum_buffer_ages``)."""
+    if momentum == 0:
+        return []
+    columns = [Column("momentum_buffer", "momentum_buffer_list", STATE, buffers)]
+    if ages is not None:
+        columns.append(Column("buffer_age", "momentum_buffer_ages", AGE, ages))
+    return columns
 
 
 def _run_elementwise(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int):
@@ -38,6 +49,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
         weight_decay: float, momentum: float, lr, dampening: float, nesterov: bool, maximize: bool,
         master_params: Optional[List[Optional[torch.Tensor]]] = None, state_dtype: Optional[torch.dtype] = None,
+        momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
     r"""SGD with momentum over lists of tensors: ``torch.optim.sgd.sgd``'s arguments and numbers.
 
@@ -54,6 +66,14 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
             the kernel updates the master and writes the param rounded from it.
         state_dtype: dtype of buffers created for None entries: float32 (default)
             or bfloat16 (fp64 params: float64). Existing buffers must have it.
+        momentum_buffer_ages: one-element float32 counters, one per buffer (None
+            where there is none yet), kept by the caller: the steps that wrote
+            each buffer. A buffer made by this call gets a new counter (put into
+            the list), advanced on the device by every step that is not skipped,
+            so that when AMP's ``found_inf`` skips the step that made it the next
+            step is still a first step (``b = g``), as if the skipped one never
+            happened. Without it a skipped first step leaves a zero buffer that
+            the next step treats as a real one (visible only with dampening != 0).
         plan: a ``fusedopt.functional.StepPlan`` kept by the caller; calls with the
             same tensors reuse its checks and row tables (only grads are re-checked).
         launch: False checks everything and returns a ``PreparedStep`` whose
@@ -66,13 +86,12 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
     if compiling():
         from .. import _ops
         return _ops.compiled_step("sgd", params, d_p_list, dict(momentum_buffer_list=momentum_buffer_list,
+                                                                momentum_buffer_ages=momentum_buffer_ages,
                                                                 master_params=master_params),
                                   dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                                        nesterov=bool(nesterov), maximize=bool(maximize), state_dtype=state_dtype),
                                   lr, grad_scale, found_inf)
-    columns = _master_column(master_params)
-    if momentum != 0:
-        columns.insert(0, Column("momentum_buffer", "momentum_buffer_list", STATE, momentum_buffer_list))
+    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages) + _master_column(master_params)
     plan = prepare(_SGD, params, d_p_list, columns, labels=Labels(_names), state_dtype=state_dtype,
                    create="momentum_buffer", plan=plan)
     flags = _SGD.flags(nesterov=bool(nesterov), maximize=bool(maximize))

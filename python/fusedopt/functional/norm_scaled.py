@@ -16,6 +16,7 @@ from .._dtensor import reduce_rows_over_shards
 from .._kernels import (MASTER, STATE, STEP, Column, Labels, StepPlan, grad_sq_norms_into, kernel_layout,
                         launch_norm_scaled, prepare, shape_str)
 from ._step import PreparedStep, compiling, device_scalars, finish
+from .elementwise import momentum_columns
 
 _LARS = kernel_layout("lars")
 _LAMB = kernel_layout("lamb")
@@ -97,8 +98,8 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
          grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *, lr,
          momentum: float, dampening: float, weight_decay: float, nesterov: bool, trust_coeff: float, eps: float,
          trust_clip: bool, always_adapt: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
-         state_dtype: Optional[torch.dtype] = None, plan: Optional[StepPlan] = None, launch: bool = True,
-         _names=None, _split: bool = False):
+         state_dtype: Optional[torch.dtype] = None, momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
+         plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LARS over lists of tensors (the formulas of :class:`fusedopt.LARS`), in the
     shape of :func:`sgd`: momentum buffers None on the first step are created and
     put into ``momentum_buffer_list`` after the call.
@@ -107,7 +108,7 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     (1 where a norm is 0; :math:`\min(r/\gamma, 1)` with trust_clip), used when
     :math:`\lambda \ne 0` or always_adapt; :math:`d = (g + \lambda p) r`; then
     torch.optim.SGD's momentum on d. Norms are summed in the param's precision
-    class (fp64 for fp64 params). ``master_params``, ``state_dtype``, ``plan``
+    class (fp64 for fp64 params). ``master_params``, ``state_dtype``, ``momentum_buffer_ages``, ``plan``
     and ``launch`` as in :func:`sgd`. ``_split`` (tests): take the two-call path
     of sharded params on plain tensors.
     """
@@ -117,11 +118,12 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     if compiling():
         from .. import _ops
         return _ops.compiled_step("lars", params, grads, dict(momentum_buffer_list=momentum_buffer_list,
+                                                              momentum_buffer_ages=momentum_buffer_ages,
                                                               master_params=master_params),
                                   {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf)
-    columns = [Column("master", "master_params", MASTER, master_params)] if master_params is not None else []
-    if momentum != 0:
-        columns.insert(0, Column("momentum_buffer", "momentum_buffer_list", STATE, momentum_buffer_list))
+    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages)
+    if master_params is not None:
+        columns.append(Column("master", "master_params", MASTER, master_params))
     plan = prepare(_LARS, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype,
                    create="momentum_buffer", plan=plan)
     flags = _LARS.flags(nesterov=nesterov, trust_clip=trust_clip, always_adapt=always_adapt)

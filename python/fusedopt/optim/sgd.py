@@ -1,6 +1,11 @@
 """Fused SGD with momentum: a drop-in for torch.optim.SGD."""
 from __future__ import annotations
 
+import weakref
+from typing import Dict, Set, Tuple
+
+import torch
+
 from .. import _hyper, functional
 from .base import FusedOptimizer
 from .state import TrackedState
@@ -8,7 +13,15 @@ from .state import TrackedState
 
 class MomentumState:
     """The state of SGD-style momentum, shared by SGD and LARS: an optional
-    ``momentum_buffer`` per param (when momentum != 0), made by the first step."""
+    ``momentum_buffer`` per param (when momentum != 0), made by the first step.
+
+    Each buffer goes with an age counter on its device (the steps that wrote it;
+    functional ``momentum_buffer_ages``), kept here, not in the state: a step that
+    AMP skips (GradScaler's found_inf) leaves the age of a buffer it made at 0, so
+    the next step is still a first step, as with torch.optim, which never runs a
+    skipped step. ``state_dict()`` leaves such never-written buffers out, as a
+    torch.optim checkpoint would not have them. A buffer fusedopt did not make
+    (loaded, or set by the user) counts as written."""
 
     def _required_state_keys(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -18,10 +31,60 @@ class MomentumState:
 
     def _state_lists(self, group, states):
         # None (no buffer yet: a first momentum step) is filled in by the functional entry.
-        return {"momentum_buffer_list": [st.get("momentum_buffer") for st in states]}
+        buffers = [st.get("momentum_buffer") for st in states]
+        lists = {"momentum_buffer_list": buffers}
+        if group["momentum"] != 0:
+            lists["momentum_buffer_ages"] = [None if b is None else self._buffer_age(b) for b in buffers]
+        return lists
 
     def _after_launch(self, group, entry, created):
         store_momentum_buffers(self, entry, created)
+        ages = entry.lists.get("momentum_buffer_ages")
+        if ages is not None:
+            for i in created:
+                self._keep_age(entry.lists["momentum_buffer_list"][i], ages[i])
+
+    # ---- buffer ages: id(buffer) -> (weak reference to it, its age tensor) -------------
+    def _ages(self) -> Dict[int, Tuple[weakref.ref, torch.Tensor]]:
+        return self.__dict__.setdefault("_buffer_ages", {})
+
+    def _keep_age(self, buf: torch.Tensor, age: torch.Tensor) -> None:
+        ages, key = self._ages(), id(buf)
+
+        def forget(ref, ages=ages, key=key):  # the buffer is gone; its id may be reused
+            if key in ages and ages[key][0] is ref:
+                del ages[key]
+        ages[key] = (weakref.ref(buf, forget), age)
+
+    def _buffer_age(self, buf: torch.Tensor) -> torch.Tensor:
+        kept = self._ages().get(id(buf))
+        if kept is not None and kept[0]() is buf:
+            return kept[1]
+        age = torch.ones((), dtype=torch.float32, device=buf.device)  # not made here: written before
+        self._keep_age(buf, age)
+        return age
+
+    def _unwritten_buffers(self) -> Set[int]:
+        """ids of buffers no step has written yet (a host read of the ages: not for step())."""
+        alive = [(key, age) for key, (ref, age) in self._ages().items() if ref() is not None]
+        if not alive:
+            return set()
+        values = torch.stack([age.detach().to("cpu") for _, age in alive]).tolist()
+        return {key for (key, _), v in zip(alive, values) if v == 0}
+
+    def state_dict(self):
+        sd = super().state_dict()
+        hidden = self._unwritten_buffers()
+        if hidden:
+            for k, st in list(sd["state"].items()):
+                buf = st.get("momentum_buffer")
+                if buf is not None and id(buf) in hidden:
+                    st = {key: v for key, v in st.items() if key != "momentum_buffer"}
+                    if st:
+                        sd["state"][k] = st
+                    else:
+                        del sd["state"][k]
+        return sd
 
 
 class SGD(MomentumState, FusedOptimizer):
