@@ -96,8 +96,9 @@ class HessianReport:
     condition_number: max(|lambda_max|, |lambda_min|) / min(|lambda_max|, |lambda_min|), inf only
         when an end is exactly 0; condition_signs says the signs ("lambda_max > 0, lambda_min < 0").
         For a minimum it is the usual lambda_max / lambda_min; for a saddle it compares the
-        curvature on the two sides (how much slower the escape along the negative direction is
-        than the fastest positive one), not the distance to singularity, which would need the
+        curvature on the two sides (when lambda_max dominates: at step size 1 / lambda_max,
+        gradient descent leaves the saddle along lambda_min by a factor e about every
+        condition_number steps), not the distance to singularity, which would need the
         eigenvalue nearest 0.
     minimum_ratio, minimum_ratio_stderr: estimated fraction of positive eigenvalues and its
         standard error over the probes (DensityResult.positive_fraction; eigenvalues within the
@@ -217,6 +218,7 @@ def analyze(model, loss_fn, data, k: int = 5, *, tol: float = 1e-3, params=None,
     top_vals, top_err = top.eigenvalues[down].tolist(), top.residuals[down].tolist()
     bottom_vals, bottom_err = bottom.eigenvalues.tolist(), bottom.residuals.tolist()
     lmax, lmin = top_vals[0], bottom_vals[0]
+    # max/min: two unconverged runs (separate start vectors) need not have lmax >= lmin.
     kind = classify(max(lmax, lmin), min(lmax, lmin), top_err[0], bottom_err[0])
     cond, _, signs = _condition(lmax, lmin)
     escape = None
