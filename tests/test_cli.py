@@ -33,3 +33,34 @@ def test_bad_values_are_one_error_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_spectrum_prints_training_loss_next_to_each_report(capsys, tmp_path, seed):
+    import re
+
+    import torch
+
+    from fusedopt import Adam
+    from fusedopt.hessian.cli import synthetic_problem
+
+    data_seed, steps = seed % 1000, 3
+    assert main(["spectrum", "--steps", str(steps), "--k", "1", "--seed", str(data_seed),
+                 "--plot-prefix", str(tmp_path / "sp")]) == 0
+    out = capsys.readouterr().out
+    # The training loss the command should report, computed here the same way it trains.
+    model, X, y = synthetic_problem(data_seed)
+    loss_fn = torch.nn.functional.cross_entropy
+    expected = [loss_fn(model(X), y).detach().item()]
+    opt = Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+    expected.append(loss_fn(model(X), y).detach().item())
+    headers = re.findall(r"^== (init|final): step (\d+), training loss (\S+) ==$", out, re.M)
+    assert [(h[0], int(h[1])) for h in headers] == [("init", 0), ("final", steps)], out
+    for (_, _, printed), want in zip(headers, expected):
+        assert float(printed) == pytest.approx(want, rel=1e-5)
+    # each report right under its header, with the minimum ratio and its standard error
+    assert len(re.findall(r"training loss \S+ ==\nHessian report", out)) == 2
+    assert len(re.findall(r"minimum ratio: +[01]\.\d{3} \+/- \d\.\d{3} ", out)) == 2

@@ -25,14 +25,20 @@ def _rank_eigenvalues(rank, seed):
     shard = slice(0, 12) if rank == 0 else slice(12, 30)  # unequal shards: weights matter
     op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]))
     res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(seed + 1))
-    theirs = [torch.empty_like(res.eigenvalues) for _ in range(dist.get_world_size())]
-    dist.all_gather(theirs, res.eigenvalues)
+    loss, grad = op.loss_and_gradient()  # the report's loss: the same weighted mean over the ranks
+    mine = torch.cat([res.eigenvalues, torch.tensor([loss], dtype=torch.float64), grad])
+    theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(theirs, mine)
     return theirs
 
 
 def test_two_ranks_agree_with_full_data(seed):
     out = spawn_ranks(_rank_eigenvalues, seed)
     model, X, y = _problem(seed)
-    ref = eigsh(HessianOperator(model, torch.nn.functional.cross_entropy, (X, y)), k=2, which="BE", tol=1e-10)
+    full = HessianOperator(model, torch.nn.functional.cross_entropy, (X, y))
+    ref = eigsh(full, k=2, which="BE", tol=1e-10)
     assert torch.equal(out[0], out[1])
-    torch.testing.assert_close(out[0], ref.eigenvalues, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(out[0][:2], ref.eigenvalues, rtol=1e-8, atol=1e-10)
+    loss, grad = full.loss_and_gradient()
+    assert out[0][2].item() == pytest.approx(loss, rel=1e-12)
+    torch.testing.assert_close(out[0][3:], grad, rtol=1e-10, atol=1e-12)

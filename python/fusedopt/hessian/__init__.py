@@ -3,13 +3,14 @@
 - :class:`HessianOperator`: Hessian-vector products of a model's loss (double backward).
 - :func:`eigsh`: thick-restart Lanczos, scipy-like (k, which, tol, ncv, v0).
 - :func:`trace`: Hutchinson estimate; :func:`density`: stochastic Lanczos quadrature.
-- :func:`analyze`: minimum / saddle / maximum, condition number, minimum ratio, escape direction.
+- :func:`analyze`: minimum / saddle / maximum (flat directions told apart, see :func:`classify`),
+  condition number, minimum ratio with its standard error, escape direction; a plottable report.
 """
-from .analysis import KIND_THRESHOLD, HessianReport, analyze
+from .analysis import KIND_THRESHOLD, KINDS, PLOT_FLOOR, HessianReport, analyze, classify
 from .hvp import HessianOperator
 from .lanczos import EigshResult, eigsh
 from .operator import MatrixOperator
 from .stochastic import DensityResult, TraceResult, density, trace
 
 __all__ = ["HessianOperator", "MatrixOperator", "eigsh", "EigshResult", "trace", "TraceResult", "density",
-           "DensityResult", "analyze", "HessianReport", "KIND_THRESHOLD"]
+           "DensityResult", "analyze", "classify", "HessianReport", "KIND_THRESHOLD", "KINDS", "PLOT_FLOOR"]

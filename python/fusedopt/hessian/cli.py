@@ -56,6 +56,8 @@ def spectrum_main(argv=None) -> int:
     loss_fn = torch.nn.functional.cross_entropy
     print(f"model: MLP 20-32-32-10 (tanh), {sum(p.numel() for p in model.parameters())} parameters; "
           f"data: {len(X)} points from 10 Gaussian clusters")
+    # The step at which each report was taken; the report's loss is the training loss there.
+    steps = {"init": 0, "final": args.steps}
     reports = {"init": analyze(model, loss_fn, (X, y), k=args.k, seed=args.seed)}
     opt = Adam(model.parameters(), lr=args.lr)
     bar = _progress(args.steps, "training")
@@ -69,7 +71,7 @@ def spectrum_main(argv=None) -> int:
     bar.close()
     reports["final"] = analyze(model, loss_fn, (X, y), k=args.k, seed=args.seed)
     for name, rep in reports.items():
-        print(f"\n== {name} ==\n{rep}")
+        print(f"\n== {name}: step {steps[name]}, training loss {rep.loss:.6g} ==\n{rep}")
         path = f"{args.plot_prefix}_{name}.png"
         try:
             rep.plot(path)

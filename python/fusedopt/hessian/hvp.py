@@ -119,16 +119,20 @@ class HessianOperator:
             return buf[:-1] / buf[-1]
         return vecs / weight
 
-    def _batch_mean(self, per_batch):
+    def _batch_mean(self, per_batch, with_loss: bool = False):
         """Batch-size-weighted mean over the data (and the ranks) of the flat
-        vector made of per_batch(loss)'s per-param tensors (None: zeros)."""
-        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        vector made of per_batch(loss)'s per-param tensors (None: zeros), with the
+        loss itself appended as one more element when ``with_loss``."""
+        total = torch.zeros(self.shape[0] + int(with_loss), dtype=self.dtype, device=self.device)
         weight = 0.0
         for inputs, targets in self.batches:
             bs = float(len(inputs))
-            parts = per_batch(self.loss_fn(self.model(inputs), targets))
-            total += bs * torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1)
-                                     for t, p in zip(parts, self.params)])
+            loss = self.loss_fn(self.model(inputs), targets)
+            parts = [(t if t is not None else torch.zeros_like(p)).reshape(-1)
+                     for t, p in zip(per_batch(loss), self.params)]
+            if with_loss:
+                parts.append(loss.detach().reshape(1).to(self.dtype))
+            total += bs * torch.cat(parts)
             weight += bs
         return self._reduce(total, weight)
 
@@ -144,7 +148,12 @@ class HessianOperator:
         self.num_matvecs += 1
         return self._run(lambda: self._batch_mean(hvp))
 
+    def loss_and_gradient(self):
+        """(mean loss as a float, flat gradient of it), same weighting and reduction as matvec."""
+        both = self._run(lambda: self._batch_mean(
+            lambda loss: torch.autograd.grad(loss, self.params, allow_unused=True), with_loss=True))
+        return float(both[-1]), both[:-1]
+
     def gradient(self) -> torch.Tensor:
         """Flat gradient of the mean loss (same weighting and reduction as matvec)."""
-        return self._run(lambda: self._batch_mean(
-            lambda loss: torch.autograd.grad(loss, self.params, allow_unused=True)))
+        return self.loss_and_gradient()[1]
