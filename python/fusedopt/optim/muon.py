@@ -150,7 +150,7 @@ def muon_param_groups(model: torch.nn.Module, lr: Optional[float] = None, weight
         lr, weight_decay: the Muon group's (None: the optimizer's defaults).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW group's.
         head: the output head: the name of a module or param (or several), e.g.
-            ``"lm_head"``; None: the last ``nn.Linear`` in ``model.modules()`` order.
+            ``"lm_head"``; None: the last trainable ``nn.Linear`` in ``model.modules()`` order.
 
     Groups carry ``param_names`` (error messages name the param); an empty group
     is left out; a param shared by several modules (tied embeddings) appears once,
@@ -173,7 +173,7 @@ def muon_param_groups(model: torch.nn.Module, lr: Optional[float] = None, weight
             else:
                 raise ValueError(f"head {h!r} names no module or parameter of the model")
     else:
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
         if linears:
             to_adamw.update(id(p) for p in linears[-1].parameters())
     muon, adamw = [], []
