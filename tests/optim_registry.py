@@ -36,7 +36,7 @@ import torch
 from hypothesis import strategies as st
 
 import fusedopt
-from reference_optim import RefLAMB, RefLARS
+from reference_optim import RefLAMB, RefLARS, RefMuon
 
 NAN, INF = float("nan"), float("inf")
 
@@ -121,6 +121,25 @@ LAMB_BAD = ADAM_BAD + [
 ]
 
 
+MUON_BAD = COMMON_BAD + [
+    ({"momentum": -0.5}, ValueError, _invalid("momentum")),
+    ({"momentum": 1.5}, ValueError, _invalid("momentum")),
+    ({"momentum": NAN}, ValueError, _invalid("momentum")),
+    ({"eps": 0.0}, ValueError, _invalid("eps")),
+    ({"eps": NAN}, ValueError, _invalid("eps")),
+    ({"ns_steps": 100}, ValueError, r"invalid ns_steps in param_groups\[\d+\]: 100"),
+    ({"ns_steps": 2.5}, TypeError, r"param_groups\[\d+\]\['ns_steps'\] must be an int"),
+    ({"ns_coefficients": (1.0, 2.0)}, ValueError, r"param_groups\[\d+\]\['ns_coefficients'\] must be three"),
+    ({"ns_coefficients": (1.0, NAN, 2.0)}, ValueError, _invalid(r"ns_coefficients\[1\]")),
+    ({"adjust_lr_fn": "other"}, ValueError, r"param_groups\[\d+\]\['adjust_lr_fn'\] is 'other'"),
+    ({"ns_dtype": torch.float16}, ValueError, r"param_groups\[\d+\]\['ns_dtype'\] is torch.float16"),
+    ({"nesterov": 1}, TypeError, _must_be_bool("nesterov")),
+]
+
+# Muon's AdamW groups: Adam's rules on betas and eps, no amsgrad or maximize.
+MUON_ADAMW_BAD = [b for b in ADAM_BAD]
+
+
 @dataclass(frozen=True)
 class OptimSpec:
     name: str
@@ -131,6 +150,12 @@ class OptimSpec:
     bad_hyper: List[Tuple[Dict[str, Any], type, str]] = field(default_factory=list)
     # State tensors (same shape as the param) a step creates; () = stateless.
     state_keys: Tuple[str, ...] = ()
+    # When the keys depend on the param (Muon: matrices keep a momentum buffer, the
+    # others AdamW's moments): param -> keys. ``keys_of`` answers for either.
+    state_keys_fn: Optional[Callable[[torch.Tensor], Tuple[str, ...]]] = None
+
+    def keys_of(self, p: torch.Tensor) -> Tuple[str, ...]:
+        return self.state_keys_fn(p) if self.state_keys_fn is not None else self.state_keys
 
     def __repr__(self) -> str:  # short test ids
         return self.name
@@ -203,6 +228,28 @@ def _lamb_space():
     })
 
 
+def _muon_space():
+    return st.fixed_dictionaries({
+        "lr": st.floats(0.0, 0.1),
+        "momentum": st.sampled_from([0.0, 0.5, 0.95]),
+        "nesterov": st.booleans(),
+        "weight_decay": st.sampled_from([0.0, 1e-2, 0.1]),
+        "ns_steps": st.sampled_from([0, 1, 5]),
+        "adjust_lr_fn": st.sampled_from([None, "match_rms_adamw"]),
+        "betas": st.tuples(st.sampled_from([0.0, 0.9]), st.sampled_from([0.0, 0.999])),
+        "eps": st.sampled_from([1e-8, 1e-6]),
+    })
+
+
+def _muon_adamw_space():
+    return st.fixed_dictionaries({
+        "lr": st.floats(0.0, 0.1),
+        "betas": st.tuples(st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.9, 0.999])),
+        "eps": st.sampled_from([1e-8, 1e-6, 1e-3]),
+        "weight_decay": st.sampled_from([0.0, 1e-4, 0.05]),
+    })
+
+
 # ---- one builder per class ----------------------------------------------------------
 
 def _torch(cls):
@@ -241,7 +288,41 @@ def lamb(name: str, **hyper) -> OptimSpec:
     return OptimSpec(name, fusedopt.LAMB, RefLAMB, hyper, _lamb_space(), LAMB_BAD, ("exp_avg", "exp_avg_sq"))
 
 
-_BUILDERS = {fusedopt.SGD: sgd, fusedopt.Adam: adam, fusedopt.AdamW: adamw, fusedopt.LARS: lars,
+def split_muon(params, **hyper):
+    """fusedopt.Muon over params of any shapes, as a user splits them: matrices (2 or more
+    dims) in a Muon group, the rest in a use_muon=False (AdamW) group."""
+    params = list(params)
+    lr = hyper.get("lr")
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "use_muon": False}]
+    if isinstance(lr, torch.Tensor):  # each group its own lr tensor, as a scheduler changes each in place
+        groups[1]["lr"] = lr.clone()
+    return fusedopt.Muon([g for g in groups if g["params"]], **hyper)
+
+
+def muon_adamw(params, **hyper):
+    """fusedopt.Muon with every param in its AdamW path (use_muon=False)."""
+    return fusedopt.Muon(params, use_muon=False, **hyper)
+
+
+def _torch_adamw_of_muon(params, **hyper):
+    return torch.optim.AdamW(params, foreach=False, **hyper)
+
+
+def muon(name: str, **hyper) -> OptimSpec:
+    """ns_dtype=float64 by default here: the suites compare against fp64 references at fp32
+    tolerances (tests/test_muon.py covers bf16 and fp32 Newton-Schulz against torch)."""
+    hyper = {"ns_dtype": torch.float64, **hyper}
+    return OptimSpec(name, split_muon, RefMuon, hyper, _muon_space(), MUON_BAD, ("momentum_buffer",),
+                     lambda p: ("momentum_buffer",) if p.dim() >= 2 else ("exp_avg", "exp_avg_sq"))
+
+
+def muon_adamw_spec(name: str, **hyper) -> OptimSpec:
+    return OptimSpec(name, muon_adamw, _torch_adamw_of_muon, hyper, _muon_adamw_space(), MUON_ADAMW_BAD,
+                     ("exp_avg", "exp_avg_sq"))
+
+
+_BUILDERS = {split_muon: muon, muon_adamw: muon_adamw_spec, fusedopt.SGD: sgd, fusedopt.Adam: adam, fusedopt.AdamW: adamw, fusedopt.LARS: lars,
              fusedopt.LAMB: lamb}
 
 
@@ -261,6 +342,7 @@ OPTIMIZERS: List[OptimSpec] = [
     lamb("LAMB", lr=1e-2, weight_decay=0.05),
     lamb("LAMB-decoupled-noclip", lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True,
          trust_clip=True, bias_correction=False),
+    muon_adamw_spec("Muon-adamw", lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}
@@ -272,9 +354,11 @@ TRAINING: List[OptimSpec] = [
     lars("LARS", lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02),
     # max_grad_norm well below the grad norms of the tiny models: clipping is active.
     lamb("LAMB", lr=1e-2, weight_decay=0.05, max_grad_norm=0.5),
+    muon("Muon", lr=0.02, weight_decay=0.05, momentum=0.9, eps=1e-8, betas=(0.9, 0.95)),
 ]
 
 TRAINING_BY_CLASS = {s.make: s for s in TRAINING}
+TRAINING_BY_CLASS[fusedopt.Muon] = TRAINING_BY_CLASS[split_muon]
 
 
 # ---- bitwise snapshots --------------------------------------------------------

@@ -180,3 +180,74 @@ def drift_tol(dtype: torch.dtype, steps: int, scale: float = 1.0, roundings: int
     """
     rtol = roundings * steps * torch.finfo(dtype).eps
     return rtol, rtol * scale
+
+
+def muon_matrix_step(p, g, buf, *, lr, weight_decay, momentum, nesterov, ns_coefficients=(3.4445, -4.775, 2.0315),
+                     ns_steps=5, eps=1e-7, adjust_lr_fn=None):
+    """torch.optim.Muon's step written from fusedopt.Muon's docstring, one matrix
+    (``p.view(p.shape[0], -1)``), fp64. Returns (new p, new buffer) in fp64."""
+    import math
+    g, buf, p = g.double(), buf.double(), p.double()
+    buf = buf + (1 - momentum) * (g - buf)
+    u = g + momentum * (buf - g) if nesterov else buf
+    x = u.reshape(u.shape[0], -1)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / torch.clamp(torch.linalg.norm(x), min=eps)
+    a, b, c = ns_coefficients
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = (x.T if tall else x).reshape(p.shape)
+    rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
+    ratio = 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
+    return p * (1 - lr * weight_decay) - lr * ratio * x, buf
+
+
+class RefMuon(torch.optim.Optimizer):
+    """fusedopt.Muon's docstring formulas: matrices (2 or more dims) by Muon in fp64
+    (``muon_matrix_step``), every other param by AdamW (``torch.optim.AdamW``,
+    foreach=False, with the same lr, betas, eps and weight_decay). State: the
+    fused optimizer's keys (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``)."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
+                 betas=(0.9, 0.999), ns_dtype=None, foreach=None, **_):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn, betas=betas))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            vectors = [p for p in group["params"] if p.grad is not None and p.dim() < 2]
+            if vectors:
+                self._adamw_step(group, vectors, lr)
+            for p in group["params"]:
+                if p.grad is None or p.dim() < 2:
+                    continue
+                st = self.state[p]
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new_p, new_buf = muon_matrix_step(
+                    p, p.grad, buf, lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                    nesterov=group["nesterov"], ns_coefficients=group["ns_coefficients"],
+                    ns_steps=group["ns_steps"], eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"])
+                p.copy_(new_p)
+                buf.copy_(new_buf)
+
+    def _adamw_step(self, group, params, lr):
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        from torch.optim.adam import adam as torch_adam
+        torch_adam(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                              [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
+                              foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                              lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -230,6 +230,7 @@ def grad_alias_state(opt, ps):
 
 
 # Changes the step must refuse: name -> (change(opt, params), exception, message).
+# ps[4] is params[4] of the one group, or [2] of Muon's matrix group (registry split_muon).
 REFUSED = {
     "grad_resized": (lambda opt, ps: ps[0].grad.resize_(3), ValueError, r"grad of .*has shape \[3\]"),
     "grad_non_contiguous": (lambda opt, ps: setattr(ps[1], "grad", torch.randn(5, 3).t()), ValueError,
@@ -240,9 +241,9 @@ REFUSED = {
     "grad_is_another_param": (lambda opt, ps: setattr(ps[3], "grad", ps[0].data[:6]), ValueError, "shares memory"),
     "param_resized": (lambda opt, ps: setattr(ps[0], "data", ps[0].data[:4]), ValueError, "shape"),
     "grad_of_another_layout": (lambda opt, ps: setattr(ps[4], "grad", ps[4].grad.contiguous()), ValueError,
-                               r"grad of .*\]\[4\] has strides \[16, 4, 2, 1\]; expected \[16, 1, 8, 4\]"),
+                               r"grad of .*\['params'\]\[(4|2)\] has strides \[16, 4, 2, 1\]; expected \[16, 1, 8, 4\]"),
     "param_made_contiguous": (lambda opt, ps: setattr(ps[4], "data", ps[4].data.contiguous()), ValueError,
-                              r"\]\[4\] (has strides|is not contiguous)"),
+                              r"\['params'\]\[(4|2)\] (has strides|is not contiguous)"),
 }
 
 

@@ -160,7 +160,7 @@ def test_bf16_state_is_fp32_math_with_rounded_state(spec):
             state_slack[i] += 2 * bf16_eps * float((r.detach() - before[i]).abs().max())
             rtol, atol = drift_tol(torch.float32, step + 1, float(r.abs().max()))
             torch.testing.assert_close(p.detach(), r, rtol=rtol, atol=atol + state_slack[i])
-            for key in spec.state_keys:
+            for key in spec.keys_of(p):
                 got, want = opt.state[p][key], ref.state(i)[key]
                 assert got.dtype is torch.bfloat16, key
                 # the same fp32 value rounded on both sides, up to one bf16 ulp where they differ;
@@ -195,7 +195,7 @@ def test_state_follows_the_param_dtype(spec, dtype):
     p.grad = torch.randn(20, dtype=dtype)
     opt = spec.make([p], **spec.hyper)
     opt.step()
-    for key in spec.state_keys:
+    for key in spec.keys_of(p):
         assert opt.state[p][key].dtype is dtype, key
 
 

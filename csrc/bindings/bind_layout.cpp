@@ -8,6 +8,7 @@
 #include "../ops/adam.h"
 #include "../ops/lamb.h"
 #include "../ops/lars.h"
+#include "../ops/muon.h"
 #include "../ops/norms.h"
 #include "../ops/sgd.h"
 #include "bind_util.h"
@@ -64,6 +65,11 @@ void register_layout(py::module_& m) {
        {"trust_clip", kLambTrustClip}, {"always_adapt", kLambAlwaysAdapt}, {"decoupled", kLambDecoupled},
        {"clip_grads", kLambClipGrads}, {"moments_only", kLambMomentsOnly}, {"apply_only", kLambApplyOnly}},
       {"beta1", "beta2", "eps", "weight_decay", "max_grad_norm"});
+  kernels["muon"] = kernel(
+      {{"param", kMuonParam}, {"grad", kMuonGrad}, {"momentum_buffer", kMuonMomentumBuffer},
+       {"update", kMuonUpdate}, {"master", kMuonMaster}, {"lr_ratio", kMuonLrRatio}},
+      {{"nesterov", kMuonNesterov}, {"update_bf16_values", kMuonUpdateBf16Values}},
+      {"momentum", "weight_decay"});
   kernels["norms"] = kernel({{"input", kNormsInput}, {"out", kNormsOut}}, {}, {});
 
   py::dict layout;

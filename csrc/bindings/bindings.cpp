@@ -10,6 +10,7 @@
 
 namespace fusedopt::bind {
 void register_optim(py::module_& m);
+void register_muon(py::module_& m);
 void register_lanczos(py::module_& m);
 void register_norm_scaled(py::module_& m);
 void register_layout(py::module_& m);
@@ -41,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
   bind::register_optim(m);
+  bind::register_muon(m);
   bind::register_lanczos(m);
   bind::register_norm_scaled(m);
   bind::register_layout(m);

@@ -7,6 +7,7 @@
 #include "../ops/lanczos.h"
 #include "../ops/lamb.h"
 #include "../ops/lars.h"
+#include "../ops/muon.h"
 #include "../ops/norms.h"
 #include "../ops/sgd.h"
 
@@ -19,6 +20,9 @@ std::string archs();     // e.g. "80;86;89;90;100;120"
 
 void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+// Muon (muon_cuda.cu); update_dtype: DType of the update column.
+void multi_tensor_muon_momentum(const OptimCall& call, const MuonHyper& h, int update_dtype);
+void multi_tensor_muon_apply(const OptimCall& call, const MuonHyper& h, int update_dtype);
 
 int64_t lanczos_chunk_elements();  // elements per block; the workspace needs one partial per chunk and row
 void lanczos_dots(const LanczosCall& call);

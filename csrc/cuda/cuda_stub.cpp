@@ -13,6 +13,8 @@ int device_count() { return 0; }
 std::string archs() { return ""; }
 void multi_tensor_sgd(const OptimCall&, const SgdHyper&) { missing(); }
 void multi_tensor_adam(const OptimCall&, const AdamHyper&) { missing(); }
+void multi_tensor_muon_momentum(const OptimCall&, const MuonHyper&, int) { missing(); }
+void multi_tensor_muon_apply(const OptimCall&, const MuonHyper&, int) { missing(); }
 int64_t lanczos_chunk_elements() { missing(); }
 void lanczos_dots(const LanczosCall&) { missing(); }
 void lanczos_orthogonalize(const LanczosCall&) { missing(); }

@@ -95,3 +95,35 @@ def host_float(value: Any, key: str) -> float:
                             f"with {value.numel()} elements (reading it would synchronize with the device)")
         return float(value)
     return float(value)
+
+
+MUON_ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def check_muon(h: Mapping[str, Any], where: str = "") -> None:
+    """torch.optim.Muon's rules (lr, momentum, weight_decay >= 0; adjust_lr_fn None,
+    "original" or "match_rms_adamw"; ns_steps < 100), plus: momentum <= 1, eps > 0,
+    three finite ns_coefficients, a bool nesterov and ns_dtype bf16/fp32/fp64."""
+    check_float(h["lr"], "lr", where)
+    check_float(h["weight_decay"], "weight_decay", where)
+    check_float(h["momentum"], "momentum", where, high=1.0, high_inclusive=True)
+    check_float(h["eps"], "eps", where, low=0.0, low_inclusive=False)
+    check_bool(h["nesterov"], "nesterov", where)
+    coefficients = h["ns_coefficients"]
+    if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+        raise ValueError(f"{_label('ns_coefficients', where)} must be three numbers (a, b, c); got {coefficients!r}")
+    for i, value in enumerate(coefficients):
+        check_float(value, f"ns_coefficients[{i}]", where, low=-float("inf"))
+    steps = h["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{_label('ns_steps', where)} must be an int; got {type(steps).__name__}")
+    if not 0 <= steps < 100:
+        in_where = f" in {where}" if where else ""
+        raise ValueError(f"invalid ns_steps{in_where}: {steps}; expected an int in [0, 100) "
+                         "(torch.optim.Muon refuses 100 or more)")
+    if h["adjust_lr_fn"] not in MUON_ADJUST_LR_FNS:
+        raise ValueError(f"{_label('adjust_lr_fn', where)} is {h['adjust_lr_fn']!r}; expected None, "
+                         "'original' or 'match_rms_adamw'")
+    if h["ns_dtype"] not in (torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{_label('ns_dtype', where)} is {h['ns_dtype']!r}; expected torch.bfloat16, "
+                         "torch.float32 or torch.float64")

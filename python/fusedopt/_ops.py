@@ -67,6 +67,29 @@ def compiled_step(name: str, params, grads, lists: Dict[str, Optional[List[torch
                    grad_scale, found_inf, clip_grad_sq)
 
 
+_MUON_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def muon_options(h: Dict[str, object]) -> Dict[str, object]:
+    """Muon's hyperparameters as the numbers a custom-op schema carries (lr apart):
+    the coefficients one by one, adjust_lr_fn and ns_dtype by their index."""
+    from ._hyper import MUON_ADJUST_LR_FNS
+    a, b, c = h["ns_coefficients"]
+    return dict(weight_decay=h["weight_decay"], momentum=h["momentum"], nesterov=bool(h["nesterov"]),
+                ns_a=float(a), ns_b=float(b), ns_c=float(c), ns_steps=float(h["ns_steps"]), eps=h["eps"],
+                adjust_lr_fn_index=float(MUON_ADJUST_LR_FNS.index(h["adjust_lr_fn"])),
+                ns_dtype_index=float(_MUON_NS_DTYPES.index(h["ns_dtype"])))
+
+
+def _decode_muon(kwargs: Dict[str, object]) -> Dict[str, object]:
+    from ._hyper import MUON_ADJUST_LR_FNS
+    kwargs["ns_coefficients"] = (kwargs.pop("ns_a"), kwargs.pop("ns_b"), kwargs.pop("ns_c"))
+    kwargs["ns_steps"] = int(kwargs["ns_steps"])
+    kwargs["adjust_lr_fn"] = MUON_ADJUST_LR_FNS[int(kwargs.pop("adjust_lr_fn_index"))]
+    kwargs["ns_dtype"] = _MUON_NS_DTYPES[int(kwargs.pop("ns_dtype_index"))]
+    return kwargs
+
+
 @torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("params", "states"))
 def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grads: List[torch.Tensor],
                    states: List[torch.Tensor], option_names: str, option_values: List[float],
@@ -85,6 +108,8 @@ def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grad
         lists.setdefault("max_exp_avg_sqs", [])
     if name in ("sgd", "lars"):
         lists.setdefault("momentum_buffer_list", [None] * n)
+    if name == "muon":
+        kwargs = _decode_muon(kwargs)
     getattr(functional, name)(params, grads, grad_scale=grad_scale, found_inf=found_inf, **lists, **kwargs)
 
 

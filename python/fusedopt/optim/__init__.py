@@ -2,11 +2,12 @@
 
 - ``base``: the step protocol (prepare every group, commit new state, launch);
 - ``state``: ``TrackedState`` and checkpoint loading;
-- ``sgd``, ``adam``, ``lars``, ``lamb``: hyperparameters, state and docs per optimizer.
+- ``sgd``, ``adam``, ``lars``, ``lamb``, ``muon``: hyperparameters, state and docs per optimizer.
 """
 from .adam import Adam, AdamW
 from .lamb import LAMB
 from .lars import LARS
+from .muon import Muon, muon_param_groups
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB"]
+__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "Muon", "muon_param_groups"]

@@ -1,0 +1,10 @@
+#include "muon_cpu.h"
+
+namespace fusedopt::cpu {
+void multi_tensor_muon_momentum(const OptimCall& call, const MuonHyper& h, int update_dtype) {
+  FO_SIMD_DISPATCH(multi_tensor_muon_momentum, call, h, update_dtype)
+}
+void multi_tensor_muon_apply(const OptimCall& call, const MuonHyper& h, int update_dtype) {
+  FO_SIMD_DISPATCH(multi_tensor_muon_apply, call, h, update_dtype)
+}
+}  // namespace fusedopt::cpu

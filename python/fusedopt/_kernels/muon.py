@@ -1,0 +1,190 @@
+"""Muon's kernel layer: the Newton-Schulz workspace of a row table and the two
+``_C`` passes around it (csrc/ops/muon.h).
+
+A Muon param is a matrix: ``(shape[0], numel / shape[0])``, or for a 2-D param
+whose memory is transposed, the matrix its memory holds. The momentum pass
+walks param, grad and buffer as flat runs in memory order, as every fusedopt
+kernel does, and writes each param's update direction into its slot of a
+workspace ``A[k]`` of shape ``(k, rows, cols)``: one workspace per matrix
+shape of a batch, so the Newton-Schulz iteration runs batched over it. In
+memory order the slot holds the matrix with its columns permuted (a
+channels_last conv weight keeps each output channel's elements together but
+in (h, w, c) order) or, for a transposed 2-D param, the transposed matrix.
+Neither changes the result: the Frobenius norm, ``X Xᵀ`` and the iteration
+commute with column permutations, and the iteration is transpose-equivariant
+(Newton-Schulz of Xᵀ is the transpose of Newton-Schulz of X); the apply pass
+then reads the result back in the same memory order. Layouts where dim 0 of a
+param of more than 2 dims is not outermost are refused (``matrix_of``).
+
+The workspace is made once per row table and kept with it (``workspace``):
+two buffers of the matrices (the iteration ping-pongs between them, arranged so
+that the result always lands in ``A``, which the rows' ``update`` column points
+at), two Gram buffers, and for ``lr_ratio`` one fp64 slot per row.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import _C
+from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, kernel_layout
+from .launch import DeviceScalars, _head, require_cuda
+from .norms import _sum_squares
+from .rows import RowTable
+
+MUON = kernel_layout("muon")
+_ALIGNED16 = ROW_FLAGS["aligned16"]
+_RATIO_SLOT_BYTES = 16  # as the norm slots: 16-byte aligned rows keep the CUDA vector path
+NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def logical_matrix(shape: Sequence[int]) -> Tuple[int, int]:
+    """(A, B): the matrix torch.optim.Muon sees, ``p.view(p.shape[0], -1)``; adjust_lr uses it."""
+    a = int(shape[0])
+    b = 1
+    for n in shape[1:]:
+        b *= int(n)
+    return a, b
+
+
+def matrix_of(p: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(rows, cols) of the matrix p's memory holds, read in memory order; None when
+    no such matrix is equivalent for Newton-Schulz (a param of more than 2 dims
+    whose dim 0 is not outermost in memory)."""
+    a, b = logical_matrix(p.shape)
+    if p.is_contiguous() or a == 1 or b == 1:
+        return a, b
+    if p.dim() == 2:
+        return (a, b) if p.stride(0) == b else (b, a)  # dense 2-D: row-major or its transpose
+    return (a, b) if p.stride(0) == b else None
+
+
+def adjust_lr_ratio(adjust_lr_fn: Optional[str], a: int, b: int) -> float:
+    """torch.optim._muon._adjust_lr's factor for an (A, B) matrix (lr is multiplied by it)."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    return 1.0
+
+
+class ShapeGroup:
+    """The rows of a batch whose matrices have one shape, and their buffers."""
+
+    __slots__ = ("rows", "shape", "a", "b", "gram", "gram2", "norms", "round16")
+
+    def __init__(self, rows: List[int], shape: Tuple[int, int], dtype: torch.dtype, device: torch.device,
+                 emulate_bf16: bool):
+        k, (r, c) = len(rows), shape
+        s = min(r, c)
+        self.rows = rows
+        self.shape = shape
+        # zeros: a skipped first step (AMP found_inf) leaves the momentum pass
+        # unwritten; the iteration then runs on zeros, and the apply pass skips too.
+        self.a = torch.zeros((k, r, c), dtype=dtype, device=device)
+        self.b = torch.empty_like(self.a)
+        self.gram = torch.empty((k, s, s), dtype=dtype, device=device)
+        self.gram2 = torch.empty_like(self.gram)
+        self.norms: Optional[torch.Tensor] = None  # a view of the workspace's norms
+        # bf16 on a CPU: fp32 matmuls of bf16 values, each output rounded to bf16
+        # through this buffer (no allocation per step).
+        self.round16 = torch.empty((k, r, c), dtype=torch.bfloat16, device=device) if emulate_bf16 else None
+
+
+class Workspace:
+    """Everything Newton-Schulz needs for one row table (see the module docstring)."""
+
+    def __init__(self, table: RowTable, ns_dtype: torch.dtype):
+        self.ns_dtype = ns_dtype
+        device = table.device
+        self.emulate_bf16 = ns_dtype is torch.bfloat16 and device.type == "cpu"
+        self.storage = torch.float32 if self.emulate_bf16 else ns_dtype
+        by_shape: Dict[Tuple[int, int], List[int]] = {}
+        for i, p in enumerate(table.params):
+            by_shape.setdefault(matrix_of(p), []).append(i)
+        self.groups = [ShapeGroup(rows, shape, self.storage, device, self.emulate_bf16)
+                       for shape, rows in by_shape.items()]
+        n = len(table)
+        norm_dtype = torch.float64 if self.storage is torch.float64 else torch.float32
+        self.norms = torch.empty((n,), dtype=norm_dtype, device=device)
+        update = np.zeros(n, np.int64)
+        self.norm_index = np.zeros(n, np.int64)  # row -> position in self.norms
+        pos = 0
+        for g in self.groups:
+            slot = g.a[0].numel() * g.a.element_size()
+            update[g.rows] = g.a.data_ptr() + slot * np.arange(len(g.rows), dtype=np.int64)
+            self.norm_index[g.rows] = pos + np.arange(len(g.rows), dtype=np.int64)
+            g.norms = self.norms[pos:pos + len(g.rows)]
+            pos += len(g.rows)
+        self.update_pointers = update
+        self.logical = [logical_matrix(p.shape) for p in table.params]
+        self._ratios: Dict[Optional[str], torch.Tensor] = {}
+        self.ratio_fn: object = ()  # the adjust_lr_fn the rows' lr_ratio column points at
+        table.set_column_pointers("update", update)
+        _refresh_aligned(table)
+
+    def point_ratios(self, table: RowTable, adjust_lr_fn: Optional[str]) -> None:
+        """The rows' lr_ratio column at the factors of ``adjust_lr_fn`` (made once per fn)."""
+        if self.ratio_fn == adjust_lr_fn and self.ratio_fn != ():
+            return
+        t = self._ratios.get(adjust_lr_fn)
+        if t is None:
+            per_slot = _RATIO_SLOT_BYTES // 8
+            host = torch.zeros((len(table), per_slot), dtype=torch.float64)
+            host[:, 0] = torch.tensor([adjust_lr_ratio(adjust_lr_fn, a, b) for a, b in self.logical],
+                                      dtype=torch.float64)
+            t = self._ratios[adjust_lr_fn] = host.to(table.device)
+        table.set_column_pointers("lr_ratio", t.data_ptr() + _RATIO_SLOT_BYTES * np.arange(len(table), dtype=np.int64))
+        self.ratio_fn = adjust_lr_fn
+        _refresh_aligned(table)
+
+
+def _refresh_aligned(table: RowTable) -> None:
+    aligned = (table.rows[:, :POINTER_COLUMNS] % 16 == 0).all(axis=1)
+    flags = table.rows[:, FLAGS_COLUMN]
+    table.rows[:, FLAGS_COLUMN] = np.where(aligned, flags | _ALIGNED16, flags & ~_ALIGNED16)
+
+
+_WORKSPACES: "weakref.WeakKeyDictionary[RowTable, Workspace]" = weakref.WeakKeyDictionary()
+
+
+def workspace(table: RowTable, ns_dtype: torch.dtype, adjust_lr_fn: Optional[str]) -> Workspace:
+    """The table's workspace (made at its first use, or when ns_dtype changed),
+    its rows pointed at it and at the lr factors of ``adjust_lr_fn``."""
+    ws = _WORKSPACES.get(table)
+    if ws is None or ws.ns_dtype is not ns_dtype:
+        ws = _WORKSPACES[table] = Workspace(table, ns_dtype)
+    ws.point_ratios(table, adjust_lr_fn)
+    return ws
+
+
+def _launch(fn, table: RowTable, state_dtype: torch.dtype, scalars: DeviceScalars, ws: Workspace,
+            momentum: float, weight_decay: float, flags: int) -> None:
+    require_cuda(table.device)
+    fn(*_head(table, state_dtype, scalars), DTYPE_CODES[ws.storage], float(scalars.lr), float(momentum),
+       float(weight_decay), int(flags))
+
+
+def launch_momentum(table: RowTable, state_dtype: torch.dtype, scalars: DeviceScalars, ws: Workspace,
+                    momentum: float, nesterov: bool) -> None:
+    """buf <- lerp(buf, g, 1 - momentum); the update direction into the workspace
+    (rounded to bf16 values when bf16 is emulated with fp32 storage)."""
+    flags = MUON.flags(nesterov=bool(nesterov), update_bf16_values=ws.emulate_bf16)
+    _launch(_C.multi_tensor_muon_momentum, table, state_dtype, scalars, ws, momentum, 0.0, flags)
+
+
+def launch_apply(table: RowTable, state_dtype: torch.dtype, scalars: DeviceScalars, ws: Workspace,
+                 weight_decay: float) -> None:
+    """p <- p (1 - lr wd) - lr ratio O, O the workspace's Newton-Schulz result."""
+    _launch(_C.multi_tensor_muon_apply, table, state_dtype, scalars, ws, 0.0, weight_decay, 0)
+
+
+def update_norms(table: RowTable, ws: Workspace) -> None:
+    """ws.norms = the Frobenius norm of every update slot (deterministic: fixed
+    chunks, fixed combine order, the tensor_norms kernel)."""
+    _sum_squares(table.rows[:, MUON.column("update")].copy(), table.rows[:, NUMEL_COLUMN].copy(), ws.storage,
+                 ws.norms, ws.norm_index, take_sqrt=True)

@@ -1,0 +1,457 @@
+"""fusedopt.Muon against torch.optim.Muon (bf16 Newton-Schulz), against an fp64
+reference of the same iteration (fp32/fp64 Newton-Schulz), its AdamW groups
+against torch.optim.AdamW, conv weights and memory layouts, checkpoints both
+ways, muon_param_groups, and the two elementwise kernels on poisoned outputs."""
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt._kernels import muon as kmuon
+from fusedopt._kernels import Column, Labels, STATE, prepare
+from fusedopt.functional._step import device_scalars
+from optim_registry import snapshot
+
+COEFFS = (3.4445, -4.775, 2.0315)
+SHAPES = [(24, 40), (40, 24), (17, 17), (13, 29), (31, 7), (1, 19), (19, 1)]
+
+
+def ref_muon_step(p, g, buf, *, lr, weight_decay, momentum, nesterov, ns_coefficients=COEFFS, ns_steps=5,
+                  eps=1e-7, adjust_lr_fn=None):
+    """torch.optim.Muon's step in fp64, written per matrix from its formulas (the
+    Newton-Schulz matrix is p.view(p.shape[0], -1)). Returns (new p, new buf)."""
+    g, buf, p = g.double(), buf.double(), p.double()
+    buf = buf + (1 - momentum) * (g - buf)
+    u = g + momentum * (buf - g) if nesterov else buf
+    x = u.reshape(u.shape[0], -1)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / max(float(torch.linalg.norm(x)), eps)
+    a, b, c = ns_coefficients
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = (x.T if tall else x).reshape(p.shape)
+    A, B = p.shape[0], p.numel() // p.shape[0]
+    ratio = 0.2 * math.sqrt(max(A, B)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, A / B))
+    return p * (1 - lr * weight_decay) - lr * ratio * x, buf
+
+
+def params_like(shapes, dtype=torch.float32, memory_format=None):
+    out = []
+    for s in shapes:
+        t = torch.randn(s, dtype=dtype)
+        if memory_format is not None:
+            t = t.to(memory_format=memory_format)
+        out.append(torch.nn.Parameter(t))
+    return out
+
+
+# bf16 Newton-Schulz: most steps give torch's update to within one bf16 rounding of each
+# element (bf16_tight; most are bit-identical). Where a single intermediate element rounds
+# the other way (fp32 sums in another order: batched vs single matmuls, the norm kernel),
+# five quintic steps amplify that flip (the slope at 0 is a = 3.4445 per step) to about 1%
+# of the update: bf16_close bounds every step by that, and the tests require most steps
+# to be tight. An error in the math (lr, decay, nesterov, rounding) fails both.
+def bf16_tight(actual, expected) -> bool:
+    scale = float(expected.abs().max())
+    return bool(((actual - expected).abs() <= 2 ** -8 * expected.abs() + 2 ** -9 * scale).all())
+
+
+def bf16_close(actual, expected, what):
+    scale = float(expected.abs().max())
+    rel = float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+    assert rel <= 2 ** -5, f"{what}: relative Frobenius difference {rel:.3g} > 2^-5"
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2 ** -3 * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ---- against torch.optim.Muon, step by step ----------------------------------------------
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_each_step_matches_torch_bf16(nesterov, adjust_lr_fn, weight_decay):
+    ours = params_like(SHAPES)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hyper = dict(lr=0.02, weight_decay=weight_decay, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    opt, ref = fusedopt.Muon(ours, **hyper), torch.optim.Muon(theirs, **hyper)
+    tight = []
+    for step in range(4):
+        if step:  # each step from torch's state: every step's update is compared on its own
+            with torch.no_grad():
+                for p, q in zip(ours, theirs):
+                    p.copy_(q)
+                    opt.state[p]["momentum_buffer"].copy_(ref.state[q]["momentum_buffer"])
+        before = [q.detach().clone() for q in theirs]
+        for p, q in zip(ours, theirs):
+            q.grad = torch.randn_like(q)
+            p.grad = q.grad.clone()
+        opt.step()
+        ref.step()
+        for i, (p, q, b) in enumerate(zip(ours, theirs, before)):
+            bf16_close(p.detach() - b, q.detach() - b, f"step {step} update of {list(p.shape)}")
+            tight.append(bf16_tight(p.detach() - b, q.detach() - b))
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"],
+                                       rtol=1e-6, atol=1e-7)
+    assert sum(tight) >= 0.6 * len(tight), f"only {sum(tight)} of {len(tight)} updates within one bf16 rounding"
+
+
+@pytest.mark.parametrize("ns_steps", [0, 1, 2, 3, 5])
+def test_ns_steps_parity_matches_torch(ns_steps):
+    # the result lands in the rows' update buffer for even and odd step counts
+    ours = params_like(SHAPES[:3])
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fusedopt.Muon(ours, lr=0.05, ns_steps=ns_steps)
+    ref = torch.optim.Muon(theirs, lr=0.05, ns_steps=ns_steps)
+    before = [p.detach().clone() for p in ours]
+    for p, q in zip(ours, theirs):
+        q.grad = torch.randn_like(q)
+        p.grad = q.grad.clone()
+    opt.step()
+    ref.step()
+    for p, q, b in zip(ours, theirs, before):
+        bf16_close(p.detach() - b, q.detach() - b, f"ns_steps={ns_steps} {list(p.shape)}")
+        if ns_steps <= 1:  # nothing to amplify a flip: every element within one bf16 rounding
+            assert bf16_tight(p.detach() - b, q.detach() - b), f"ns_steps={ns_steps} {list(p.shape)}"
+
+
+@pytest.mark.parametrize("ns_dtype,dtype,tol", [(torch.float32, torch.float32, 1e-5),
+                                                (torch.float64, torch.float64, 1e-12)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_fp32_and_fp64_newton_schulz_match_fp64_reference(ns_dtype, dtype, tol, nesterov):
+    shapes = SHAPES + [(6, 3, 3, 3), (4, 5, 2)]
+    params = params_like(shapes, dtype)
+    with torch.no_grad():  # small params: their fp32 rounding stays far below the update's 1e-5
+        for p in params:
+            p.mul_(1e-3)
+    hyper = dict(lr=0.03, weight_decay=0.05, momentum=0.9, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    opt = fusedopt.Muon(params, ns_dtype=ns_dtype, **hyper)
+    for step in range(3):
+        olds = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone() if p in opt.state else
+                 torch.zeros_like(p)) for p in params]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for p, (p0, b0) in zip(params, olds):
+            want_p, want_b = ref_muon_step(p0, p.grad, b0, **hyper)
+            scale = float((want_p - p0.double()).abs().max())
+            torch.testing.assert_close(p.detach().double() - p0.double(), want_p - p0.double(), rtol=tol,
+                                       atol=tol * scale, msg=lambda m: f"step {step} {list(p.shape)}: {m}")
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), want_b, rtol=tol, atol=tol)
+
+
+def test_functional_matches_torch_functional():
+    shapes = SHAPES
+    ps = [torch.randn(s) for s in shapes]
+    qs = [p.clone() for p in ps]
+    bufs, tbufs = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=COEFFS, ns_steps=5,
+              eps=1e-7, adjust_lr_fn=None)
+    grads = [torch.randn(s) for s in shapes]
+    fusedopt.functional.muon(ps, grads, bufs, **kw)
+    torch.optim._muon.muon(qs, grads, tbufs, has_complex=False, **kw)
+    for p, q, b, tb in zip(ps, qs, bufs, tbufs):
+        bf16_close(p, q, f"{list(p.shape)}")
+        torch.testing.assert_close(b, tb, rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_lr_and_grad_scale():
+    params = params_like(SHAPES[:3])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    a = fusedopt.Muon(params, lr=torch.tensor(0.02), ns_dtype=torch.float32)
+    b = fusedopt.Muon(twins, lr=0.02, ns_dtype=torch.float32)
+    a.grad_scale = torch.tensor(64.0)
+    for p, q in zip(params, twins):
+        q.grad = torch.randn_like(q)
+        p.grad = q.grad * 64.0
+    a.step()
+    b.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_found_inf_skips_the_step_without_writing():
+    params = params_like(SHAPES[:3])
+    opt = fusedopt.Muon(params, lr=0.02)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = snapshot(opt)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert snapshot(opt) == before
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert snapshot(opt)["params"] != before["params"]
+
+
+# ---- conv weights and memory layouts ------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (40, 2, 2, 2), (6, 4, 5)])
+def test_conv_weight_is_the_shape0_matrix(shape):
+    p = torch.nn.Parameter(torch.randn(shape))
+    q = torch.nn.Parameter(p.detach().reshape(shape[0], -1).clone())
+    opt, ref = fusedopt.Muon([p], lr=0.02), torch.optim.Muon([q], lr=0.02)
+    for _ in range(3):
+        before = q.detach().clone()
+        with torch.no_grad():
+            p.copy_(q.reshape(shape))
+            if p in opt.state:
+                opt.state[p]["momentum_buffer"].copy_(ref.state[q]["momentum_buffer"].reshape(shape))
+        q.grad = torch.randn_like(q)
+        p.grad = q.grad.reshape(shape).clone()
+        opt.step()
+        ref.step()
+        bf16_close(p.detach().reshape(shape[0], -1) - before, q.detach() - before, f"conv {list(shape)}")
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_and_transposed_give_the_contiguous_update(ns_dtype):
+    # channels_last: each row's columns permuted in memory; a transposed matrix: the
+    # memory holds its transpose. Newton-Schulz commutes with both.
+    conv = torch.randn(8, 3, 3, 3)
+    mat = torch.randn(24, 10)
+    cases = [(conv, conv.to(memory_format=torch.channels_last)), (mat, mat.t().contiguous().t())]
+    plain = [torch.nn.Parameter(a.clone()) for a, _ in cases]
+    laid = [torch.nn.Parameter(b.clone()) for _, b in cases]
+    assert laid[0].is_contiguous(memory_format=torch.channels_last) and not laid[0].is_contiguous()
+    assert laid[1].stride() == (1, 24)
+    a = fusedopt.Muon(plain, lr=0.05, ns_dtype=ns_dtype)
+    b = fusedopt.Muon(laid, lr=0.05, ns_dtype=ns_dtype)
+    tol = 1e-5 if ns_dtype is torch.float32 else 2 ** -7
+    for _ in range(3):
+        before = [p.detach().clone() for p in plain]
+        for p, q in zip(plain, laid):
+            p.grad = torch.randn_like(p)
+            q.grad = torch.empty_like(q).copy_(p.grad)  # the grad in the param's layout
+        a.step()
+        b.step()
+        for p, q, p0 in zip(plain, laid, before):
+            torch.testing.assert_close(q.detach() - p0, p.detach() - p0, rtol=tol,
+                                       atol=tol * float((p.detach() - p0).abs().max()))
+            assert q.stride() == q.grad.stride()
+    assert b.state[laid[0]]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layout_with_dim0_inside_is_refused_before_writing():
+    t = torch.randn(3, 4, 5).permute(1, 0, 2)  # shape (4, 3, 5), dim 0 not outermost
+    p = torch.nn.Parameter(t)
+    with pytest.raises(ValueError, match=r"dim 0 is not outermost"):
+        fusedopt.Muon([p])
+
+
+# ---- AdamW groups, rejection, param groups -------------------------------------------------
+
+def test_adamw_groups_match_torch_adamw():
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 16), torch.nn.Linear(16, 24), torch.nn.LayerNorm(24),
+                                torch.nn.Linear(24, 5))
+    groups = fusedopt.muon_param_groups(model, lr=0.02, adamw_lr=3e-3, adamw_betas=(0.8, 0.95), adamw_eps=1e-6,
+                                        adamw_weight_decay=0.01)
+    muon_params, adamw_params = groups[0]["params"], groups[1]["params"]
+    twins = {id(p): torch.nn.Parameter(p.detach().clone()) for p in model.parameters()}
+    opt = fusedopt.Muon(groups)
+    t_muon = torch.optim.Muon([twins[id(p)] for p in muon_params], lr=0.02)
+    t_adamw = torch.optim.AdamW([twins[id(p)] for p in adamw_params], lr=3e-3, betas=(0.8, 0.95), eps=1e-6,
+                                weight_decay=0.01, foreach=False)
+    for _ in range(4):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+            twins[id(p)].grad = p.grad.clone()
+        opt.step()
+        t_muon.step()
+        t_adamw.step()
+    for p in adamw_params:
+        torch.testing.assert_close(p, twins[id(p)], rtol=1e-5, atol=1e-6)
+    for p in muon_params:
+        torch.testing.assert_close(p, twins[id(p)], rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("shape", [(7,), ()])
+def test_vectors_and_scalars_in_a_muon_group_are_refused(shape):
+    bad = torch.nn.Parameter(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] has shape .*use_muon=False"):
+        fusedopt.Muon([torch.nn.Parameter(torch.randn(3, 4)), bad])
+    # added after a good step: refused at the step, nothing written
+    params = params_like([(3, 4), (5, 2)])
+    opt = fusedopt.Muon(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    bad.grad = torch.randn_like(bad)
+    opt.param_groups[0]["params"].append(bad)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[2\] has shape .*use_muon=False"):
+        opt.step()
+    assert snapshot(opt) == before
+    # the same param in an AdamW group is fine
+    opt.param_groups[0]["params"].pop()
+    opt.add_param_group({"params": [bad], "use_muon": False, "lr": 1e-3})
+    opt.step()
+    assert "exp_avg" in opt.state[bad]
+
+
+def test_muon_param_groups_split():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 8)
+            self.conv = torch.nn.Conv1d(8, 8, 3)
+            self.hidden = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.head = torch.nn.Linear(8, 20, bias=False)
+            self.frozen = torch.nn.Linear(8, 8)
+            self.frozen.requires_grad_(False)
+
+    net = Net()
+    groups = fusedopt.muon_param_groups(net, lr=0.02, weight_decay=0.05)
+    assert groups[0]["param_names"] == ["conv.weight", "hidden.weight"] and groups[0]["use_muon"]
+    assert groups[0]["lr"] == 0.02 and groups[0]["weight_decay"] == 0.05
+    assert sorted(groups[1]["param_names"]) == sorted(["embed.weight", "conv.bias", "hidden.bias", "norm.weight",
+                                                       "norm.bias", "head.weight"])
+    assert not groups[1]["use_muon"]
+    named = fusedopt.muon_param_groups(net, head="hidden")  # the user names the head
+    assert named[0]["param_names"] == ["conv.weight", "head.weight"]
+    net.head.weight = net.embed.weight  # tied: once, in the AdamW group
+    tied = fusedopt.muon_param_groups(net, head="hidden")
+    assert tied[0]["param_names"] == ["conv.weight"]
+    assert tied[1]["param_names"].count("embed.weight") == 1
+    with pytest.raises(ValueError, match="names no module or parameter"):
+        fusedopt.muon_param_groups(net, head="nope")
+    opt = fusedopt.Muon(fusedopt.muon_param_groups(net))
+    x = torch.randint(0, 20, (2, 6))
+    h = net.embed(x).transpose(1, 2)
+    loss = net.head(net.norm(net.hidden(net.conv(h).transpose(1, 2)))).square().mean()
+    loss.backward()
+    opt.step()
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+def test_state_dict_both_ways(direction):
+    shapes = SHAPES[:4]
+    src_params = params_like(shapes)
+    dst_params = [torch.nn.Parameter(p.detach().clone()) for p in src_params]
+    cont_params = [torch.nn.Parameter(p.detach().clone()) for p in src_params]
+    src_cls, dst_cls = ((torch.optim.Muon, fusedopt.Muon) if direction == "torch_to_fusedopt"
+                        else (fusedopt.Muon, torch.optim.Muon))
+    src = src_cls(src_params, lr=0.03, momentum=0.9)
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    for k in range(2):
+        for p, g in zip(src_params, grads[k]):
+            p.grad = g.clone()
+        src.step()
+    sd = src.state_dict()
+    with torch.no_grad():
+        for d, c, p in zip(dst_params, cont_params, src_params):
+            d.copy_(p)
+            c.copy_(p)
+    dst = dst_cls(dst_params, lr=0.5)  # its lr is replaced by the checkpoint's
+    dst.load_state_dict(sd)
+    if dst_cls is fusedopt.Muon:  # a torch group lacks fusedopt's keys: defaults
+        assert dst.param_groups[0]["ns_dtype"] is torch.bfloat16 and dst.param_groups[0]["use_muon"] is True
+    src_cont = src_cls(cont_params, lr=0.03)
+    src_cont.load_state_dict(sd)
+    for k in range(2, 4):
+        for p, c, g in zip(dst_params, cont_params, grads[k]):
+            p.grad = g.clone()
+            c.grad = g.clone()
+        dst.step()
+        src_cont.step()
+    for p, c in zip(dst_params, cont_params):
+        torch.testing.assert_close(p, c, rtol=2 ** -7, atol=2 ** -7 * 0.03)
+        torch.testing.assert_close(dst.state[p]["momentum_buffer"], src_cont.state[c]["momentum_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+
+
+# ---- the kernels, outputs poisoned ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,ns_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                            (torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_and_apply_kernels_on_poisoned_outputs(dtype, ns_dtype, nesterov):
+    shapes = [(5, 7), (7, 5), (5, 7), (3, 2, 2), (1, 33)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype) for s in shapes]
+    bufs = [torch.randn(s, dtype=torch.float64 if dtype is torch.float64 else torch.float32) for s in shapes]
+    plan = prepare(kmuon.MUON, params, grads, [Column("momentum_buffer", "bufs", STATE, bufs)], labels=Labels())
+    (batch,) = plan.batches
+    ws = kmuon.workspace(batch.table, ns_dtype, "match_rms_adamw")
+    for g in ws.groups:
+        g.a.fill_(float("nan"))
+    scalars = device_scalars(plan, 0.1, torch.tensor(2.0), None)[torch.device("cpu")]
+    mu = 0.8
+    bufs0 = [b.clone() for b in bufs]
+    kmuon.launch_momentum(batch.table, batch.state_dtype, scalars, ws, mu, nesterov)
+    compute = torch.float64 if dtype is torch.float64 else torch.float32
+    slots = {}
+    for g in ws.groups:
+        for k, r in enumerate(g.rows):
+            slots[r] = g.a[k]
+    for i, (g, b0) in enumerate(zip(grads, bufs0)):
+        gd = g.to(compute) / 2.0
+        want_b = b0 + (1 - mu) * (gd - b0)
+        want_u = gd + mu * (want_b - gd) if nesterov else want_b
+        tol = 1e-12 if compute is torch.float64 else 1e-6
+        torch.testing.assert_close(bufs[i].to(compute), want_b, rtol=tol, atol=tol)
+        if ns_dtype is torch.bfloat16:
+            want_u = want_u.bfloat16().float()  # rounded once, as torch's grad.bfloat16()
+            torch.testing.assert_close(slots[i].reshape(g.shape), want_u, rtol=0, atol=2e-6 * float(want_u.abs().max()))
+        else:
+            torch.testing.assert_close(slots[i].reshape(g.shape).to(compute), want_u.to(slots[i].dtype).to(compute),
+                                       rtol=tol, atol=tol)
+    # apply: p <- p (1 - lr wd) - lr ratio U, U = whatever the workspace holds
+    for g in ws.groups:
+        g.a.copy_(torch.randn_like(g.a))
+    before = [p.clone() for p in params]
+    kmuon.launch_apply(batch.table, batch.state_dtype, scalars, ws, 0.05)
+    for i, (p, p0) in enumerate(zip(params, before)):
+        a, b = kmuon.logical_matrix(p.shape)
+        ratio = 0.2 * math.sqrt(max(a, b))
+        want = p0.double() * (1 - 0.1 * 0.05) - 0.1 * ratio * slots[i].reshape(p.shape).double()
+        tol = 1e-12 if dtype is torch.float64 else (1e-6 if dtype is torch.float32 else 1e-2)
+        torch.testing.assert_close(p.double(), want, rtol=tol, atol=tol)
+
+
+def test_emulated_bf16_matmul_equals_torch_bf16_matmul_to_rounding():
+    # the CPU path of ns_dtype=bfloat16: fp32 matmuls of bf16 values, outputs rounded
+    # to bf16, against torch's own bf16 addmm
+    x = torch.randn(32, 96).bfloat16()
+    gram = (x.float() @ x.float().T).bfloat16()
+    torch.testing.assert_close(gram, x @ x.T, rtol=2 ** -8, atol=1e-2)
+    upd = torch.baddbmm(gram.float()[None], gram.float()[None], gram.float()[None], beta=-4.775, alpha=2.0315)
+    want = torch.addmm(gram, gram, gram, beta=-4.775, alpha=2.0315)
+    torch.testing.assert_close(upd[0].bfloat16(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
+
+
+def test_deterministic_across_thread_counts():
+    results = []
+    for threads in (1, 2):
+        fusedopt.set_num_threads(threads)
+        torch.manual_seed(5)
+        params = params_like(SHAPES)
+        opt = fusedopt.Muon(params, lr=0.02)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_bad_hyperparameters_are_refused():
+    p = [torch.nn.Parameter(torch.randn(3, 4))]
+    for kw, exc, match in [({"ns_steps": 100}, ValueError, "ns_steps"), ({"ns_steps": 2.0}, TypeError, "ns_steps"),
+                           ({"adjust_lr_fn": "bogus"}, ValueError, "adjust_lr_fn"),
+                           ({"ns_coefficients": (1.0, 2.0)}, ValueError, "ns_coefficients"),
+                           ({"ns_dtype": torch.float16}, ValueError, "ns_dtype"),
+                           ({"eps": 0.0}, ValueError, "eps"), ({"momentum": -0.1}, ValueError, "momentum"),
+                           ({"lr": -1.0}, ValueError, "lr"), ({"nesterov": 1}, TypeError, "nesterov")]:
+        with pytest.raises(exc, match=match):
+            fusedopt.Muon(p, **kw)
