@@ -152,3 +152,24 @@ def test_host_overhead_run_checks_the_targets(tmp_path, capsys, monkeypatch):
     assert all(t["ratio"] > 0 and isinstance(t["met"], bool) for t in data["targets"])
     for t in data["targets"]:
         assert t["target"] in text
+
+
+def test_muon_run_writes_rows_and_matmul_rates(tmp_path, capsys, monkeypatch):
+    """bench_muon.py on two tiny matrices: the three rows, their FLOP rates and the probes' rates."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_muon", REPO / "benchmarks" / "bench_muon.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setitem(script.WORKLOADS, "transformer-20", [(16, 24), (24, 16)])
+    out = tmp_path / "m.json"
+    rc = script.main(["--quick", "--device", "cpu", "--reps", "3", "--iters", "1", "--warmup", "0", "--no-progress",
+                      "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "ERROR" not in text and "NS GFLOP/s" in text
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "impl" in r]
+    assert {r["impl"] for r in timed} == {"torch.optim.Muon", "fusedopt bf16", "fusedopt fp32"}
+    assert all(r["status"] == "ok" and r["ns_gflop_per_s"] > 0 for r in timed), timed
+    assert script.ns_flops([(16, 24)], 1) == 2 * 16 * 16 * 24 * 2 + 2 * 16 ** 3
+    rates = [r["matmul_gflop_per_s"] for r in rows if "matmul_gflop_per_s" in r][0]
+    assert set(rates) == {"fp32 bmm", "bf16 bmm"} and min(rates.values()) > 0

@@ -68,6 +68,18 @@ def bf16_close(actual, expected, what):
 
 # ---- against torch.optim.Muon, step by step ----------------------------------------------
 
+@pytest.fixture(autouse=True, params=["native-bf16", "emulated-bf16"])
+def bf16_matmuls(request, monkeypatch):
+    """Every test with both CPU bf16 paths: torch's own bf16 matmuls (where the CPU has
+    bf16 units, as the development machine's AVX512_BF16) and fp32 matmuls of bf16
+    values with rounded outputs (CPUs without them; fusedopt/_kernels/muon.py)."""
+    if request.param == "emulated-bf16":
+        monkeypatch.setenv("FUSEDOPT_MUON_EMULATE_BF16", "1")
+    else:
+        monkeypatch.delenv("FUSEDOPT_MUON_EMULATE_BF16", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -401,7 +413,9 @@ def test_momentum_and_apply_kernels_on_poisoned_outputs(dtype, ns_dtype, nestero
         torch.testing.assert_close(bufs[i].to(compute), want_b, rtol=tol, atol=tol)
         if ns_dtype is torch.bfloat16:
             want_u = want_u.bfloat16().float()  # rounded once, as torch's grad.bfloat16()
-            torch.testing.assert_close(slots[i].reshape(g.shape), want_u, rtol=0, atol=2e-6 * float(want_u.abs().max()))
+            # bf16 values, in an fp32 workspace (emulated bf16 matmuls) or a bf16 one (native)
+            torch.testing.assert_close(slots[i].reshape(g.shape).float(), want_u, rtol=0,
+                                       atol=2e-6 * float(want_u.abs().max()))
         else:
             torch.testing.assert_close(slots[i].reshape(g.shape).to(compute), want_u.to(slots[i].dtype).to(compute),
                                        rtol=tol, atol=tol)
@@ -455,3 +469,23 @@ def test_bad_hyperparameters_are_refused():
                            ({"lr": -1.0}, ValueError, "lr"), ({"nesterov": 1}, TypeError, "nesterov")]:
         with pytest.raises(exc, match=match):
             fusedopt.Muon(p, **kw)
+
+
+def test_round_to_bf16_inplace_equals_torch_conversion(seed):
+    """The rounding behind the CPU's bf16 Newton-Schulz: torch's fp32 -> bf16 -> fp32 bit
+    for bit on random values across several chunks, ties, tiny and huge values, inf and NaN."""
+    from fusedopt._kernels.muon import round_bf16_
+    gen = torch.Generator().manual_seed(seed)
+    n = 3 * 32768 + 123
+    x = torch.randn(n, generator=gen) * torch.logspace(-40, 38, n).float()[torch.randperm(n, generator=gen)]
+    ties = torch.arange(1000, dtype=torch.int32).bitwise_left_shift(16).bitwise_or(0x8000).view(torch.float32)
+    x[:1000] = ties  # exactly halfway between two bf16 values: ties to even
+    x[1000:1004] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+    want = x.to(torch.bfloat16).float()
+    got = x.clone()
+    round_bf16_(got)
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))  # bits: -0.0 too
+    assert torch.isnan(got[1002]) and int(finite.logical_not().sum()) == 1
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        round_bf16_(torch.ones(4, dtype=torch.float64))

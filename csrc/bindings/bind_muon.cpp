@@ -28,6 +28,13 @@ void register_muon(py::module_& m) {
   m.def("multi_tensor_muon_momentum", entry(false),
         "Muon momentum over rows [param, grad, momentum_buffer, update, master, lr_ratio, ...]: "
         "buf <- lerp(buf, g, 1 - momentum); update <- nesterov ? lerp(g, buf, momentum) : buf");
+  m.def(
+      "round_to_bf16_inplace",
+      [](int64_t ptr, int64_t n) {
+        py::gil_scoped_release release;
+        cpu::round_to_bf16_inplace(reinterpret_cast<float*>(ptr), n);
+      },
+      "CPU: each of the n fp32 values at ptr rounded to the nearest bf16 (ties to even), in place");
   m.def("multi_tensor_muon_apply", entry(true),
         "Muon apply over the same rows: p <- p * (1 - lr * weight_decay) - lr * lr_ratio * update");
 }

@@ -1,6 +1,7 @@
 // Compiled once per SIMD level (FUSEDOPT_SIMD_NS set by CMake). Muon's two
 // elementwise passes over a call's rows; plain scalar loops over restrict
 // pointers that the compiler vectorizes.
+#include <algorithm>
 #include <vector>
 
 #include "../ops/dispatch.h"
@@ -75,6 +76,20 @@ void multi_tensor_muon_apply(const OptimCall& call, const MuonHyper& h, int upda
                : apply_piece<P, U, C, false>(call.rows[r], b, e, scalars[r]);
       });
     });
+  });
+}
+
+// Every element of an fp32 buffer rounded to the nearest bf16 (ties to even; the
+// conversion of ops/common.h, the one all kernels store bf16 with), in place: the
+// bf16 Newton-Schulz matmuls on a CPU without bf16 units are fp32 matmuls whose
+// outputs go through this, a few passes over a matrix per iteration (a round trip
+// through a bf16 tensor took two copies, single-threaded, and dominated the step).
+void round_to_bf16_inplace(float* data, int64_t n) {
+  const int64_t chunks = (n + kCpuChunkElements - 1) / kCpuChunkElements;
+  parallel_for(chunks, [&](int64_t c) {
+    float* __restrict__ x = data + c * kCpuChunkElements;
+    const int64_t m = std::min(kCpuChunkElements, n - c * kCpuChunkElements);
+    for (int64_t i = 0; i < m; ++i) x[i] = round_as<BFloat16, float>(x[i]);
   });
 }
 

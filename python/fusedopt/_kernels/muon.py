@@ -24,6 +24,7 @@ at), two Gram buffers, and for ``lr_ratio`` one fp64 slot per row.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +33,7 @@ import torch
 
 from .. import _C
 from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, kernel_layout
+from .checks import shape_str
 from .launch import DeviceScalars, _head, require_cuda
 from .norms import _sum_squares
 from .rows import RowTable
@@ -72,13 +74,25 @@ def adjust_lr_ratio(adjust_lr_fn: Optional[str], a: int, b: int) -> float:
     return 1.0
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether torch's CPU matmuls run bf16 natively here (oneDNN on a CPU with AVX512_BF16
+    or AMX): then the bf16 Newton-Schulz is torch's own batched bf16 matmuls (twice the fp32
+    rate on the development machine's AVX512_BF16 cores), else fp32 matmuls of bf16 values
+    with rounded outputs. ``FUSEDOPT_MUON_EMULATE_BF16=1`` forces the second (tests)."""
+    if os.environ.get("FUSEDOPT_MUON_EMULATE_BF16") == "1":
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class ShapeGroup:
     """The rows of a batch whose matrices have one shape, and their buffers."""
 
-    __slots__ = ("rows", "shape", "a", "b", "gram", "gram2", "norms", "round16")
+    __slots__ = ("rows", "shape", "a", "b", "gram", "gram2", "norms")
 
-    def __init__(self, rows: List[int], shape: Tuple[int, int], dtype: torch.dtype, device: torch.device,
-                 emulate_bf16: bool):
+    def __init__(self, rows: List[int], shape: Tuple[int, int], dtype: torch.dtype, device: torch.device):
         k, (r, c) = len(rows), shape
         s = min(r, c)
         self.rows = rows
@@ -90,9 +104,15 @@ class ShapeGroup:
         self.gram = torch.empty((k, s, s), dtype=dtype, device=device)
         self.gram2 = torch.empty_like(self.gram)
         self.norms: Optional[torch.Tensor] = None  # a view of the workspace's norms
-        # bf16 on a CPU: fp32 matmuls of bf16 values, each output rounded to bf16
-        # through this buffer (no allocation per step).
-        self.round16 = torch.empty((k, r, c), dtype=torch.bfloat16, device=device) if emulate_bf16 else None
+
+
+def round_bf16_(t: torch.Tensor) -> None:
+    """t (a contiguous fp32 CPU buffer of a workspace) <- t rounded to bf16 values, in
+    place and threaded (``_C.round_to_bf16_inplace``): the outputs of the fp32 matmuls
+    that stand for bf16 ones on a CPU without bf16 matmul units."""
+    if t.dtype is not torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"round_bf16_ needs a contiguous float32 CPU tensor; got {shape_str(t)}")
+    _C.round_to_bf16_inplace(t.data_ptr(), t.numel())
 
 
 class Workspace:
@@ -101,13 +121,12 @@ class Workspace:
     def __init__(self, table: RowTable, ns_dtype: torch.dtype):
         self.ns_dtype = ns_dtype
         device = table.device
-        self.emulate_bf16 = ns_dtype is torch.bfloat16 and device.type == "cpu"
+        self.emulate_bf16 = ns_dtype is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul()
         self.storage = torch.float32 if self.emulate_bf16 else ns_dtype
         by_shape: Dict[Tuple[int, int], List[int]] = {}
         for i, p in enumerate(table.params):
             by_shape.setdefault(matrix_of(p), []).append(i)
-        self.groups = [ShapeGroup(rows, shape, self.storage, device, self.emulate_bf16)
-                       for shape, rows in by_shape.items()]
+        self.groups = [ShapeGroup(rows, shape, self.storage, device) for shape, rows in by_shape.items()]
         n = len(table)
         norm_dtype = torch.float64 if self.storage is torch.float64 else torch.float32
         self.norms = torch.empty((n,), dtype=norm_dtype, device=device)

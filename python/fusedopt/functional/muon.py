@@ -50,13 +50,6 @@ def check_muon_params(params: Sequence[torch.Tensor], labels: Labels) -> None:
                 "Muon needs contiguous, channels_last or another layout with dim 0 outermost")
 
 
-def _round_bf16_(t: torch.Tensor, scratch: torch.Tensor) -> None:
-    """t (fp32) <- t rounded to bf16 (nearest even), through a bf16 scratch buffer."""
-    view = scratch.view(-1)[:t.numel()].view(t.shape)
-    view.copy_(t)
-    t.copy_(view)
-
-
 def newton_schulz(ws, coefficients: Sequence[float], steps: int, eps: float) -> None:
     """Orthogonalizes every workspace slot in place, batched per shape: X <- A / max(||A||_F, eps),
     then ``steps`` times X <- a X + (b G + c G^2) X with G = X X^T (X^T X and X (b G + c G^2)
@@ -74,7 +67,7 @@ def newton_schulz(ws, coefficients: Sequence[float], steps: int, eps: float) -> 
         n = n.view(-1, 1, 1)
         x, other = (g.b, g.a) if steps % 2 else (g.a, g.b)
         torch.div(g.a, n, out=x)
-        rnd = (lambda t: _round_bf16_(t, g.round16)) if ws.emulate_bf16 else (lambda t: None)
+        rnd = _kmuon.round_bf16_ if ws.emulate_bf16 else (lambda t: None)
         rnd(x)
         wide = g.shape[0] <= g.shape[1]
         for _ in range(steps):
