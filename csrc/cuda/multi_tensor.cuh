@@ -3,6 +3,7 @@
 // the kernel's parameter space (up to 32 KB from CUDA 12.1), so a launch needs
 // no device allocation and no copy, and is safe to capture in a CUDA graph.
 #pragma once
+#include <type_traits>
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -151,14 +152,39 @@ __device__ __forceinline__ void for_each_chunk_element(const TensorRow& row, int
   for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) visit(Width<1>{}, i);
 }
 
+// Whether F's prepare() is costly enough to run once per block (F::kPrepareOnce).
+template <class F, class = void> struct PrepareOnce : std::false_type {};
+template <class F> struct PrepareOnce<F, std::void_t<decltype(F::kPrepareOnce)>>
+    : std::bool_constant<F::kPrepareOnce> {};
+
+// The row's scalars. With F::kPrepareOnce (Adam, LAMB: two double-precision pow()
+// calls for the bias corrections, which every thread used to repeat before its
+// first load) thread 0 computes them and the block reads them from shared memory;
+// other functors' prepare() is a few multiplies, cheaper than the barrier and the
+// registers it costs (tools/cuda_report.sh: SGD fp32 56 -> 58 registers with it).
+template <class F>
+__device__ __forceinline__ auto row_scalars(const F& f, const TensorRow& row) {
+  if constexpr (PrepareOnce<F>::value) {
+    using Scalars = decltype(f.prepare(row));
+    static_assert(std::is_trivially_copyable_v<Scalars>, "per-row scalars travel through shared memory");
+    __shared__ alignas(16) unsigned char bytes[sizeof(Scalars)];
+    if (threadIdx.x == 0) *reinterpret_cast<Scalars*>(bytes) = f.prepare(row);
+    __syncthreads();
+    return *reinterpret_cast<const Scalars*>(bytes);
+  } else {
+    return f.prepare(row);
+  }
+}
+
 // One block per table entry.
-// F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars).
+// F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars), and
+// optionally kPrepareOnce (row_scalars).
 template <class F>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
-  if (f.skip()) return;
+  if (f.skip()) return;  // the same for every thread of the grid: no thread waits in row_scalars alone
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
-  const auto s = f.prepare(row);
+  const auto s = row_scalars(f, row);
   for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
     f.template apply<decltype(w)::value>(row, i, s);
   });

@@ -88,6 +88,7 @@ struct LambMomentFunctor : LambBase {
   using C = typename ComputeOf<P>::type;
   using Acc = C;
   static constexpr int kVec = 16 / sizeof(P);
+  static constexpr bool kPrepareOnce = true;  // lamb_scalars: two pow() per row
   __device__ LambScalars<C> prepare(const TensorRow& r) const { return scalars<C>(r, 1.0); }
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s, Acc (&acc)[2]) const {
@@ -126,6 +127,7 @@ template <class P, class S>
 struct LambApplyFunctor : LambBase {
   using C = typename ComputeOf<P>::type;
   static constexpr int kVec = 16 / sizeof(P);
+  static constexpr bool kPrepareOnce = true;
   __device__ LambScalars<C> prepare(const TensorRow& r) const {
     const double* n = col<double>(r, kLambNorms);
     return scalars<C>(r, lamb_trust_ratio(h, n[0], n[1]));

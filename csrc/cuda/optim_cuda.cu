@@ -14,6 +14,7 @@ template <class P, class S>
 struct AdamFunctor {
   using C = typename ComputeOf<P>::type;
   static constexpr int kVec = 16 / sizeof(P);
+  static constexpr bool kPrepareOnce = true;  // adam_scalars: two pow() per row
   AdamHyper h;
   DeviceScalars d;
   __device__ bool skip() const { return d.skip(); }

@@ -97,7 +97,7 @@ reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials
   using A = typename F::Acc;
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
-  const auto s = f.prepare(row);
+  const auto s = row_scalars(f, row);
   A acc[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) acc[k] = A(0);

@@ -49,10 +49,11 @@ class Muon(FusedOptimizer):
         adjust_lr_fn (str, optional): None or "original" (Keller Jordan's factor), or
             "match_rms_adamw" (Moonshot's).
         ns_dtype (torch.dtype): dtype of the Newton-Schulz matmuls: ``torch.bfloat16``
-            (default, torch's; on CPUs fp32 matmuls of bf16 values with every output
-            rounded to bf16, the numbers of bf16 matmuls without bf16 matmul units),
-            ``torch.float32`` (more accurate, and on CPUs without bf16 matmul units about 4x
-            faster than the emulated bf16: README "Muon") or ``torch.float64``.
+            (default, torch's: torch's batched bf16 matmuls on CUDA and on CPUs with bf16
+            units such as AVX512_BF16; elsewhere fp32 matmuls of bf16 values with every
+            output rounded to bf16, the numbers of bf16 matmuls), ``torch.float32`` (more
+            accurate; faster than the emulated bf16, slower than native bf16: README
+            "Muon") or ``torch.float64``.
         betas (tuple): AdamW's :math:`(\beta_1, \beta_2)` for use_muon=False groups
             (default (0.9, 0.999)); such groups also use lr, eps and weight_decay.
         use_muon (bool): the default of a group's ``use_muon`` (default True).
