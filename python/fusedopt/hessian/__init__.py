@@ -3,6 +3,8 @@
 - :class:`HessianOperator`: Hessian-vector products of a model's loss (double backward).
 - :func:`eigsh`: thick-restart Lanczos, scipy-like (k, which, tol, ncv, v0).
 - :func:`trace`: Hutchinson estimate; :func:`density`: stochastic Lanczos quadrature.
+- :func:`preconditioned`: ``P^-1/2 H P^-1/2`` for a fusedopt optimizer's diagonal preconditioner;
+  :func:`stability_threshold`: the edge-of-stability threshold of its hyperparameters.
 - :func:`analyze`: minimum / saddle / maximum (flat directions told apart, see :func:`classify`),
   condition number, minimum ratio with its standard error, escape direction; a plottable report.
 """
@@ -10,7 +12,9 @@ from .analysis import KIND_THRESHOLD, KINDS, PLOT_FLOOR, HessianReport, analyze,
 from .hvp import HessianOperator
 from .lanczos import EigshResult, eigsh
 from .operator import MatrixOperator
+from .preconditioned import PreconditionedOperator, preconditioned, stability_threshold
 from .stochastic import DensityResult, TraceResult, density, trace
 
 __all__ = ["HessianOperator", "MatrixOperator", "eigsh", "EigshResult", "trace", "TraceResult", "density",
-           "DensityResult", "analyze", "classify", "HessianReport", "KIND_THRESHOLD", "KINDS", "PLOT_FLOOR"]
+           "DensityResult", "analyze", "classify", "HessianReport", "KIND_THRESHOLD", "KINDS", "PLOT_FLOOR",
+           "preconditioned", "PreconditionedOperator", "stability_threshold"]
