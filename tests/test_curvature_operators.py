@@ -98,3 +98,25 @@ def test_fisher_needs_the_models_own_parameters(seed):
     op = EmpiricalFisherOperator(model, loss_fn, batches, params=[stranger])
     with pytest.raises(ValueError, match=r"params\[0\] is not a parameter of the model"):
         op.matvec(torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator])
+def test_a_parameter_block_by_name_is_the_dense_sub_block(cls, seed):
+    model, loss_fn, batches, _, _ = problem(seed, "cross_entropy")
+    full = dense(cls(model, loss_fn, batches))
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    starts, i = {}, 0
+    for n, k in sizes.items():
+        starts[n] = i
+        i += k
+    chosen = ["2.weight", "0.bias"]  # any order: coordinates follow it
+    index = torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in chosen])
+    block = dense(cls(model, loss_fn, batches, params=chosen))
+    torch.testing.assert_close(block, full[index][:, index], rtol=1e-10, atol=1e-12)
+
+
+def test_an_unknown_parameter_name_is_refused_before_any_product(seed):
+    model, loss_fn, batches, _, _ = problem(seed, "mse")
+    with pytest.raises(ValueError, match=r"params\[1\] is 'nope', not a parameter name of the model; its names "
+                                         r"are 0.weight, 0.bias, 2.weight, 2.bias"):
+        HessianOperator(model, loss_fn, batches, params=["0.weight", "nope"])

@@ -19,7 +19,9 @@ class HessianOperator:
             The HVP is the batch-size-weighted mean over all batches (batch size = ``len(inputs)``),
             i.e. the Hessian of the mean loss over all examples. A re-iterable (list, DataLoader) is
             needed for more than one matvec; a one-shot iterator is materialized into a list.
-        params: the parameters (default: all of ``model.parameters()`` with requires_grad).
+        params: the parameters (default: all of ``model.parameters()`` with requires_grad), as
+            tensors or as names from ``model.named_parameters()``: the operator is the
+            principal block of the Hessian for them (coordinates in the order given).
         mode: "eval" or "train": the module mode during HVPs (restored afterwards).
             "eval" (default) uses BatchNorm running statistics and no dropout: the loss is a
             deterministic function of the parameters, so the operator is fixed and symmetric, which
@@ -46,8 +48,7 @@ class HessianOperator:
             raise TypeError("loss_fn must be callable as loss_fn(output, targets)")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
-        self.params: List[torch.Tensor] = list(params) if params is not None else [
-            p for p in model.parameters() if p.requires_grad]
+        self.params: List[torch.Tensor] = self._select(model, params)
         if not self.params:
             raise ValueError("params is empty: there is no parameter to differentiate")
         p0 = self.params[0]
@@ -63,6 +64,25 @@ class HessianOperator:
         self.dtype = p0.dtype
         self.device = p0.device
         self.num_matvecs = 0
+
+    @staticmethod
+    def _select(model: torch.nn.Module, params) -> List[torch.Tensor]:
+        """The parameters of the operator: all that require grad, or those given (tensors, or
+        names as in ``model.named_parameters()``): the operator is then that principal block."""
+        if params is None:
+            return [p for p in model.parameters() if p.requires_grad]
+        if isinstance(params, (str, torch.Tensor)):
+            params = [params]
+        named = dict(model.named_parameters())
+        out = []
+        for i, p in enumerate(params):
+            if isinstance(p, str):
+                if p not in named:
+                    raise ValueError(f"params[{i}] is {p!r}, not a parameter name of the model; its names are "
+                                     f"{', '.join(named) if len(named) <= 12 else ', '.join(list(named)[:12]) + ', ...'}")
+                p = named[p]
+            out.append(p)
+        return out
 
     @staticmethod
     def _batches(data) -> list:
