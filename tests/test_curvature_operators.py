@@ -120,3 +120,25 @@ def test_an_unknown_parameter_name_is_refused_before_any_product(seed):
     with pytest.raises(ValueError, match=r"params\[1\] is 'nope', not a parameter name of the model; its names "
                                          r"are 0.weight, 0.bias, 2.weight, 2.bias"):
         HessianOperator(model, loss_fn, batches, params=["0.weight", "nope"])
+
+
+def test_batch_loss_closure_equals_the_loss_fn_form(seed):
+    """Dict batches through batch_loss(model, batch) give the Hessian of the mean of the
+    batch losses (each batch once): with equal batch sizes that of loss_fn's form."""
+    model, loss_fn, _, x, y = problem(seed, "cross_entropy")
+    pairs = [(x[:6], y[:6]), (x[6:], y[6:])]
+    dicts = [{"pixels": a, "labels": b} for a, b in pairs]
+    op = HessianOperator(model, data=dicts, batch_loss=lambda m, b: loss_fn(m(b["pixels"]), b["labels"]))
+    torch.testing.assert_close(dense(op), dense(HessianOperator(model, loss_fn, pairs)), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_batch_loss_is_refused_before_any_product(seed):
+    model, loss_fn, _, x, y = problem(seed, "mse")
+    dicts = [{"x": x, "y": y}]
+    with pytest.raises(ValueError, match=r"batch_loss\(model, batch\) must return a scalar floating-point loss; "
+                                         r"got shape \[12, 4\]"):
+        HessianOperator(model, data=dicts, batch_loss=lambda m, b: m(b["x"]))
+    with pytest.raises(TypeError, match="not both"):
+        HessianOperator(model, loss_fn, dicts, batch_loss=lambda m, b: m(b["x"]).sum())
+    with pytest.raises(TypeError, match="GGNOperator needs the model's output apart from the loss"):
+        GGNOperator(model, data=dicts, batch_loss=lambda m, b: m(b["x"]).sum())

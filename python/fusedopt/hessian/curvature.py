@@ -27,7 +27,10 @@ def _zeros_for_none(grads, params):
 
 class GGNOperator(HessianOperator):
     """The generalized Gauss-Newton matrix ``J^T H_out J`` of the mean loss, as an operator
-    (arguments and attributes of :class:`HessianOperator`; see the module docstring)."""
+    (arguments and attributes of :class:`HessianOperator`, with loss_fn and (inputs, targets)
+    batches: the output and the loss are needed apart; see the module docstring)."""
+
+    _supports_batch_loss = False
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         vs = self.unflatten(v.to(device=self.device, dtype=self.dtype))

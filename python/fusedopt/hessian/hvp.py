@@ -15,6 +15,10 @@ class HessianOperator:
     Args:
         model: a torch.nn.Module.
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar mean loss of a batch.
+        batch_loss: instead of loss_fn, for batches that are not (inputs, targets) pairs (e.g.
+            dicts for a Hugging Face style model): ``batch_loss(model, batch)`` -> scalar loss;
+            each batch then counts once in the mean (its size is unknown), and the first batch
+            is evaluated once at construction to check that a scalar comes back.
         data: one ``(inputs, targets)`` batch, or an iterable (e.g. a list or DataLoader) of them.
             The HVP is the batch-size-weighted mean over all batches (batch size = ``len(inputs)``),
             i.e. the Hessian of the mean loss over all examples. A re-iterable (list, DataLoader) is
@@ -40,12 +44,22 @@ class HessianOperator:
     ``num_matvecs`` counts HVPs.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, data, *, params: Optional[Sequence] = None,
-                 mode: str = "eval"):
+    def __init__(self, model: torch.nn.Module, loss_fn: Optional[Callable] = None, data=None, *,
+                 params: Optional[Sequence] = None, mode: str = "eval", batch_loss: Optional[Callable] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if not callable(loss_fn):
+        if batch_loss is not None:
+            if loss_fn is not None:
+                raise TypeError("give loss_fn (with (inputs, targets) batches) or batch_loss, not both")
+            if not callable(batch_loss):
+                raise TypeError("batch_loss must be callable as batch_loss(model, batch) -> scalar loss")
+            if not self._supports_batch_loss:
+                raise TypeError(f"{type(self).__name__} needs the model's output apart from the loss: give "
+                                "loss_fn(output, targets) and (inputs, targets) batches")
+        elif not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(output, targets)")
+        if data is None:
+            raise TypeError("data is required: one batch or an iterable of batches")
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
         self.params: List[torch.Tensor] = self._select(model, params)
@@ -57,13 +71,48 @@ class HessianOperator:
                 raise ValueError(f"params[{i}] must be a tensor with requires_grad=True")
             if p.dtype != p0.dtype or p.device != p0.device:
                 raise ValueError(f"params[{i}] is {p.dtype} on {p.device}; all params must be {p0.dtype} on {p0.device}")
-        self.model, self.loss_fn, self.mode = model, loss_fn, mode
-        self.batches = self._batches(data)
+        self.model, self.loss_fn, self.mode, self.batch_loss = model, loss_fn, mode, batch_loss
+        self.batches = self._closure_batches(data) if batch_loss is not None else self._batches(data)
+        if batch_loss is not None:
+            self._check_batch_loss()
         n = sum(p.numel() for p in self.params)
         self.shape = (n, n)
         self.dtype = p0.dtype
         self.device = p0.device
         self.num_matvecs = 0
+
+    _supports_batch_loss = True  # GGN and Fisher need the output apart from the loss
+
+    @staticmethod
+    def _closure_batches(data) -> list:
+        """Batches of any form for batch_loss: one dict, or an iterable of them (or of anything)."""
+        if isinstance(data, dict):
+            return [data]
+        try:
+            batches = list(data)
+        except TypeError:
+            raise TypeError("data must be a batch (a dict) or an iterable of batches") from None
+        if not batches:
+            raise ValueError("data has no batches")
+        return batches
+
+    def _check_batch_loss(self) -> None:
+        """batch_loss must give a one-element floating-point tensor: checked on the first batch
+        (a forward pass, no Hessian product) so that a wrong one fails here, not inside eigsh."""
+        with torch.no_grad():
+            loss = self._run(lambda: self.batch_loss(self.model, self.batches[0]))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            got = f"shape {list(loss.shape)}, dtype {loss.dtype}" if isinstance(loss, torch.Tensor) else \
+                type(loss).__name__
+            raise ValueError(f"batch_loss(model, batch) must return a scalar floating-point loss; got {got}")
+
+    def _loss_and_weight(self, batch):
+        """A batch's mean loss and its weight: its size for (inputs, targets) batches, 1 for
+        batch_loss batches (their sizes are unknown: each batch counts once)."""
+        if self.batch_loss is not None:
+            return self.batch_loss(self.model, batch).reshape(()), 1.0
+        inputs, targets = batch
+        return self.loss_fn(self.model(inputs), targets), float(len(inputs))
 
     @staticmethod
     def _select(model: torch.nn.Module, params) -> List[torch.Tensor]:
@@ -145,9 +194,8 @@ class HessianOperator:
         loss itself appended as one more element when ``with_loss``."""
         total = torch.zeros(self.shape[0] + int(with_loss), dtype=self.dtype, device=self.device)
         weight = 0.0
-        for inputs, targets in self.batches:
-            bs = float(len(inputs))
-            loss = self.loss_fn(self.model(inputs), targets)
+        for batch in self.batches:
+            loss, bs = self._loss_and_weight(batch)
             parts = [(t if t is not None else torch.zeros_like(p)).reshape(-1)
                      for t, p in zip(per_batch(loss), self.params)]
             if with_loss:
