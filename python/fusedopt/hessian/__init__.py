@@ -16,8 +16,9 @@ from .lanczos import EigshResult, eigsh
 from .operator import MatrixOperator
 from .preconditioned import PreconditionedOperator, preconditioned, stability_threshold
 from .stochastic import DensityResult, TraceResult, density, trace
+from .tracking import SharpnessRecord, SharpnessTracker
 
 __all__ = ["HessianOperator", "MatrixOperator", "eigsh", "EigshResult", "trace", "TraceResult", "density",
            "DensityResult", "analyze", "classify", "HessianReport", "KIND_THRESHOLD", "KINDS", "PLOT_FLOOR",
            "preconditioned", "PreconditionedOperator", "stability_threshold", "GGNOperator",
-           "EmpiricalFisherOperator"]
+           "EmpiricalFisherOperator", "SharpnessTracker", "SharpnessRecord"]
