@@ -43,30 +43,61 @@ def _mean_and_stderr(samples) -> tuple:
 
 @dataclass
 class TraceResult:
-    """Hutchinson estimate: ``estimate`` = mean of z^T A z, ``stderr`` its standard error."""
+    """A trace estimate (:func:`trace`): ``estimate``, ``stderr`` its standard error (of the
+    Hutchinson part for hutch++), ``num_matvecs`` the operator products used."""
     estimate: float
     stderr: float
     num_matvecs: int
 
 
-def trace(op, num_probes: int = 64, seed: Optional[int] = 0) -> TraceResult:
-    """Hutchinson's trace estimate with Rademacher probes z (entries +-1): E[z^T A z] = tr(A).
+def trace(op, num_probes: int = 64, seed: Optional[int] = 0, method: str = "hutchinson") -> TraceResult:
+    """Stochastic trace estimate of a symmetric operator, ``num_probes`` operator products.
 
-    ``stderr`` is the sample standard deviation over the probes divided by sqrt(num_probes).
+    - ``"hutchinson"`` (default): the mean of z^T A z over Rademacher probes z (entries +-1),
+      E[z^T A z] = tr(A); ``stderr`` is the probes' standard deviation over sqrt(num_probes).
+    - ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021): a third of the products sketch the
+      top of the spectrum (Q = orth(A S)), a third take tr(Q^T A Q) exactly, the rest run
+      Hutchinson on the part of A orthogonal to Q. Much more accurate where a few large
+      eigenvalues carry the trace (as in a network's Hessian): at the same number of products
+      the error falls like 1/m instead of 1/sqrt(m); exact when A's rank is at most m/3.
+      ``stderr`` is that of the Hutchinson part. Keeps m/3 vectors of n elements.
+
     Every rank of a distributed run must use the same ``seed``.
     """
     op = as_operator(op)
-    _check_count("num_probes", num_probes, 2)
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++'; got {method!r}")
+    _check_count("num_probes", num_probes, 2 if method == "hutchinson" else 4)
     _check_seed(seed)
     n, dtype, g = op.shape[0], basis_dtype(op.dtype), _generator(seed)
-    samples = []
-    for _ in range(num_probes):
-        z = _rademacher(n, dtype, op.device, g)
-        samples.append(torch.dot(z, apply(op, z)).to(torch.float64))
-    s = torch.stack(samples).cpu().numpy()
-    if not np.isfinite(s).all():
+    if method == "hutchinson":
+        # a generator: one probe in memory at a time
+        s = _quadratic_forms(op, (_rademacher(n, dtype, op.device, g) for _ in range(num_probes)))
+        return TraceResult(*_mean_and_stderr(s), num_probes)
+    sketch = num_probes // 3
+    Y = torch.stack([apply(op, _rademacher(n, dtype, op.device, g)) for _ in range(sketch)], dim=1)
+    _check_finite(Y)
+    Q = torch.linalg.qr(Y.to(torch.float64)).Q.to(dtype)  # n x sketch
+    top = float(_quadratic_forms(op, list(Q.T)).sum())
+    def deflated():  # probes with Q's directions removed, one at a time
+        for _ in range(num_probes - 2 * sketch):
+            z = _rademacher(n, dtype, op.device, g)
+            yield z - Q @ (Q.T @ z)
+    mean, stderr = _mean_and_stderr(_quadratic_forms(op, deflated()))
+    return TraceResult(top + mean, stderr, num_probes)
+
+
+def _quadratic_forms(op, vectors) -> np.ndarray:
+    """[v^T A v for v in vectors], fp64 on the host, checked finite."""
+    out = torch.stack([torch.dot(v, apply(op, v)).to(torch.float64) for v in vectors]).cpu().numpy()
+    if not np.isfinite(out).all():
         raise FloatingPointError("op.matvec returned a non-finite vector during trace estimation")
-    return TraceResult(*_mean_and_stderr(s), num_probes)
+    return out
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError("op.matvec returned a non-finite vector during trace estimation")
 
 
 def lanczos_tridiagonal(op, v: torch.Tensor, steps: int):
