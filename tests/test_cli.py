@@ -45,8 +45,13 @@ def test_spectrum_prints_training_loss_next_to_each_report(capsys, tmp_path, see
 
     data_seed, steps = seed % 1000, 3
     assert main(["spectrum", "--steps", str(steps), "--k", "1", "--seed", str(data_seed),
-                 "--plot-prefix", str(tmp_path / "sp")]) == 0
+                 "--plot-prefix", str(tmp_path / "sp"), "--track-every", str(steps)]) == 0
     out = capsys.readouterr().out
+    # --track-every: one tracked step, plain and preconditioned, with Adam's threshold at lr 1e-2
+    row = re.search(rf"^ +{steps} +(\S+) +(\S+) +(\S+) +(\d+)$", out, re.M)
+    assert row is not None and "sharpness during training" in out, out
+    assert float(row.group(1)) > 0 and float(row.group(2)) > 0
+    assert float(row.group(3)) == pytest.approx((2 + 2 * 0.9) / (0.1 * 1e-2), rel=1e-4)
     # The training loss the command should report, computed here the same way it trains.
     model, X, y = synthetic_problem(data_seed)
     loss_fn = torch.nn.functional.cross_entropy

@@ -48,9 +48,14 @@ def spectrum_main(argv=None) -> int:
     ap.add_argument("--k", type=integer_at_least(1), default=5, help="eigenvalues from each end (>= 1)")
     ap.add_argument("--seed", type=integer_at_least(0), default=0)
     ap.add_argument("--plot-prefix", default="spectrum", help="plots go to PREFIX_init.png and PREFIX_final.png")
+    ap.add_argument("--track-every", type=integer_at_least(0), default=0, metavar="N",
+                    help="every N training steps, estimate the top Hessian eigenvalue and that of Adam's "
+                         "preconditioned Hessian P^-1 H (warm-started), next to Adam's stability threshold; "
+                         "the table and PREFIX_sharpness.png at the end (default 0: off)")
     args = ap.parse_args(argv)
     from .. import Adam
     from .analysis import analyze
+    from .tracking import SharpnessTracker
 
     model, X, y = synthetic_problem(args.seed)
     loss_fn = torch.nn.functional.cross_entropy
@@ -60,15 +65,24 @@ def spectrum_main(argv=None) -> int:
     steps = {"init": 0, "final": args.steps}
     reports = {"init": analyze(model, loss_fn, (X, y), k=args.k, seed=args.seed)}
     opt = Adam(model.parameters(), lr=args.lr)
+    trackers = {}
+    if args.track_every:
+        trackers = {kind: SharpnessTracker(model, loss_fn, (X, y), optimizer=opt, preconditioned=kind == "P^-1 H",
+                                           seed=args.seed) for kind in ("H", "P^-1 H")}
     bar = _progress(args.steps, "training")
-    for _ in range(args.steps):
+    for step in range(1, args.steps + 1):
         opt.zero_grad()
         loss = loss_fn(model(X), y)
         loss.backward()
         opt.step()
         bar.update(1)
         bar.set_postfix_str(f"loss {loss.item():.4f}")
+        if args.track_every and step % args.track_every == 0:
+            for tracker in trackers.values():
+                tracker.update(step)
     bar.close()
+    if trackers:
+        _print_sharpness(trackers, f"{args.plot_prefix}_sharpness.png")
     reports["final"] = analyze(model, loss_fn, (X, y), k=args.k, seed=args.seed)
     for name, rep in reports.items():
         print(f"\n== {name}: step {steps[name]}, training loss {rep.loss:.6g} ==\n{rep}")
@@ -79,3 +93,18 @@ def spectrum_main(argv=None) -> int:
         except ImportError as e:
             print(f"  plot skipped: {e}")
     return 0
+
+
+def _print_sharpness(trackers, path: str) -> None:
+    plain, pre = trackers["H"].history, trackers["P^-1 H"].history
+    print("\nsharpness during training (top eigenvalue; Adam's threshold (2 + 2 beta1) / ((1 - beta1) lr) "
+          "applies to P^-1 H):")
+    print(f"{'step':>6} {'lambda_max(H)':>14} {'lambda_max(P^-1 H)':>19} {'threshold':>10} {'HVPs':>5}")
+    for a, b in zip(plain, pre):
+        print(f"{a.step:>6} {a.sharpness[0]:>14.5g} {b.sharpness[0]:>19.5g} {b.threshold:>10.5g} "
+              f"{a.num_hvps + b.num_hvps:>5}")
+    try:
+        trackers["P^-1 H"].plot(path)
+        print(f"  plot: {path}")
+    except ImportError as e:
+        print(f"  plot skipped: {e}")
