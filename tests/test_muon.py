@@ -12,30 +12,10 @@ from fusedopt._kernels import muon as kmuon
 from fusedopt._kernels import Column, Labels, STATE, prepare
 from fusedopt.functional._step import device_scalars
 from optim_registry import snapshot
+from reference_optim import muon_matrix_step
 
 COEFFS = (3.4445, -4.775, 2.0315)
 SHAPES = [(24, 40), (40, 24), (17, 17), (13, 29), (31, 7), (1, 19), (19, 1)]
-
-
-def ref_muon_step(p, g, buf, *, lr, weight_decay, momentum, nesterov, ns_coefficients=COEFFS, ns_steps=5,
-                  eps=1e-7, adjust_lr_fn=None):
-    """torch.optim.Muon's step in fp64, written per matrix from its formulas (the
-    Newton-Schulz matrix is p.view(p.shape[0], -1)). Returns (new p, new buf)."""
-    g, buf, p = g.double(), buf.double(), p.double()
-    buf = buf + (1 - momentum) * (g - buf)
-    u = g + momentum * (buf - g) if nesterov else buf
-    x = u.reshape(u.shape[0], -1)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    x = x / max(float(torch.linalg.norm(x)), eps)
-    a, b, c = ns_coefficients
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    x = (x.T if tall else x).reshape(p.shape)
-    A, B = p.shape[0], p.numel() // p.shape[0]
-    ratio = 0.2 * math.sqrt(max(A, B)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, A / B))
-    return p * (1 - lr * weight_decay) - lr * ratio * x, buf
 
 
 def params_like(shapes, dtype=torch.float32, memory_format=None):
@@ -146,7 +126,7 @@ def test_fp32_and_fp64_newton_schulz_match_fp64_reference(ns_dtype, dtype, tol, 
             p.grad = torch.randn_like(p)
         opt.step()
         for p, (p0, b0) in zip(params, olds):
-            want_p, want_b = ref_muon_step(p0, p.grad, b0, **hyper)
+            want_p, want_b = muon_matrix_step(p0, p.grad, b0, **hyper)
             scale = float((want_p - p0.double()).abs().max())
             torch.testing.assert_close(p.detach().double() - p0.double(), want_p - p0.double(), rtol=tol,
                                        atol=tol * scale, msg=lambda m: f"step {step} {list(p.shape)}: {m}")

@@ -78,7 +78,7 @@ class SharpnessTracker:
         values = result.eigenvalues.flip(0)
         self._start = result.eigenvectors[:, -1].detach().clone()
         self._steps = self._steps + 1 if step is None else step
-        record = SharpnessRecord(step=self._steps if step is None else step, sharpness=[float(v) for v in values],
+        record = SharpnessRecord(step=self._steps, sharpness=[float(v) for v in values],
                                  threshold=self.threshold(), num_hvps=self.op.num_matvecs - before,
                                  seconds=seconds, converged=bool(result.converged.all()))
         self.history.append(record)
