@@ -10,6 +10,7 @@
 #include "../ops/lars.h"
 #include "../ops/muon.h"
 #include "../ops/norms.h"
+#include "../ops/quant8.h"
 #include "../ops/sgd.h"
 #include "bind_util.h"
 
@@ -43,12 +44,13 @@ void register_layout(py::module_& m) {
   py::dict kernels;
   kernels["sgd"] = kernel(
       {{"param", kSgdParam}, {"grad", kSgdGrad}, {"momentum_buffer", kSgdMomentumBuffer}, {"master", kSgdMaster},
-       {"buffer_age", kSgdBufferAge}},
+       {"buffer_age", kSgdBufferAge}, {"absmax", kSgdAbsmax}},
       {{"nesterov", kSgdNesterov}, {"maximize", kSgdMaximize}},
       {"momentum", "dampening", "weight_decay"});
   kernels["adam"] = kernel(
       {{"param", kAdamParam}, {"grad", kAdamGrad}, {"exp_avg", kAdamExpAvg}, {"exp_avg_sq", kAdamExpAvgSq},
-       {"max_exp_avg_sq", kAdamMaxExpAvgSq}, {"step", kAdamStep}, {"master", kAdamMaster}},
+       {"max_exp_avg_sq", kAdamMaxExpAvgSq}, {"step", kAdamStep}, {"master", kAdamMaster},
+       {"absmax", kAdamAbsmax}},
       {{"amsgrad", kAdamAmsgrad}, {"maximize", kAdamMaximize}, {"decoupled", kAdamDecoupled},
        {"eps_inside_sqrt", kAdamEpsInsideSqrt}},
       {"beta1", "beta2", "eps", "weight_decay"});
@@ -79,8 +81,9 @@ void register_layout(py::module_& m) {
   layout["flags_column"] = static_cast<int64_t>(offsetof(TensorRow, flags) / sizeof(int64_t));
   layout["row_flags"] = named({{"first_step", kRowFirstStep}, {"aligned16", kRowAligned16}});
   layout["dtype_codes"] = named({{"float32", kFloat32}, {"float16", kFloat16}, {"bfloat16", kBFloat16},
-                                 {"float64", kFloat64}});
+                                 {"float64", kFloat64}, {"int8", kInt8}});
   layout["kernels"] = kernels;
+  layout["quant_block"] = static_cast<int64_t>(kQuantBlock);
   m.attr("LAYOUT") = layout;
 }
 

@@ -7,6 +7,7 @@
 #include "multi_tensor_cpu.h"
 #include "optim_cpu.h"
 #include "optim_loops.h"
+#include "quant8_loops.h"
 
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
@@ -34,6 +35,7 @@ void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s
 
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
   if (step_is_skipped(call)) return;
+  if (call.state_dtype == kInt8) return multi_tensor_adam_q8(call, h);
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
@@ -59,8 +61,10 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
 
 void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
   if (step_is_skipped(call)) return;
+  // Without momentum there is no buffer: an 8-bit call is a plain one.
+  if (call.state_dtype == kInt8 && h.momentum != 0.0) return multi_tensor_sgd_q8(call, h);
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
-  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+  dispatch_param_state(call.param_dtype, call.state_dtype == kInt8 ? kFloat32 : call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;

@@ -9,8 +9,10 @@
 namespace fusedopt {
 
 // Columns of a TensorRow for Adam.
+// kAdamAbsmax (8-bit state only, ops/quant8.h): fp32 [k, blocks] block scales of
+// exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq, in that order.
 enum AdamColumn { kAdamParam = 0, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq,
-                  kAdamStep, kAdamMaster };
+                  kAdamStep, kAdamMaster, kAdamAbsmax };
 
 enum AdamFlag : int {
   kAdamAmsgrad = 1, kAdamMaximize = 2, kAdamDecoupled = 4, kAdamEpsInsideSqrt = 8,

@@ -14,7 +14,8 @@
 namespace fusedopt {
 
 // Exported by name in _C.LAYOUT (bindings/bind_layout.cpp); Python reads them from there.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// kInt8: 8-bit blockwise states (ops/quant8.h), never a param dtype.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt8 = 4 };
 
 // Storage types for 16-bit floats: plain bit patterns, so the same struct works
 // on host and device and the conversions below are the only place that knows

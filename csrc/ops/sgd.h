@@ -6,8 +6,9 @@
 
 namespace fusedopt {
 
-// kSgdBufferAge (optional): see momentum_first_step.
-enum SgdColumn { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer, kSgdMaster, kSgdBufferAge };
+// kSgdBufferAge (optional): see momentum_first_step. kSgdAbsmax (8-bit state only,
+// ops/quant8.h): fp32 [1, blocks] block scales of the momentum buffer.
+enum SgdColumn { kSgdParam = 0, kSgdGrad, kSgdMomentumBuffer, kSgdMaster, kSgdBufferAge, kSgdAbsmax };
 enum SgdFlag : int { kSgdNesterov = 1, kSgdMaximize = 2 };
 
 // Where SGD and LARS rows keep the tensors of the momentum loop they share

@@ -7,6 +7,7 @@ from . import _C
 from . import lr
 from . import functional
 from .optim import LAMB, LARS, SGD, Adam, AdamW, Muon, muon_param_groups
+from .optim.state import dequantized_state_dict
 from ._kernels import fast_checks as _fast_checks
 
 
@@ -40,4 +41,4 @@ def get_num_threads() -> int:
     return int(_C.num_threads())
 
 
-__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "Muon", "muon_param_groups", "functional", "lr", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]
+__all__ = ["SGD", "Adam", "AdamW", "LARS", "LAMB", "Muon", "muon_param_groups", "dequantized_state_dict", "functional", "lr", "build_info", "cuda_available", "set_num_threads", "get_num_threads"]

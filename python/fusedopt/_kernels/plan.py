@@ -22,6 +22,7 @@ from . import fast_checks
 from .checks import check_like, check_param, check_step_tensor
 from .layout import KernelLayout
 from .norms import attach_norm_slots
+from .quant8 import absmax_shape, check_absmax
 from .rows import RowTable
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -30,6 +31,10 @@ STATE, STEP, MASTER = "state", "step", "master"
 # ages, csrc/ops/sgd.h momentum_first_step): made, zero, wherever the create
 # column's entry is made; None elsewhere (no counter: the row's flag decides).
 AGE = "age"
+# The block scales of a param's 8-bit states (quant8.py): float32 [k, blocks],
+# k the call's STATE columns; made, zero, wherever the create column's entry is.
+ABSMAX = "absmax"
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 class Column(NamedTuple):
@@ -37,7 +42,7 @@ class Column(NamedTuple):
     argument's name (for messages), what it holds and its tensors (one per param)."""
     name: str
     arg: str
-    kind: str  # STATE (like the param, in the state dtype), STEP (fp32 counter), AGE or MASTER (fp32 copy)
+    kind: str  # STATE (like the param, in the state dtype), STEP (fp32 counter), AGE, ABSMAX or MASTER (fp32 copy)
     tensors: Sequence[Optional[torch.Tensor]]
 
 
@@ -197,20 +202,26 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
         check_param(lp, labels.param(i))
         by_key.setdefault((lp.device, lp.dtype), []).append(i)
     batches, created = [], []
+    n_quant = sum(col.kind == STATE for col in columns)
     for index in by_key.values():
         local = [local_tensor(params[i]) for i in index]
         sdtype = _batch_state_dtype(local[0], index, columns, labels, state_dtype)
+        _check_quantized_batch(params, index, columns, labels, sdtype)
         table = RowTable(layout, local, [labels.param(i) for i in index])
         written = [local]
         first = [False] * len(index)
         for c, col in enumerate(columns):
             col_tensors = []
             for k, i in enumerate(index):
-                t = _checked_entry(col, i, local[k], sdtype, labels, create)
-                if col.kind == AGE and first[k]:  # the create column (before this one) made this row's state
-                    made = torch.zeros((), dtype=torch.float32, device=local[k].device)
+                t = _checked_entry(col, i, local[k], sdtype, labels, create, n_quant)
+                if col.kind in (AGE, ABSMAX) and first[k]:  # the create column (before this one) made this row's state
+                    shape = () if col.kind == AGE else absmax_shape(local[k], n_quant)
+                    made = torch.zeros(shape, dtype=torch.float32, device=local[k].device)
                     created.append((c, i, made))
                     t = made
+                elif t is None and col.kind == ABSMAX and sdtype is torch.int8:
+                    raise ValueError(f"{labels.column(col, i)} is None; the 8-bit state of {labels.param(i)} "
+                                     "needs its block scales")
                 elif t is None and col.name == create:
                     # like the source, so DTensor params get DTensor state, as in torch.optim
                     made = torch.zeros_like(params[i], dtype=sdtype, memory_format=torch.preserve_format)
@@ -232,11 +243,35 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
     return batches, created
 
 
+def _check_quantized_batch(params, index, columns, labels: Labels, sdtype: torch.dtype) -> None:
+    """8-bit state comes with its block scales (an ABSMAX column), other state without."""
+    absmax = next((col for col in columns if col.kind == ABSMAX), None)
+    has_state = any(col.kind == STATE for col in columns)
+    if sdtype is torch.int8 and has_state:
+        if absmax is None:
+            raise ValueError(f"8-bit state (int8 codes) of {labels.param(index[0])} needs its block scales: "
+                             "pass the absmax list (fusedopt.functional docs, 'state_dtype')")
+        dt = next((i for i in index if is_dtensor(params[i])), None)
+        if dt is not None:
+            raise NotImplementedError(f"{labels.param(dt)} is a DTensor (FSDP2): 8-bit optimizer state is not "
+                                      "supported for sharded params yet; use state_dtype=torch.bfloat16")
+    elif absmax is not None:
+        i = next((i for i in index if absmax.tensors[i] is not None), None)
+        if i is not None:
+            raise ValueError(f"{labels.column(absmax, i)} is given, but the state of {labels.param(i)} is "
+                             f"{sdtype}; block scales go with 8-bit (torch.int8) state only")
+
+
 def _batch_state_dtype(p: torch.Tensor, index, columns, labels: Labels, want: Optional[torch.dtype]) -> torch.dtype:
-    """fp64 params keep fp64 state; other params fp32 (default) or bf16 state."""
+    """fp64 params keep fp64 state; other params fp32 (default), bf16 or 8-bit state."""
     if p.dtype is torch.float64:
+        if want is torch.int8:
+            raise TypeError(f"{labels.param(index[0])} is float64: 8-bit state (state_dtype=torch.int8) is for "
+                            "float32, float16 and bfloat16 params; fp64 params keep fp64 state")
         return torch.float64
     if want is not None:
+        if want not in _STATE_DTYPES:
+            raise TypeError(f"state_dtype is {want}; expected one of {', '.join(map(str, _STATE_DTYPES))}")
         return want
     for col in columns:
         if col.kind == STATE:
@@ -244,22 +279,26 @@ def _batch_state_dtype(p: torch.Tensor, index, columns, labels: Labels, want: Op
                 t = col.tensors[i]
                 if t is not None:
                     t = local_tensor(t)
-                    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.bfloat16):
+                    if not isinstance(t, torch.Tensor) or t.dtype not in _STATE_DTYPES:
                         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                        raise TypeError(f"{labels.column(col, i)} has dtype {got}; expected torch.float32 or "
-                                        f"torch.bfloat16 state for {p.dtype} params")
+                        raise TypeError(f"{labels.column(col, i)} has dtype {got}; expected torch.float32, "
+                                        f"torch.bfloat16 or torch.int8 (8-bit) state for {p.dtype} params")
                     return t.dtype
     return torch.float32
 
 
 def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, labels: Labels,
-                   create: Optional[str]):
+                   create: Optional[str], n_quant: int):
     """The local tensor of one list entry after its checks (None where allowed)."""
     t = col.tensors[i]
     what = labels.column(col, i)
+    if col.kind == ABSMAX and sdtype is not torch.int8:
+        return None  # checked by _check_quantized_batch: all None
     if t is None:
         if col.name == create or col.kind == AGE:
             return None
+        if col.kind == ABSMAX and create is not None:
+            return None  # made with the create column's state, or an error there
         if col.kind == MASTER:
             if p.dtype in _SIXTEEN_BIT:
                 raise ValueError(f"{what} is None; a call with master weights needs one for every "
@@ -269,6 +308,8 @@ def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, la
     t = local_tensor(t)
     if col.kind in (STEP, AGE):
         check_step_tensor(t, p, what)
+    elif col.kind == ABSMAX:
+        check_absmax(t, p, n_quant, what)
     elif col.kind == MASTER:
         if p.dtype not in _SIXTEEN_BIT:
             raise ValueError(f"{what}: master weights are for float16/bfloat16 params; this param is {p.dtype}")

@@ -13,7 +13,8 @@ from typing import List, Optional
 import torch
 
 from .. import _hyper
-from .._kernels import AGE, MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise, prepare
+from .._kernels import (ABSMAX, AGE, MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise,
+                        prepare)
 from ._step import compiling, device_scalars, finish
 
 _SGD = kernel_layout("sgd")
@@ -24,15 +25,20 @@ def _master_column(master_params) -> List[Column]:
     return [] if master_params is None else [Column("master", "master_params", MASTER, master_params)]
 
 
-def momentum_columns(momentum: float, buffers, ages) -> List[Column]:
-    """SGD's and LARS's momentum state: the buffers, and their age counters when
-    the caller keeps them (``momentum_buffer_ages``)."""
+def absmax_columns(absmaxes, arg: str) -> List[Column]:
+    """The block scales of 8-bit states (``state_dtype=torch.int8``), when given."""
+    return [] if absmaxes is None else [Column("absmax", arg, ABSMAX, absmaxes)]
+
+
+def momentum_columns(momentum: float, buffers, ages, absmaxes=None) -> List[Column]:
+    """SGD's and LARS's momentum state: the buffers, their age counters when the
+    caller keeps them (``momentum_buffer_ages``), and the block scales of 8-bit buffers."""
     if momentum == 0:
         return []
     columns = [Column("momentum_buffer", "momentum_buffer_list", STATE, buffers)]
     if ages is not None:
         columns.append(Column("buffer_age", "momentum_buffer_ages", AGE, ages))
-    return columns
+    return columns + absmax_columns(absmaxes, "momentum_buffer_absmaxes")
 
 
 def _run_elementwise(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int):
@@ -50,6 +56,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         weight_decay: float, momentum: float, lr, dampening: float, nesterov: bool, maximize: bool,
         master_params: Optional[List[Optional[torch.Tensor]]] = None, state_dtype: Optional[torch.dtype] = None,
         momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
+        momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
     r"""SGD with momentum over lists of tensors: ``torch.optim.sgd.sgd``'s arguments and numbers.
 
@@ -64,8 +71,12 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
     fusedopt keywords:
         master_params: fp32 master copies of float16/bfloat16 params (None: none);
             the kernel updates the master and writes the param rounded from it.
-        state_dtype: dtype of buffers created for None entries: float32 (default)
-            or bfloat16 (fp64 params: float64). Existing buffers must have it.
+        state_dtype: dtype of buffers created for None entries: float32 (default),
+            bfloat16 or int8 (8-bit blockwise buffers; fp64 params: float64).
+            Existing buffers must have it.
+        momentum_buffer_absmaxes: with ``state_dtype=torch.int8``: the block scales
+            of each buffer (float32 ``[1, ceil(numel / 256)]``, see README "8-bit
+            states"); None entries get new ones with the new buffers.
         momentum_buffer_ages: one-element float32 counters, one per buffer (None
             where there is none yet), kept by the caller: the steps that wrote
             each buffer. A buffer made by this call gets a new counter (put into
@@ -87,11 +98,13 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         from .. import _ops
         return _ops.compiled_step("sgd", params, d_p_list, dict(momentum_buffer_list=momentum_buffer_list,
                                                                 momentum_buffer_ages=momentum_buffer_ages,
+                                                                momentum_buffer_absmaxes=momentum_buffer_absmaxes,
                                                                 master_params=master_params),
                                   dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                                        nesterov=bool(nesterov), maximize=bool(maximize), state_dtype=state_dtype),
                                   lr, grad_scale, found_inf)
-    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages) + _master_column(master_params)
+    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages, momentum_buffer_absmaxes) \
+        + _master_column(master_params)
     plan = prepare(_SGD, params, d_p_list, columns, labels=Labels(_names), state_dtype=state_dtype,
                    create="momentum_buffer", plan=plan)
     flags = _SGD.flags(nesterov=bool(nesterov), maximize=bool(maximize))
@@ -106,8 +119,8 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          found_inf: Optional[torch.Tensor] = None, has_complex: bool = False, decoupled_weight_decay: bool = False,
          *, amsgrad: bool, beta1, beta2, lr, weight_decay: float, eps: float, maximize: bool,
          eps_inside_sqrt: bool = False, master_params: Optional[List[Optional[torch.Tensor]]] = None,
-         state_dtype: Optional[torch.dtype] = None, plan: Optional[StepPlan] = None, launch: bool = True,
-         _names=None):
+         state_dtype: Optional[torch.dtype] = None, absmaxes: Optional[List[torch.Tensor]] = None,
+         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
     r"""Adam over lists of tensors: ``torch.optim.adam.adam``'s arguments and numbers.
 
     At step t (each ``state_steps`` entry, a one-element float32 tensor on its
@@ -124,7 +137,12 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
         eps_inside_sqrt: the denominator :math:`\sqrt{\hat v/(1-\beta_2^t) + \epsilon}`.
         master_params: fp32 master copies of float16/bfloat16 params (None: none).
         state_dtype: the dtype the moments must have (None: that of ``exp_avgs[0]``,
-            float32 or bfloat16; fp64 params keep float64).
+            float32, bfloat16 or int8; fp64 params keep float64). int8: 8-bit
+            blockwise moments (README "8-bit states"): the moment lists hold int8
+            codes like the params and ``absmaxes`` their block scales.
+        absmaxes: with int8 state, one float32 ``[k, ceil(numel / 256)]`` tensor per
+            param: row 0 the block absmax of exp_avg, row 1 of exp_avg_sq, row 2
+            (amsgrad) of max_exp_avg_sq.
         plan, launch: as in :func:`sgd`.
 
     ``beta1``/``beta2`` may be floats or one-element CPU tensors; ``lr`` a float or
@@ -141,7 +159,8 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     if compiling():
         from .. import _ops
         lists = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
-                     max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None, master_params=master_params)
+                     max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None, master_params=master_params,
+                     absmaxes=absmaxes)
         return _ops.compiled_step("adam", params, grads, lists,
                                   dict(amsgrad=bool(amsgrad), beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                                        eps=eps, maximize=bool(maximize), eps_inside_sqrt=bool(eps_inside_sqrt),
@@ -152,7 +171,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     if amsgrad:
         columns.append(Column("max_exp_avg_sq", "max_exp_avg_sqs", STATE, max_exp_avg_sqs))
     columns.append(Column("step", "state_steps", STEP, state_steps))
-    columns += _master_column(master_params)
+    columns += _master_column(master_params) + absmax_columns(absmaxes, "absmaxes")
     plan = prepare(_ADAM, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype, plan=plan)
     flags = _ADAM.flags(amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled=bool(decoupled_weight_decay),
                         eps_inside_sqrt=bool(eps_inside_sqrt))

@@ -74,6 +74,7 @@ class Adam(FusedOptimizer):
 
     _functional = functional.adam
     _decoupled_default = False
+    _quantized_states = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -89,18 +90,27 @@ class Adam(FusedOptimizer):
     def _check_hyperparameters(self, group, where):
         check_adam_group(group, where)
 
+    def _moment_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
     def _required_state_keys(self, group):
-        keys = ("step", "exp_avg", "exp_avg_sq")
-        return keys + ("max_exp_avg_sq",) if group["amsgrad"] else keys
+        return ("step",) + self._moment_keys(group) + (("absmax",) if self._quantized(group) else ())
 
     def _new_state(self, group, p):
-        return new_moments(p, self._state_dtype(group, p), self._required_state_keys(group)[1:])
+        dtype = self._state_dtype(group, p)
+        if dtype is torch.int8:
+            st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+            st.update(self._new_quantized(p, self._moment_keys(group)))
+            return st
+        return new_moments(p, dtype, self._moment_keys(group))
 
     def _state_lists(self, group, states):
         lists = {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
                  "state_steps": [st["step"] for st in states], "max_exp_avg_sqs": []}
         if group["amsgrad"]:
             lists["max_exp_avg_sqs"] = [st["max_exp_avg_sq"] for st in states]
+        if self._quantized(group):
+            lists["absmaxes"] = [st.get("absmax") for st in states]
         return lists
 
     def _functional_kwargs(self, group):

@@ -63,6 +63,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _functional: Callable = None
     _supports_master = True
     _supports_bf16_state = True
+    # 8-bit blockwise states (state_dtype=torch.int8): (state key, signed code) of each
+    # quantized state, in the order of the rows of state['absmax'] (README "8-bit states").
+    _quantized_states: Tuple[Tuple[str, bool], ...] = ()
     # Norm-scaled steps (LARS, LAMB) all-reduce norms between two kernel calls
     # for FSDP2 params: under torch.compile such a step runs eagerly.
     _eager_for_dtensors_when_compiled = False
@@ -117,6 +120,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             return torch.float64
         return group.get("state_dtype") or torch.float32
 
+    def _quantized(self, group: dict) -> bool:
+        """Whether the group keeps 8-bit blockwise states."""
+        return group.get("state_dtype") is torch.int8
+
+    def _quantized_keys(self, group: dict, keys: Sequence[str]) -> Tuple[str, ...]:
+        """Of a param's state ``keys``, those quantized, in absmax-row order."""
+        return tuple(k for k, _ in self._quantized_states if k in keys)
+
+    def _new_quantized(self, p: torch.Tensor, keys: Sequence[str]) -> dict:
+        """Zero 8-bit states ``keys`` of p (int8 codes like p) and their block scales."""
+        from .._kernels.quant8 import absmax_shape
+        st = {k: torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format) for k in keys}
+        st["absmax"] = torch.zeros(absmax_shape(p, len(keys)), dtype=torch.float32, device=p.device)
+        return st
+
     def _uses_master(self, group: dict, p: torch.Tensor) -> bool:
         """An fp32 master copy is kept for 16-bit params when master_weights is on."""
         return bool(group.get("master_weights")) and p.dtype in _SIXTEEN_BIT
@@ -131,6 +149,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} does not support master_weights")
         sd = group.get("state_dtype")
         allowed = (torch.float32, torch.bfloat16) if self._supports_bf16_state else (torch.float32,)
+        if self._quantized_states:
+            allowed += (torch.int8,)
         if sd is not None and sd not in allowed:
             raise ValueError(f"{where}['state_dtype'] is {sd!r}; expected None or one of "
                              f"{', '.join(map(str, allowed))}")

@@ -35,6 +35,8 @@ class MomentumState:
         lists = {"momentum_buffer_list": buffers}
         if group["momentum"] != 0:
             lists["momentum_buffer_ages"] = [None if b is None else self._buffer_age(b) for b in buffers]
+            if self._quantized(group):
+                lists["momentum_buffer_absmaxes"] = [st.get("absmax") for st in states]
         return lists
 
     def _after_launch(self, group, entry, created):
@@ -121,6 +123,7 @@ class SGD(MomentumState, FusedOptimizer):
     """
 
     _functional = functional.sgd
+    _quantized_states = (("momentum_buffer", True),)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, master_weights=False,
@@ -142,10 +145,14 @@ def store_momentum_buffers(opt: FusedOptimizer, entry, created) -> None:
     """Momentum buffers made by a first step (the functional entry put them in the
     list) become state, as torch.optim.SGD stores them."""
     buffers = entry.lists["momentum_buffer_list"]
+    absmaxes = entry.lists.get("momentum_buffer_absmaxes")
     for i in created:
         p, buf = entry.params[i], buffers[i]
+        new = {"momentum_buffer": buf}
+        if absmaxes is not None:  # 8-bit buffers: their block scales were made with them
+            new["absmax"] = absmaxes[i]
         st = opt.state.get(p)
         if st is None:
-            opt.state[p] = TrackedState(opt._epoch, {"momentum_buffer": buf})
+            opt.state[p] = TrackedState(opt._epoch, new)
         else:
-            st["momentum_buffer"] = buf
+            st.update(new)

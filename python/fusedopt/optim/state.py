@@ -119,13 +119,75 @@ def _like_param(value: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
 
 
+def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
+    """The fp32 values of the 8-bit states of a loaded state (codes and absmax
+    rows, quant8.py), by key; {} when it has none."""
+    from .._kernels import quant8
+    coded = [(row, key, signed) for row, (key, signed) in enumerate(opt._quantized_states)
+             if isinstance(saved.get(key), torch.Tensor) and saved[key].dtype is torch.int8]
+    if not coded:
+        return {}
+    absmax = saved.get("absmax")
+    rows = max(row for row, _, _ in coded) + 1
+    if not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or absmax.shape[0] < rows:
+        got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+        raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
+                         f"[{rows}, blocks] float32 tensor of block scales")
+    out = {}
+    for row, key, signed in coded:
+        codes = saved[key]
+        if absmax.shape[1] != quant8.num_blocks(codes.numel()):
+            raise ValueError(f"loaded state['absmax'] of {name} has {absmax.shape[1]} blocks; expected "
+                             f"{quant8.num_blocks(codes.numel())} for {codes.numel()} elements")
+        out[key] = quant8.dequantize(codes, absmax[row], signed)
+    return out
+
+
+def _quantized_state(opt, p: torch.Tensor, saved: dict, name: str) -> dict:
+    """A loaded state made 8-bit: codes kept as saved (so training continues
+    bit-identically), fp32/bf16 states quantized; a fresh 'absmax' of their rows."""
+    from .._kernels import quant8
+    out, rows = {}, []
+    for row, (key, signed) in enumerate(opt._quantized_states):
+        value = saved.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.shape != p.shape:
+            raise ValueError(f"loaded state['{key}'] of {name} has shape {list(value.shape)}; expected {list(p.shape)}")
+        if value.dtype is torch.int8:  # re-encoding its own decoded values could move a code: keep them
+            codes = _like_param(value.detach(), p, torch.int8)
+            absmax = saved["absmax"][row].detach().to(device=p.device, dtype=torch.float32, copy=True)
+        elif value.is_floating_point():
+            codes, absmax = quant8.quantize(value.to(torch.float32), p, signed)
+            codes = _like_param(codes, p, torch.int8)
+        else:
+            raise TypeError(f"loaded state['{key}'] of {name} has dtype {value.dtype}; expected a float or int8 codes")
+        out[key] = codes
+        rows.append(absmax.reshape(-1))
+    if rows:
+        out["absmax"] = torch.stack(rows).contiguous()
+    return out
+
+
 def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: str) -> dict:
-    """Copies a loaded state to p's device and the state dtype, checking it."""
+    """Copies a loaded state to p's device and the state dtype, checking it:
+    8-bit states are quantized from fp32/bf16 checkpoints and dequantized for
+    optimizers that keep fp32/bf16 states."""
     if not saved:
         return {}
     out = {}
     want = opt._state_dtype(group, p)
+    fp32 = _saved_fp32_values(opt, saved, name)
+    quantized = {key for key, _ in opt._quantized_states}
+    if want is torch.int8:
+        if is_dtensor(p):
+            raise NotImplementedError(f"{name} is a DTensor (FSDP2): 8-bit optimizer state is not supported for "
+                                      "sharded params yet")
+        out.update(_quantized_state(opt, p, saved, name))
+    saved = {k: (fp32[k] if k in fp32 else v) for k, v in saved.items() if k != "absmax"}
     for key, value in saved.items():
+        if want is torch.int8 and key in quantized:
+            continue  # done above
         if key == "step":
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
@@ -148,3 +210,25 @@ def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: s
         if out.get(key) is None and opt._state_key_required_when_loaded(key):
             raise ValueError(f"loaded state of {name} has no '{key}'")
     return out
+
+
+def dequantized_state_dict(opt) -> dict:
+    """``opt.state_dict()`` with every 8-bit state (int8 codes and their block
+    scales, ``state['absmax']``) replaced by its fp32 values and the param
+    groups' ``state_dtype`` key removed: a checkpoint that ``torch.optim``'s
+    optimizer of the same name loads, and a fusedopt optimizer loads into the
+    state dtype it was built with (quantized again if that is int8). A state
+    dict without 8-bit states comes back unchanged.
+
+    It reads the states on the host: call it when saving, not every step."""
+    sd = opt.state_dict()
+    quantized = getattr(opt, "_quantized_states", ())
+    any_coded = False
+    for pid, st in list(sd["state"].items()):
+        fp32 = _saved_fp32_values(opt, st, f"state {pid!r}") if quantized else {}
+        if fp32:
+            any_coded = True
+            sd["state"][pid] = {k: fp32.get(k, v) for k, v in st.items() if k != "absmax"}
+    if any_coded:
+        sd["param_groups"] = [{k: v for k, v in g.items() if k != "state_dtype"} for g in sd["param_groups"]]
+    return sd

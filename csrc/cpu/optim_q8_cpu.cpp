@@ -1,0 +1,110 @@
+// Adam/AdamW and SGD with 8-bit blockwise states on the CPU (ops/quant8.h).
+// Compiled once per SIMD level. Each piece is a range of whole blocks of one
+// row; a block is decoded, stepped by the per-element math of ops/adam.h or
+// ops/sgd.h in fp32, and encoded with its new absmax: one read and one write
+// of each code byte per step.
+#include <vector>
+
+#include "../ops/dispatch.h"
+#include "optim_cpu.h"
+#include "optim_loops.h"
+#include "quant8_loops.h"
+
+namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
+namespace {
+
+template <class Fn>
+void dispatch_low_precision_param(int code, Fn&& fn) {
+  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_float_dtype(code, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
+  });
+}
+
+template <class P, bool kAmsgrad, bool kMaster>
+void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars<float> s) {
+  const ParamIO<P, float, kMaster> p(r, kAdamParam, kAdamMaster);
+  const P* __restrict__ g = col<const P>(r, kAdamGrad);
+  const QuantState<Code8::kSigned> m(r, kAdamExpAvg, kAdamAbsmax, 0);
+  const QuantState<Code8::kUnsigned> v(r, kAdamExpAvgSq, kAdamAbsmax, 1);
+  const QuantState<Code8::kUnsigned> vmax(r, kAdamMaxExpAvgSq, kAdamAbsmax, 2);
+  alignas(64) float mb[kQuantBlock], vb[kQuantBlock], vmaxb[kQuantBlock];
+  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
+    m.decode(blk, b, n, mb);
+    v.decode(blk, b, n, vb);
+    if (kAmsgrad) vmax.decode(blk, b, n, vmaxb);
+    for (int64_t i = 0; i < n; ++i) {
+      float pv = p.load(b + i), vm = kAmsgrad ? vmaxb[i] : 0.0f;
+      adam_element<float>(pv, load_as<P, float>(g[b + i]), mb[i], vb[i], vm, s);
+      p.store(b + i, pv);
+      if (kAmsgrad) vmaxb[i] = vm;
+    }
+    clear_tail(mb, n);
+    clear_tail(vb, n);
+    m.encode(blk, b, n, mb);
+    v.encode(blk, b, n, vb);
+    if (kAmsgrad) {
+      clear_tail(vmaxb, n);
+      vmax.encode(blk, b, n, vmaxb);
+    }
+  });
+}
+
+// SGD's momentum loop (optim_loops.h momentum_piece) over whole blocks of a row
+// whose buffer is 8-bit.
+template <class P, bool kMaster>
+void sgd_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const SgdScalars<float> s) {
+  const ParamIO<P, float, kMaster> p(r, kSgdParam, kSgdMaster);
+  const P* __restrict__ g = col<const P>(r, kSgdGrad);
+  const QuantState<Code8::kSigned> buf(r, kSgdMomentumBuffer, kSgdAbsmax, 0);
+  const float first = momentum_first_step(r, kSgdBufferAge) ? 1.0f : 0.0f;
+  alignas(64) float bufb[kQuantBlock];
+  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
+    buf.decode(blk, b, n, bufb);
+    for (int64_t i = 0; i < n; ++i) {
+      float pv = p.load(b + i);
+      sgd_element<float>(pv, load_as<P, float>(g[b + i]), bufb[i], first, s);
+      p.store(b + i, pv);
+    }
+    clear_tail(bufb, n);
+    buf.encode(blk, b, n, bufb);
+  });
+}
+
+}  // namespace
+
+void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
+  const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
+  dispatch_low_precision_param(call.param_dtype, [&](auto ptag) {
+    using P = typename decltype(ptag)::type;
+    const std::vector<AdamScalars<float>> scalars = step_scalars<AdamScalars<float>>(
+        call, kAdamStep, true, [&](double t) { return adam_scalars<float>(h, t, lr, divisor); });
+    const bool amsgrad = h.flags & kAdamAmsgrad;
+    const bool master = any_master(call, kAdamMaster);
+    for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
+      const TensorRow& row = call.rows[r];
+      if (amsgrad) {
+        master ? adam_q8_piece<P, true, true>(row, bb, be, scalars[r])
+               : adam_q8_piece<P, true, false>(row, bb, be, scalars[r]);
+      } else {
+        master ? adam_q8_piece<P, false, true>(row, bb, be, scalars[r])
+               : adam_q8_piece<P, false, false>(row, bb, be, scalars[r]);
+      }
+    });
+  });
+}
+
+void multi_tensor_sgd_q8(const OptimCall& call, const SgdHyper& h) {
+  const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
+  dispatch_low_precision_param(call.param_dtype, [&](auto ptag) {
+    using P = typename decltype(ptag)::type;
+    const SgdScalars<float> s = sgd_scalars<float>(h, lr, divisor);
+    const bool master = any_master(call, kSgdMaster);
+    for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
+      master ? sgd_q8_piece<P, true>(call.rows[r], bb, be, s) : sgd_q8_piece<P, false>(call.rows[r], bb, be, s);
+    });
+  });
+  advance_buffer_ages(call, kSgdBufferAge);
+}
+
+}  // namespace fusedopt::cpu::FUSEDOPT_SIMD_NS

@@ -1,0 +1,78 @@
+// The CPU side of 8-bit blockwise states (ops/quant8.h): blocks decoded into
+// fp32 buffers on the stack, updated by the unchanged per-element math, and
+// encoded back with their new absmax, one block at a time (the buffers stay in
+// L1). Defined inside the SIMD level's namespace, like optim_loops.h.
+#pragma once
+#ifndef FUSEDOPT_SIMD_NS
+#error "quant8_loops.h belongs to the per-SIMD-level sources (CMake sets FUSEDOPT_SIMD_NS)"
+#endif
+#include <algorithm>
+#include <vector>
+
+#include "../ops/adam.h"
+#include "../ops/quant8.h"
+#include "../ops/sgd.h"
+#include "multi_tensor_cpu.h"
+
+namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
+
+// Offsets of each row in blocks, for for_each_piece: a piece is then a range of
+// whole blocks of one row, and a chunk kCpuChunkElements / kQuantBlock blocks.
+inline std::vector<int64_t> row_block_offsets(const OptimCall& call) {
+  std::vector<int64_t> off(static_cast<size_t>(call.n_rows) + 1, 0);
+  for (int64_t r = 0; r < call.n_rows; ++r) off[r + 1] = off[r] + quant_blocks(call.rows[r].numel);
+  return off;
+}
+constexpr int64_t kChunkBlocks = kCpuChunkElements / kQuantBlock;
+
+// One quantized state of a row: its codes and its row of the absmax tensor.
+template <Code8 K>
+struct QuantState {
+  uint8_t* __restrict__ codes;
+  float* __restrict__ absmax;
+  QuantState(const TensorRow& r, int codes_column, int absmax_column, int index)
+      : codes(col<uint8_t>(r, codes_column)),
+        absmax(col<float>(r, absmax_column) + index * quant_blocks(r.numel)) {}
+
+  // Elements [b, b + n) of block `blk` as fp32 values into out.
+  void decode(int64_t blk, int64_t b, int64_t n, float* __restrict__ out) const {
+    const float scale = absmax[blk];
+    const uint8_t* __restrict__ c = codes + b;
+    for (int64_t i = 0; i < n; ++i) out[i] = decode8<K>(c[i]) * scale;
+  }
+
+  // The block's new values (in[n..kQuantBlock) must be 0) as codes and absmax.
+  void encode(int64_t blk, int64_t b, int64_t n, const float* __restrict__ in) const {
+    constexpr int kLanes = 16;  // independent maxima, so the loop vectorizes
+    float lane[kLanes] = {};
+    for (int64_t j = 0; j < kQuantBlock; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] = absmax_with(lane[l], in[j + l]);
+    float scale = 0.0f;
+    for (int l = 0; l < kLanes; ++l) scale = absmax_with(scale, lane[l]);
+    absmax[blk] = scale;
+    const float inv = quant_inverse(scale);
+    uint8_t* __restrict__ c = codes + b;
+    for (int64_t i = 0; i < n; ++i) c[i] = encode8<K>(in[i] * inv);
+  }
+};
+
+// Runs fn(block, begin, count) over the blocks [bb, be) of a row of numel elements.
+template <class Fn>
+inline void for_each_block(int64_t numel, int64_t bb, int64_t be, Fn&& fn) {
+  for (int64_t blk = bb; blk < be; ++blk) {
+    const int64_t b = blk * kQuantBlock;
+    fn(blk, b, std::min(kQuantBlock, numel - b));
+  }
+}
+
+// Zeroes buf[n..kQuantBlock): the tail of a short last block must not count in its absmax.
+inline void clear_tail(float* buf, int64_t n) {
+  for (int64_t i = n; i < kQuantBlock; ++i) buf[i] = 0.0f;
+}
+
+// The 8-bit-state drivers (optim_q8_cpu.cpp); multi_tensor_adam/sgd hand a call
+// with state_dtype kInt8 to these.
+void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h);
+void multi_tensor_sgd_q8(const OptimCall& call, const SgdHyper& h);
+
+}  // namespace fusedopt::cpu::FUSEDOPT_SIMD_NS

@@ -1,0 +1,101 @@
+// 8-bit blockwise optimizer states (state_dtype=torch.int8), shared by the CPU
+// and CUDA drivers: the codes, and what a block is.
+//
+// A state tensor is cut into blocks of kQuantBlock elements of its param (the
+// last block of a tensor may be shorter; blocks never cross tensors). Each
+// block keeps one byte per element and one fp32 scale, its absmax: the value
+// of an element is decode(code) * absmax, with decode(code) in [-1, 1].
+//
+// The codes are small floats (a sign for signed states, exponent bits and
+// mantissa bits), relative to the block's absmax:
+// - signed states (Adam's exp_avg, momentum buffers): sign + 4 exponent bits +
+//   3 mantissa bits: |x| in {0} u [2^-17, 1], 6.25% relative rounding error at
+//   most (subnormal steps of 2^-17 below 2^-14);
+// - non-negative states (exp_avg_sq, max_exp_avg_sq): 5 exponent bits + 3
+//   mantissa bits: x in {0} u [2^-33, 1]. A second moment spans many decades
+//   inside a block, and one rounded to 0 next to a nonzero first moment would
+//   make a huge step; the wider range keeps values down to 1e-10 of the block's
+//   largest (the error on sqrt(v), what the update uses, is at most 3.1%).
+// Like the dynamic code of Dettmers et al. (2022, "8-bit optimizers via
+// block-wise quantization") these keep relative precision over many decades;
+// unlike a 256-entry table they are computed with integer and float
+// arithmetic, so encoding is exact round-to-nearest (ties to the even code)
+// without a search, and the CPU loops vectorize.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace fusedopt {
+
+constexpr int64_t kQuantBlock = 256;
+
+FO_HD int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
+
+// A float code with E exponent bits and M mantissa bits for x in [0, 1]: the
+// top exponent field (2^E - 1) stands for 2^0, field 0 for the subnormals.
+template <int E, int M>
+struct SmallFloat {
+  static constexpr uint32_t kTop = (1u << E) - 1;
+  static constexpr int kMinExp = 1 - static_cast<int>(kTop);  // exponent of field 1
+
+  // Nearest code to x, ties to even; x is clamped to [0, 1] (NaN gives a valid
+  // code: the block's NaN absmax makes every value NaN anyway).
+  FO_HD static uint32_t encode(float x) {
+    x = x > 0.0f ? x : 0.0f;
+    x = x < 1.0f ? x : 1.0f;
+    const uint32_t u = float_bits(x);
+    // Normal range: rebias the exponent so field 1 is 2^kMinExp, keep M bits, round to nearest even.
+    const uint32_t a = u - ((127u - kTop) << 23);
+    const uint32_t normal = (a + ((1u << (22 - M)) - 1u) + ((a >> (23 - M)) & 1u)) >> (23 - M);
+    // Below 2^kMinExp: adding 2^(kMinExp - M + 23) makes the float adder align x
+    // to the subnormal step 2^(kMinExp - M) and round to nearest even.
+    const float magic = bits_float(static_cast<uint32_t>(127 + kMinExp - M + 23) << 23);
+    const uint32_t subnormal = float_bits(x + magic) - float_bits(magic);
+    return u < (static_cast<uint32_t>(127 + kMinExp) << 23) ? subnormal : normal;
+  }
+
+  FO_HD static float decode(uint32_t code) {
+    const uint32_t field = code >> M, mant = code & ((1u << M) - 1u);
+    const float normal = bits_float(((field + 127u - kTop) << 23) | (mant << (23 - M)));
+    const float subnormal = static_cast<float>(mant) * bits_float(static_cast<uint32_t>(127 + kMinExp - M) << 23);
+    return field == 0 ? subnormal : normal;
+  }
+};
+
+using SignedMagnitude = SmallFloat<4, 3>;  // the 7 bits under the sign
+using UnsignedCode = SmallFloat<5, 3>;
+
+// Which code a state uses. kSigned: sign bit 0x80 over a SignedMagnitude.
+enum class Code8 { kSigned, kUnsigned };
+
+template <Code8 K> FO_HD uint8_t encode8(float x) {
+  if constexpr (K == Code8::kSigned) {
+    const uint32_t sign = float_bits(x) >> 31 << 7;
+    return static_cast<uint8_t>(sign | SignedMagnitude::encode(x < 0.0f ? -x : x));
+  } else {
+    return static_cast<uint8_t>(UnsignedCode::encode(x));
+  }
+}
+
+template <Code8 K> FO_HD float decode8(uint8_t code) {
+  if constexpr (K == Code8::kSigned) {
+    const float mag = SignedMagnitude::decode(code & 0x7Fu);
+    return (code & 0x80u) ? -mag : mag;
+  } else {
+    return UnsignedCode::decode(code);
+  }
+}
+
+// The block scale: the largest |value|, NaN when any value is NaN (fmaxf would
+// drop it and hide the NaN from every later step).
+FO_HD float absmax_with(float running, float value) {
+  const float a = value < 0.0f ? -value : value;
+  const bool nan = (a != a) | (running != running);
+  return nan ? (a != a ? a : running) : (a > running ? a : running);
+}
+
+// What codes are multiplied by to be stored: 1 / absmax, 0 for an all-zero block.
+FO_HD float quant_inverse(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+
+}  // namespace fusedopt

@@ -1,0 +1,288 @@
+"""8-bit blockwise states (state_dtype=torch.int8, csrc/ops/quant8.h).
+
+The reference here is written from the format's definition, not from the
+kernel's bit tricks: the 128 magnitudes of the signed code and the 256 values
+of the unsigned code as a table, the nearest entry found by comparing with the
+midpoints (ties to the even code), and Adam's and SGD's fp32 step as separate
+torch ops in the order of csrc/ops/adam.h and sgd.h. The kernels must agree
+bit for bit: codes, block scales and params.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import functional as F
+from fusedopt._kernels import quant8
+
+BLOCK = quant8.BLOCK
+
+
+def _table(exp_bits: int, mant_bits: int) -> torch.Tensor:
+    """Values of the codes 0 .. 2^(exp_bits + mant_bits) - 1 of a small float whose
+    top exponent field stands for 2^0 (fp64, exact)."""
+    top = 2 ** exp_bits - 1
+    vals = []
+    for code in range(2 ** (exp_bits + mant_bits)):
+        field, mant = divmod(code, 2 ** mant_bits)
+        if field == 0:
+            vals.append(mant / 2 ** mant_bits * 2.0 ** (1 - top))
+        else:
+            vals.append((1 + mant / 2 ** mant_bits) * 2.0 ** (field - top))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+SIGNED_MAG = _table(4, 3)  # under the sign bit
+UNSIGNED = _table(5, 3)
+
+
+def _nearest(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry to each x in [0, 1] (the table is
+    increasing); a tie goes to the even index."""
+    x = x.to(torch.float64).clamp(0.0, 1.0)
+    used = table[table <= 1.0]
+    mid = (used[1:] + used[:-1]) / 2
+    idx = torch.bucketize(x, mid, right=False)  # idx: number of midpoints < x
+    tie = (idx < len(mid)) & (x == mid[idx.clamp(max=len(mid) - 1)])
+    # a tie sits between idx and idx + 1: take the even one
+    return torch.where(tie & (idx % 2 == 1), idx + 1, idx)
+
+
+def ref_encode(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    if signed:
+        mag = _nearest(SIGNED_MAG, x.abs())
+        sign = torch.signbit(x).to(torch.int64) * 128
+        return (sign + mag).to(torch.uint8).view(torch.int8)
+    return _nearest(UNSIGNED, x).to(torch.uint8).view(torch.int8)
+
+
+def ref_decode(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    c = codes.view(torch.uint8).to(torch.int64)
+    if signed:
+        v = SIGNED_MAG[c % 128]
+        return torch.where(c >= 128, -v, v).to(torch.float32)
+    return UNSIGNED[c].to(torch.float32)
+
+
+def ref_absmax(values: torch.Tensor) -> torch.Tensor:
+    flat = values.reshape(-1)
+    n = quant8.num_blocks(flat.numel())
+    pad = torch.zeros(n * BLOCK, dtype=torch.float32)
+    pad[:flat.numel()] = flat
+    return pad.abs().reshape(n, BLOCK).amax(dim=1)
+
+
+def ref_quantize(values: torch.Tensor, signed: bool):
+    """(codes, absmax) of fp32 values: x = value * (1 / absmax) in fp32, nearest code."""
+    absmax = ref_absmax(values)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    per_elem = inv.repeat_interleave(BLOCK)[:values.numel()].reshape(values.shape)
+    return ref_encode(values * per_elem, signed), absmax
+
+
+def ref_dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    per_elem = absmax.repeat_interleave(BLOCK)[:codes.numel()].reshape(codes.shape)
+    return ref_decode(codes, signed) * per_elem
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def ref_adam_step(p, g, m, v, vmax, *, lr, beta1, beta2, eps, wd, t, decoupled, amsgrad, maximize=False):
+    """One fp32 Adam/AdamW step, op for op as csrc/ops/adam.h (scalars in double, then fp32)."""
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    if maximize:
+        g = -g
+    if not decoupled and wd != 0:
+        g = g + _f32(wd) * p
+    if decoupled and wd != 0:
+        p = p * _f32(1 - lr * wd)
+    w = _f32(1 - beta1)
+    m = m + w * (g - m) if float(w) < 0.5 else g - (g - m) * (1 - w)
+    v = v * _f32(beta2)
+    v = v + _f32(1 - beta2) * g * g
+    if amsgrad:
+        vmax = torch.maximum(vmax, v)
+    second = vmax if amsgrad else v
+    # torch divides by a 0-d tensor as a multiply by its reciprocal (divide by a full
+    # tensor), and its fp32 sqrt is not always correctly rounded (take it in fp64)
+    root = torch.sqrt(second.double()).float()
+    denom = root / torch.full_like(second, math.sqrt(bc2)) + _f32(eps)
+    p = p + _f32(-(lr / bc1)) * m / denom
+    return p, m, v, vmax
+
+
+def _random_block_values(n, signed, gen):
+    """Values over many decades, with exact zeros and the block's absmax in place."""
+    mag = torch.exp(torch.empty(n).uniform_(-25, 0, generator=gen))
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if signed else torch.ones(n)
+    x = (mag * sign).float()
+    x[torch.rand(n, generator=gen) < 0.05] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_are_the_nearest_table_entry(signed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 40 * BLOCK + 17
+    x = _random_block_values(n, signed, gen) * float(torch.empty(1).uniform_(1e-8, 1e3, generator=gen))
+    # Exact midpoints and table values, in blocks whose absmax is 1 (so x is not rescaled).
+    table = SIGNED_MAG if signed else UNSIGNED
+    used = table[table <= 1].float()
+    mids = ((table[table <= 1][1:] + table[table <= 1][:-1]) / 2).float()
+    special = torch.cat([used, mids, torch.tensor([1.0])])
+    if signed:
+        special = torch.cat([special, -special])
+    k = special.numel()
+    x[:k] = special
+    x[k:BLOCK] = 0.25
+    codes = torch.full((n,), 99, dtype=torch.int8)  # poisoned
+    absmax = torch.full((quant8.num_blocks(n),), float("nan"))
+    fusedopt._C.quantize8(x.data_ptr(), n, codes.data_ptr(), absmax.data_ptr(), signed)
+    want_codes, want_absmax = ref_quantize(x, signed)
+    assert torch.equal(absmax, want_absmax)
+    assert torch.equal(codes, want_codes), (codes != want_codes).nonzero()[:5]
+    back = quant8.dequantize(codes, absmax, signed)
+    assert torch.equal(back, ref_dequantize(codes, absmax, signed))
+    # round to nearest: each value within half a step of its code (relative, of the block absmax)
+    err = (back - x).abs() / want_absmax.repeat_interleave(BLOCK)[:n].clamp_min(1e-30)
+    assert float(err.max()) <= (2 ** -4 if signed else 2 ** -4) + 1e-7
+
+
+def test_all_zero_and_nonfinite_blocks(seed):
+    x = torch.zeros(2 * BLOCK)
+    x[BLOCK + 3] = float("nan")
+    codes, absmax = quant8.quantize(x, x, True)
+    assert absmax[0] == 0 and torch.isnan(absmax[1])
+    back = quant8.dequantize(codes, absmax, True)
+    assert torch.equal(back[:BLOCK], torch.zeros(BLOCK)) and torch.isnan(back[BLOCK:]).all()
+
+
+def _adam_case(dtype, n_params, gen):
+    shapes = [(3 * BLOCK + 5,), (7, 11), (BLOCK,), (2, BLOCK + 1)][:n_params]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) * 0.1 for s in shapes]
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, True),
+                                          (torch.bfloat16, True)])
+@pytest.mark.parametrize("amsgrad,decoupled", [(False, True), (True, False)])
+def test_adam_step_equals_the_python_reference(dtype, master, amsgrad, decoupled, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _adam_case(dtype, 4, gen)
+    n_states = 3 if amsgrad else 2
+    signed = [True, False, False][:n_states]
+    # Start from a quantized state of random moments (and step counts 0 and 4).
+    fp_states = [[torch.randn(p.shape, generator=gen) * 0.01, torch.rand(p.shape, generator=gen) * 1e-4,
+                  torch.rand(p.shape, generator=gen) * 2e-4][:n_states] for p in params]
+    codes, absmaxes = [], []
+    for p, sts in zip(params, fp_states):
+        cs, rows = zip(*[ref_quantize(s, sg) for s, sg in zip(sts, signed)])
+        codes.append(list(cs))
+        absmaxes.append(torch.stack(rows))
+    steps = [torch.tensor(float(4 * (i % 2))) for i in range(len(params))]
+    masters = [p.float() + torch.randn(p.shape, generator=gen) * 1e-3 for p in params] if master else None
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.1)
+    # reference
+    want = []
+    for i, p in enumerate(params):
+        p32 = masters[i].clone() if master else p.float()
+        st = [ref_dequantize(c, a, sg) for c, a, sg in zip(codes[i], absmaxes[i], signed)]
+        vmax = st[2] if amsgrad else torch.zeros_like(p32)
+        p_new, m, v, vm = ref_adam_step(p32, grads[i].float(), st[0], st[1], vmax, t=float(steps[i]) + 1,
+                                        decoupled=decoupled, amsgrad=amsgrad, **hyper)
+        new_states = [m, v, vm][:n_states]
+        q = [ref_quantize(s, sg) for s, sg in zip(new_states, signed)]
+        want.append((p_new, [c for c, _ in q], torch.stack([a for _, a in q])))
+    # kernel
+    got_params = [p.clone() for p in params]
+    got_codes = [[c.clone() for c in cs] for cs in codes]
+    got_absmax = [a.clone() for a in absmaxes]
+    got_master = [m.clone() for m in masters] if master else None
+    F.adam(got_params, [g.clone() for g in grads], [c[0] for c in got_codes], [c[1] for c in got_codes],
+           [c[2] for c in got_codes] if amsgrad else [], [s.clone() for s in steps], amsgrad=amsgrad,
+           beta1=hyper["beta1"], beta2=hyper["beta2"], lr=hyper["lr"], weight_decay=hyper["wd"], eps=hyper["eps"],
+           maximize=False, decoupled_weight_decay=decoupled, master_params=got_master, state_dtype=torch.int8,
+           absmaxes=got_absmax)
+    for i, (p_new, c_new, a_new) in enumerate(want):
+        assert torch.equal(got_absmax[i], a_new), i
+        for k in range(n_states):
+            assert torch.equal(got_codes[i][k], c_new[k]), (i, k, (got_codes[i][k] != c_new[k]).nonzero()[:5])
+        if master:
+            assert torch.equal(got_master[i], p_new)
+        assert torch.equal(got_params[i], p_new.to(dtype)), (i, (got_params[i] - p_new.to(dtype)).abs().max(), (got_params[i] != p_new.to(dtype)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_step_equals_the_python_reference(dtype, nesterov, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _adam_case(dtype, 3, gen)
+    bufs = [ref_quantize(torch.randn(p.shape, generator=gen) * 0.05, True) for p in params]
+    lr, mu, wd = 0.1, 0.9, 1e-3
+    want = []
+    for p, g, (c, a) in zip(params, grads, bufs):
+        p32, b = p.float(), ref_dequantize(c, a, True)
+        d = g.float() + _f32(wd) * p32
+        b = b * _f32(mu) + _f32(1.0) * d
+        direction = d + _f32(mu) * b if nesterov else b
+        p_new = p32 + _f32(-lr) * direction
+        want.append((p_new.to(dtype),) + ref_quantize(b, True))
+    got = [p.clone() for p in params]
+    got_bufs = [c.clone() for c, _ in bufs]
+    got_abs = [a.reshape(1, -1).clone() for _, a in bufs]
+    F.sgd(got, [g.clone() for g in grads], got_bufs, weight_decay=wd, momentum=mu, lr=lr, dampening=0.0,
+          nesterov=nesterov, maximize=False, state_dtype=torch.int8, momentum_buffer_absmaxes=got_abs)
+    for i, (p_new, c_new, a_new) in enumerate(want):
+        assert torch.equal(got_abs[i][0], a_new) and torch.equal(got_bufs[i], c_new), i
+        assert torch.equal(got[i], p_new), i
+
+
+def test_sgd_first_step_makes_the_8bit_buffer(seed):
+    p = torch.nn.Parameter(torch.randn(2 * BLOCK + 3))
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.int8)
+    g = torch.randn_like(p)
+    p.grad = g.clone()
+    before = p.detach().clone()
+    opt.step()
+    st = opt.state[p]
+    assert st["momentum_buffer"].dtype is torch.int8 and st["absmax"].shape == (1, 3)
+    codes, absmax = ref_quantize(g, True)  # the first buffer is the grad itself
+    assert torch.equal(st["momentum_buffer"], codes) and torch.equal(st["absmax"][0], absmax)
+    assert torch.equal(p.detach(), before + _f32(-0.1) * g)
+
+
+def test_state_memory_is_a_quarter(seed):
+    p = torch.nn.Parameter(torch.randn(1024, 1024))
+    opt = fusedopt.AdamW([p], state_dtype=torch.int8)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if isinstance(t, torch.Tensor))
+    assert nbytes / p.numel() <= 2.1  # 2 code bytes + 2 * 4 / 256 scale bytes + the step
+
+
+def test_fp64_and_bad_state_are_rejected_before_writing(seed):
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    p.grad = torch.randn_like(p)
+    opt = fusedopt.Adam([p], state_dtype=torch.int8)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="float64.*8-bit"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+    with pytest.raises(ValueError, match="state_dtype"):
+        fusedopt.LAMB([torch.nn.Parameter(torch.randn(3))], state_dtype=torch.int8)
+    q = torch.randn(300)
+    m, v = torch.zeros(300, dtype=torch.int8), torch.zeros(300, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"absmaxes\[0\].*\[2, 2\]"):
+        F.adam([q], [torch.randn(300)], [m], [v], [], [torch.tensor(0.0)], amsgrad=False, beta1=0.9, beta2=0.999,
+               lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False, state_dtype=torch.int8,
+               absmaxes=[torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match="block scales"):
+        F.adam([q], [torch.randn(300)], [m], [v], [], [torch.tensor(0.0)], amsgrad=False, beta1=0.9, beta2=0.999,
+               lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False, state_dtype=torch.int8)
+    assert torch.equal(m, torch.zeros(300, dtype=torch.int8))
