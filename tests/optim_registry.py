@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 import fusedopt
 from reference_optim import RefLAMB, RefLARS, RefMuon
+from reference_quant8 import RefAdam8bit, RefAdamW8bit, RefSGD8bit
 
 NAN, INF = float("nan"), float("inf")
 
@@ -153,6 +154,8 @@ class OptimSpec:
     # When the keys depend on the param (Muon: matrices keep a momentum buffer, the
     # others AdamW's moments): param -> keys. ``keys_of`` answers for either.
     state_keys_fn: Optional[Callable[[torch.Tensor], Tuple[str, ...]]] = None
+    # The param dtypes the setting takes (None: all four); 8-bit state refuses fp64.
+    param_dtypes: Optional[Tuple[torch.dtype, ...]] = None
 
     def keys_of(self, p: torch.Tensor) -> Tuple[str, ...]:
         return self.state_keys_fn(p) if self.state_keys_fn is not None else self.state_keys
@@ -169,7 +172,7 @@ class OptimSpec:
 def cases(specs, dtypes):
     """pytest.param(spec, dtype) for every pair (fp64 cases compare at fp64 tolerances)."""
     return [pytest.param(s, d, id=f"{s.name}-{str(d).split('.')[-1]}")
-            for s in specs for d in dtypes]
+            for s in specs for d in dtypes if s.param_dtypes is None or d in s.param_dtypes]
 
 
 # ---- hypothesis spaces of valid settings --------------------------------------------
@@ -322,6 +325,28 @@ def muon_adamw_spec(name: str, **hyper) -> OptimSpec:
                      ("exp_avg", "exp_avg_sq"))
 
 
+# 8-bit states: the reference is tests/reference_quant8.py (the same quantized step,
+# bit for bit), and the fuzz space draws the settings with state_dtype=torch.int8.
+_NOT_FP64 = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _int8(space):
+    return space.map(lambda h: {**h, "state_dtype": torch.int8})
+
+
+def sgd8(name: str, **hyper) -> OptimSpec:
+    hyper = {**hyper, "state_dtype": torch.int8}
+    return OptimSpec(name, fusedopt.SGD, RefSGD8bit, hyper, _int8(_sgd_space()), SGD_BAD, ("momentum_buffer",),
+                     param_dtypes=_NOT_FP64)
+
+
+def adam8(name: str, decoupled: bool = False, **hyper) -> OptimSpec:
+    hyper = {**hyper, "state_dtype": torch.int8}
+    make, ref = (fusedopt.AdamW, RefAdamW8bit) if decoupled else (fusedopt.Adam, RefAdam8bit)
+    return OptimSpec(name, make, ref, hyper, _int8(_adam_space()), ADAM_BAD, _adam_keys(hyper),
+                     param_dtypes=_NOT_FP64)
+
+
 _BUILDERS = {split_muon: muon, muon_adamw: muon_adamw_spec, fusedopt.SGD: sgd, fusedopt.Adam: adam, fusedopt.AdamW: adamw, fusedopt.LARS: lars,
              fusedopt.LAMB: lamb}
 
@@ -343,6 +368,9 @@ OPTIMIZERS: List[OptimSpec] = [
     lamb("LAMB-decoupled-noclip", lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True,
          trust_clip=True, bias_correction=False),
     muon_adamw_spec("Muon-adamw", lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8),
+    sgd8("SGD-momentum-int8", lr=0.05, momentum=0.9, weight_decay=1e-3),
+    adam8("Adam-int8", lr=1e-2, weight_decay=1e-3),
+    adam8("AdamW-int8-amsgrad", decoupled=True, lr=1e-2, weight_decay=0.05, amsgrad=True),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}

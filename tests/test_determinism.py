@@ -15,10 +15,12 @@ from optim_registry import OPTIMIZERS, tensor_bits
 CHUNK = 32768
 
 
-def make_inputs(seed):
+def make_inputs(seed, spec):
     gen = torch.Generator().manual_seed(seed)
     sizes = [5 * CHUNK + 17, 3 * CHUNK, CHUNK - 1, 1] + torch.randint(1, 300, (200,), generator=gen).tolist()
     dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    if spec.param_dtypes is not None:  # 8-bit state: fp16 in place of fp64
+        dtypes = [d if d in spec.param_dtypes else torch.float16 for d in dtypes]
     params = [torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)]
     grads = [[torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)] for _ in range(3)]
     return params, grads
@@ -38,7 +40,7 @@ def run(spec, threads, params, grads):
 
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
 def test_bit_identical_across_thread_counts_and_runs(spec, seed):
-    params, grads = make_inputs(seed)
+    params, grads = make_inputs(seed, spec)
     first = run(spec, 1, params, grads)
     for threads in (2, 3, 0, 1, 0):  # 0 = all cores; repeated runs check run-to-run too
         assert run(spec, threads, params, grads) == first, f"threads={threads} changed the bits"

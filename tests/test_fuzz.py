@@ -60,7 +60,7 @@ def cases(draw):
     groups = []
     for _ in range(n_groups):
         n = draw(st.integers(0, 5))  # 0: an empty param group
-        tensors = [dict(shape=draw(st.sampled_from(SHAPES)), dtype=draw(st.sampled_from(DTYPES)),
+        tensors = [dict(shape=draw(st.sampled_from(SHAPES)), dtype=draw(st.sampled_from(spec.param_dtypes or DTYPES)),
                         offset=draw(st.integers(0, 9)), shared=draw(st.booleans()),
                         grad_offset=draw(st.integers(0, 3)))
                    for _ in range(n)]

@@ -1,15 +1,7 @@
-"""8-bit blockwise states (state_dtype=torch.int8, csrc/ops/quant8.h).
-
-The reference here is written from the format's definition, not from the
-kernel's bit tricks: the 128 magnitudes of the signed code and the 256 values
-of the unsigned code as a table, the nearest entry found by comparing with the
-midpoints (ties to the even code), and Adam's and SGD's fp32 step as separate
-torch ops in the order of csrc/ops/adam.h and sgd.h. The kernels must agree
-bit for bit: codes, block scales and params.
-"""
+"""8-bit blockwise states (state_dtype=torch.int8, csrc/ops/quant8.h): the codes
+and one step of each optimizer against tests/reference_quant8.py (written from
+the format's definition), bit for bit: codes, block scales and params."""
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -21,99 +13,12 @@ from fusedopt._kernels import quant8
 BLOCK = quant8.BLOCK
 
 
-def _table(exp_bits: int, mant_bits: int) -> torch.Tensor:
-    """Values of the codes 0 .. 2^(exp_bits + mant_bits) - 1 of a small float whose
-    top exponent field stands for 2^0 (fp64, exact)."""
-    top = 2 ** exp_bits - 1
-    vals = []
-    for code in range(2 ** (exp_bits + mant_bits)):
-        field, mant = divmod(code, 2 ** mant_bits)
-        if field == 0:
-            vals.append(mant / 2 ** mant_bits * 2.0 ** (1 - top))
-        else:
-            vals.append((1 + mant / 2 ** mant_bits) * 2.0 ** (field - top))
-    return torch.tensor(vals, dtype=torch.float64)
+from reference_quant8 import SIGNED_MAG, UNSIGNED, adam_math, f32 as _f32, quantize as ref_quantize
+from reference_quant8 import dequantize as ref_dequantize
 
 
-SIGNED_MAG = _table(4, 3)  # under the sign bit
-UNSIGNED = _table(5, 3)
-
-
-def _nearest(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest table entry to each x in [0, 1] (the table is
-    increasing); a tie goes to the even index."""
-    x = x.to(torch.float64).clamp(0.0, 1.0)
-    used = table[table <= 1.0]
-    mid = (used[1:] + used[:-1]) / 2
-    idx = torch.bucketize(x, mid, right=False)  # idx: number of midpoints < x
-    tie = (idx < len(mid)) & (x == mid[idx.clamp(max=len(mid) - 1)])
-    # a tie sits between idx and idx + 1: take the even one
-    return torch.where(tie & (idx % 2 == 1), idx + 1, idx)
-
-
-def ref_encode(x: torch.Tensor, signed: bool) -> torch.Tensor:
-    if signed:
-        mag = _nearest(SIGNED_MAG, x.abs())
-        sign = torch.signbit(x).to(torch.int64) * 128
-        return (sign + mag).to(torch.uint8).view(torch.int8)
-    return _nearest(UNSIGNED, x).to(torch.uint8).view(torch.int8)
-
-
-def ref_decode(codes: torch.Tensor, signed: bool) -> torch.Tensor:
-    c = codes.view(torch.uint8).to(torch.int64)
-    if signed:
-        v = SIGNED_MAG[c % 128]
-        return torch.where(c >= 128, -v, v).to(torch.float32)
-    return UNSIGNED[c].to(torch.float32)
-
-
-def ref_absmax(values: torch.Tensor) -> torch.Tensor:
-    flat = values.reshape(-1)
-    n = quant8.num_blocks(flat.numel())
-    pad = torch.zeros(n * BLOCK, dtype=torch.float32)
-    pad[:flat.numel()] = flat
-    return pad.abs().reshape(n, BLOCK).amax(dim=1)
-
-
-def ref_quantize(values: torch.Tensor, signed: bool):
-    """(codes, absmax) of fp32 values: x = value * (1 / absmax) in fp32, nearest code."""
-    absmax = ref_absmax(values)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    per_elem = inv.repeat_interleave(BLOCK)[:values.numel()].reshape(values.shape)
-    return ref_encode(values * per_elem, signed), absmax
-
-
-def ref_dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    per_elem = absmax.repeat_interleave(BLOCK)[:codes.numel()].reshape(codes.shape)
-    return ref_decode(codes, signed) * per_elem
-
-
-def _f32(x: float) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def ref_adam_step(p, g, m, v, vmax, *, lr, beta1, beta2, eps, wd, t, decoupled, amsgrad, maximize=False):
-    """One fp32 Adam/AdamW step, op for op as csrc/ops/adam.h (scalars in double, then fp32)."""
-    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    if maximize:
-        g = -g
-    if not decoupled and wd != 0:
-        g = g + _f32(wd) * p
-    if decoupled and wd != 0:
-        p = p * _f32(1 - lr * wd)
-    w = _f32(1 - beta1)
-    m = m + w * (g - m) if float(w) < 0.5 else g - (g - m) * (1 - w)
-    v = v * _f32(beta2)
-    v = v + _f32(1 - beta2) * g * g
-    if amsgrad:
-        vmax = torch.maximum(vmax, v)
-    second = vmax if amsgrad else v
-    # torch divides by a 0-d tensor as a multiply by its reciprocal (divide by a full
-    # tensor), and its fp32 sqrt is not always correctly rounded (take it in fp64)
-    root = torch.sqrt(second.double()).float()
-    denom = root / torch.full_like(second, math.sqrt(bc2)) + _f32(eps)
-    p = p + _f32(-(lr / bc1)) * m / denom
-    return p, m, v, vmax
+def ref_adam_step(p, g, m, v, vmax, *, wd, **kw):
+    return adam_math(p, g, m, v, vmax, weight_decay=wd, **kw)
 
 
 def _random_block_values(n, signed, gen):

@@ -5,6 +5,7 @@
 #include "cuda_api.h"
 #include "momentum.cuh"
 #include "multi_tensor.cuh"
+#include "quant8.cuh"
 
 namespace fusedopt::cuda {
 namespace {
@@ -51,6 +52,87 @@ struct SgdRule {
   }
 };
 
+// Per-row scalars of the 8-bit kernels, once per block (row_scalars).
+struct AdamQ8Scalars {
+  static constexpr bool kPrepareOnce = true;
+  AdamHyper h;
+  DeviceScalars d;
+  __device__ AdamScalars<float> prepare(const TensorRow& r) const {
+    return adam_scalars<float>(h, next_step(r, kAdamStep), d.lr(h.lr), d.divisor());
+  }
+};
+
+// Adam with 8-bit moments: a warp decodes a block, steps it with adam_element
+// and encodes it with its new absmax (quant8.cuh).
+template <class P, bool kAmsgrad>
+__global__ void __launch_bounds__(kThreads) adam_q8_kernel(const __grid_constant__ LaunchTable t,
+                                                           const AdamQ8Scalars f) {
+  if (f.d.skip()) return;
+  const BlockEntry be = t.blocks[blockIdx.x];
+  const TensorRow& row = t.rows[be.row];
+  const AdamScalars<float> s = row_scalars(f, row);
+  const WarpQuantState<Code8::kSigned> m(row, kAdamExpAvg, kAdamAbsmax, 0);
+  const WarpQuantState<Code8::kUnsigned> v(row, kAdamExpAvgSq, kAdamAbsmax, 1);
+  const WarpQuantState<Code8::kUnsigned> vmax(row, kAdamMaxExpAvgSq, kAdamAbsmax, 2);
+  const int64_t n = row.numel;
+  for_each_warp_block(row, be.chunk, [&](int64_t q, int64_t base, int lane) {
+    float mv[kPerLane], vv[kPerLane], vmv[kPerLane] = {};
+    m.load(q, base, lane, n, mv);
+    v.load(q, base, lane, n, vv);
+    if (kAmsgrad) vmax.load(q, base, lane, n, vmv);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = base + lane + k * kWarpLanes;
+      if (i >= n) continue;
+      float p[1], g[1];
+      load_param<1, P>(row, kAdamParam, kAdamMaster, i, p);
+      load_elems<1>(col<P>(row, kAdamGrad), i, g);
+      adam_element<float>(p[0], g[0], mv[k], vv[k], vmv[k], s);
+      store_param<1, P>(row, kAdamParam, kAdamMaster, i, p);
+    }
+    m.store(q, base, lane, n, mv);
+    v.store(q, base, lane, n, vv);
+    if (kAmsgrad) vmax.store(q, base, lane, n, vmv);
+  });
+}
+
+// SGD's momentum loop with an 8-bit buffer (momentum != 0).
+template <class P>
+__global__ void __launch_bounds__(kThreads) sgd_q8_kernel(const __grid_constant__ LaunchTable t, const SgdHyper h,
+                                                          const DeviceScalars d) {
+  if (d.skip()) return;
+  const BlockEntry be = t.blocks[blockIdx.x];
+  const TensorRow& row = t.rows[be.row];
+  const SgdScalars<float> s = sgd_scalars<float>(h, d.lr(h.lr), d.divisor());
+  const float first = momentum_first_step(row, kSgdBufferAge) ? 1.0f : 0.0f;
+  const WarpQuantState<Code8::kSigned> buf(row, kSgdMomentumBuffer, kSgdAbsmax, 0);
+  const int64_t n = row.numel;
+  for_each_warp_block(row, be.chunk, [&](int64_t q, int64_t base, int lane) {
+    float bv[kPerLane];
+    buf.load(q, base, lane, n, bv);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = base + lane + k * kWarpLanes;
+      if (i >= n) continue;
+      float p[1], g[1];
+      load_param<1, P>(row, kSgdParam, kSgdMaster, i, p);
+      load_elems<1>(col<P>(row, kSgdGrad), i, g);
+      sgd_element<float>(p[0], g[0], bv[k], first, s);
+      store_param<1, P>(row, kSgdParam, kSgdMaster, i, p);
+    }
+    buf.store(q, base, lane, n, bv);
+  });
+}
+
+// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
+template <class Fn>
+void dispatch_q8_param(int code, Fn&& fn) {
+  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_float_dtype(code, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
+  });
+}
+
 __global__ void advance_steps_kernel(const __grid_constant__ StepTable t, int n, const float* found_inf) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n && !(found_inf && *found_inf != 0.0f)) *t.steps[i] += 1.0f;
@@ -78,6 +160,19 @@ void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const
 void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
+  if (call.state_dtype == kInt8) {
+    dispatch_q8_param(call.param_dtype, [&](auto ptag) {
+      using P = typename decltype(ptag)::type;
+      const AdamQ8Scalars f{h, device_scalars(call)};
+      for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows)) {
+        if (h.flags & kAdamAmsgrad) adam_q8_kernel<P, true><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
+        else adam_q8_kernel<P, false><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
+      }
+      check(cudaGetLastError(), "adam_q8 launch");
+    });
+    advance_steps(call.rows, call.n_rows, kAdamStep, call.found_inf, stream);
+    return;
+  }
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
@@ -89,7 +184,19 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
 void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
-  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+  if (call.state_dtype == kInt8 && h.momentum != 0.0) {
+    dispatch_q8_param(call.param_dtype, [&](auto ptag) {
+      using P = typename decltype(ptag)::type;
+      for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows))
+        sgd_q8_kernel<P><<<L.n_blocks, kThreads, 0, stream>>>(L.table, h, device_scalars(call));
+      check(cudaGetLastError(), "sgd_q8 launch");
+    });
+    advance_steps(call.rows, call.n_rows, kSgdBufferAge, call.found_inf, stream);
+    return;
+  }
+  // Without momentum there is no buffer: an 8-bit call is a plain one.
+  const int state_dtype = call.state_dtype == kInt8 ? kFloat32 : call.state_dtype;
+  dispatch_param_state(call.param_dtype, state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     launch_elementwise(call.rows, call.n_rows, stream,

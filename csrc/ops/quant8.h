@@ -69,9 +69,11 @@ using UnsignedCode = SmallFloat<5, 3>;
 // Which code a state uses. kSigned: sign bit 0x80 over a SignedMagnitude.
 enum class Code8 { kSigned, kUnsigned };
 
+// NaN (whose sign bit depends on how it was made) and -0 get the codes of +0:
+// a block with a NaN decodes to NaN through its absmax, and codes stay canonical.
 template <Code8 K> FO_HD uint8_t encode8(float x) {
   if constexpr (K == Code8::kSigned) {
-    const uint32_t sign = float_bits(x) >> 31 << 7;
+    const uint32_t sign = x < 0.0f ? 0x80u : 0u;
     return static_cast<uint8_t>(sign | SignedMagnitude::encode(x < 0.0f ? -x : x));
   } else {
     return static_cast<uint8_t>(UnsignedCode::encode(x));
