@@ -70,12 +70,15 @@ def _per_element(per_block: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def block_absmax(values: torch.Tensor) -> torch.Tensor:
-    """max |v| per block; NaN where a block holds a NaN."""
+    """The block scales: max |v| per block, 0 where that is below the smallest normal
+    fp32, NaN where a block holds a NaN."""
     flat = values.reshape(-1).to(torch.float32)
     pad = torch.zeros(num_blocks(flat.numel()) * BLOCK, dtype=torch.float32)
     pad[:flat.numel()] = flat
     blocks = pad.abs().reshape(-1, BLOCK)
-    return torch.where(blocks.isnan().any(dim=1), torch.full((blocks.shape[0],), float("nan")), blocks.amax(dim=1))
+    amax = blocks.amax(dim=1)
+    amax = torch.where(amax < torch.finfo(torch.float32).tiny, torch.zeros_like(amax), amax)  # subnormal: 0
+    return torch.where(blocks.isnan().any(dim=1), torch.full((blocks.shape[0],), float("nan")), amax)
 
 
 def quantize(values: torch.Tensor, signed: bool):

@@ -18,6 +18,7 @@ void quantize_blocks(const float* values, int64_t numel, uint8_t* codes, float* 
     const int64_t b = blk * kQuantBlock, e = std::min(b + kQuantBlock, numel);
     float scale = 0.0f;
     for (int64_t i = b; i < e; ++i) scale = absmax_with(scale, values[i]);
+    scale = block_scale(scale);
     absmax[blk] = scale;
     const float inv = quant_inverse(scale);
     for (int64_t i = b; i < e; ++i) codes[i] = encode8<K>(values[i] * inv);

@@ -12,7 +12,7 @@
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
-template <class P, class S, bool kAmsgrad, bool kMaster, class C>
+template <class P, class S, bool kAmsgrad, bool kMaster, bool kPlain, class C>
 void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s) {
   const ParamIO<P, C, kMaster> p(r, kAdamParam, kAdamMaster);
   const P* __restrict__ g = col<P>(r, kAdamGrad);
@@ -23,7 +23,7 @@ void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s
     C pv = p.load(i);
     C mv = load_as<S, C>(m[i]), vv = load_as<S, C>(v[i]);
     C vmaxv = kAmsgrad ? load_as<S, C>(vmax[i]) : C(0);
-    adam_element<C>(pv, load_as<P, C>(g[i]), mv, vv, vmaxv, s);
+    adam_element<C, kPlain>(pv, load_as<P, C>(g[i]), mv, vv, vmaxv, s);
     p.store(i, pv);
     store_as(m[i], mv);
     store_as(v[i], vv);
@@ -45,16 +45,13 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
         call, kAdamStep, true, [&](double t) { return adam_scalars<C>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
     const bool master = any_master(call, kAdamMaster);
+    const bool plain = adam_is_plain(h, divisor);
     for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                    [&](int64_t, int64_t r, int64_t b, int64_t e) {
-      const TensorRow& row = call.rows[r];
-      if (amsgrad) {
-        master ? adam_piece<P, S, true, true>(row, b, e, scalars[r])
-               : adam_piece<P, S, true, false>(row, b, e, scalars[r]);
-      } else {
-        master ? adam_piece<P, S, false, true>(row, b, e, scalars[r])
-               : adam_piece<P, S, false, false>(row, b, e, scalars[r]);
-      }
+      with_adam_options(amsgrad, master, plain, [&](auto ams, auto mst, auto pln) {
+        adam_piece<P, S, decltype(ams)::value, decltype(mst)::value, decltype(pln)::value>(call.rows[r], b, e,
+                                                                                         scalars[r]);
+      });
     });
   });
 }

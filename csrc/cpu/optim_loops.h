@@ -5,6 +5,7 @@
 #ifndef FUSEDOPT_SIMD_NS
 #error "optim_loops.h belongs to the per-SIMD-level sources (CMake sets FUSEDOPT_SIMD_NS)"
 #endif
+#include <type_traits>
 #include <vector>
 
 #include "../ops/sgd.h"
@@ -31,6 +32,16 @@ std::vector<Scalars> step_scalars(const OptimCall& call, int step_column, bool a
     out[r] = cached;
   }
   return out;
+}
+
+// fn(std::bool_constant<amsgrad>, <master>, <plain>): the Adam drivers' loops
+// compiled for each combination of these options.
+template <class Fn>
+void with_adam_options(bool amsgrad, bool master, bool plain, Fn&& fn) {
+  auto b = [](bool on, auto&& next) {
+    on ? next(std::true_type{}) : next(std::false_type{});
+  };
+  b(amsgrad, [&](auto a) { b(master, [&](auto m) { b(plain, [&](auto p) { fn(a, m, p); }); }); });
 }
 
 // After a step that ran (not skipped): every momentum-buffer age counter of

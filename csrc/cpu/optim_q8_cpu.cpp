@@ -21,7 +21,7 @@ void dispatch_low_precision_param(int code, Fn&& fn) {
   });
 }
 
-template <class P, bool kAmsgrad, bool kMaster>
+template <class P, bool kAmsgrad, bool kMaster, bool kPlain>
 void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars<float> s) {
   const ParamIO<P, float, kMaster> p(r, kAdamParam, kAdamMaster);
   const P* __restrict__ g = col<const P>(r, kAdamGrad);
@@ -35,7 +35,7 @@ void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars
     if (kAmsgrad) vmax.decode(blk, b, n, vmaxb);
     for (int64_t i = 0; i < n; ++i) {
       float pv = p.load(b + i), vm = kAmsgrad ? vmaxb[i] : 0.0f;
-      adam_element<float>(pv, load_as<P, float>(g[b + i]), mb[i], vb[i], vm, s);
+      adam_element<float, kPlain>(pv, load_as<P, float>(g[b + i]), mb[i], vb[i], vm, s);
       p.store(b + i, pv);
       if (kAmsgrad) vmaxb[i] = vm;
     }
@@ -81,15 +81,12 @@ void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
         call, kAdamStep, true, [&](double t) { return adam_scalars<float>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
     const bool master = any_master(call, kAdamMaster);
+    const bool plain = adam_is_plain(h, divisor);
     for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
-      const TensorRow& row = call.rows[r];
-      if (amsgrad) {
-        master ? adam_q8_piece<P, true, true>(row, bb, be, scalars[r])
-               : adam_q8_piece<P, true, false>(row, bb, be, scalars[r]);
-      } else {
-        master ? adam_q8_piece<P, false, true>(row, bb, be, scalars[r])
-               : adam_q8_piece<P, false, false>(row, bb, be, scalars[r]);
-      }
+      with_adam_options(amsgrad, master, plain, [&](auto ams, auto mst, auto pln) {
+        adam_q8_piece<P, decltype(ams)::value, decltype(mst)::value, decltype(pln)::value>(call.rows[r], bb, be,
+                                                                                         scalars[r]);
+      });
     });
   });
 }

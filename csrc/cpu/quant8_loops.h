@@ -25,6 +25,28 @@ inline std::vector<int64_t> row_block_offsets(const OptimCall& call) {
 }
 constexpr int64_t kChunkBlocks = kCpuChunkElements / kQuantBlock;
 
+// absmax_with over a whole block: a plain maximum of |x| in 64 independent lanes
+// (short dependency chains) and a separate NaN flag, which absmax_with would
+// otherwise fold into every step of one long chain.
+inline float block_absmax(const float* __restrict__ in) {
+  constexpr int kLanes = 64;
+  float mx[kLanes] = {};
+  uint32_t nan[kLanes] = {};
+  for (int64_t j = 0; j < kQuantBlock; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = float_bits_abs(in[j + l]);
+      mx[l] = a > mx[l] ? a : mx[l];
+      nan[l] |= static_cast<uint32_t>(a != a);
+    }
+  float scale = 0.0f;
+  uint32_t any_nan = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    scale = mx[l] > scale ? mx[l] : scale;
+    any_nan |= nan[l];
+  }
+  return any_nan ? bits_float(0x7FC00000u) : scale;
+}
+
 // One quantized state of a row: its codes and its row of the absmax tensor.
 template <Code8 K>
 struct QuantState {
@@ -43,12 +65,7 @@ struct QuantState {
 
   // The block's new values (in[n..kQuantBlock) must be 0) as codes and absmax.
   void encode(int64_t blk, int64_t b, int64_t n, const float* __restrict__ in) const {
-    constexpr int kLanes = 16;  // independent maxima, so the loop vectorizes
-    float lane[kLanes] = {};
-    for (int64_t j = 0; j < kQuantBlock; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) lane[l] = absmax_with(lane[l], in[j + l]);
-    float scale = 0.0f;
-    for (int l = 0; l < kLanes; ++l) scale = absmax_with(scale, lane[l]);
+    const float scale = block_scale(block_absmax(in));
     absmax[blk] = scale;
     const float inv = quant_inverse(scale);
     uint8_t* __restrict__ c = codes + b;

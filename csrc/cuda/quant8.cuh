@@ -50,6 +50,7 @@ struct WarpQuantState {
 #pragma unroll
     for (int offset = kWarpLanes / 2; offset > 0; offset /= 2)
       a = absmax_with(a, __shfl_xor_sync(0xFFFFFFFFu, a, offset));
+    a = block_scale(a);
     if (lane == 0) absmax[q] = a;
     const float inv = quant_inverse(a);
 #pragma unroll

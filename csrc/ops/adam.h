@@ -35,6 +35,11 @@ template <class C> struct AdamScalars {
   C amsgrad, maximize, coupled_wd, eps_inside;
 };
 
+// Whether adam_element<C, true> applies: no AMP divisor and eps outside the sqrt.
+FO_HD bool adam_is_plain(const AdamHyper& h, double grad_scale) {
+  return grad_scale == 1.0 && !(h.flags & kAdamEpsInsideSqrt);
+}
+
 // `step` is the already incremented count t; `lr` the effective learning rate.
 template <class C>
 FO_HD AdamScalars<C> adam_scalars(const AdamHyper& h, double step, double lr, double grad_scale) {
@@ -68,9 +73,12 @@ template <class C> FO_HD C lerp(C a, C b, C w) {
 // One element. p, m, v, vmax are read-modify-write; g is the raw grad.
 // Options are selects, not branches, so the CPU loops vectorize; a disabled
 // option selects the untouched value, which keeps results exact.
-template <class C>
+// kPlain: the caller knows grad_divisor is 1 and eps is outside the sqrt, so the
+// division by 1 and the other denominator (a division and a square root, which
+// a select computes too) are left out; the results are the same bits.
+template <class C, bool kPlain = false>
 FO_HD void adam_element(C& p, C g, C& m, C& v, C& vmax, const AdamScalars<C>& s) {
-  g = g / s.grad_divisor;
+  if constexpr (!kPlain) g = g / s.grad_divisor;
   g = s.maximize != C(0) ? -g : g;
   g = s.coupled_wd != C(0) ? g + s.weight_decay * p : g;
   p = p * s.decay_factor;  // exactly 1 unless decoupled decay is on
@@ -81,7 +89,9 @@ FO_HD void adam_element(C& p, C g, C& m, C& v, C& vmax, const AdamScalars<C>& s)
   const C mx = ((vmax > v) | (vmax != vmax)) ? vmax : v;
   vmax = s.amsgrad != C(0) ? mx : vmax;
   const C second = s.amsgrad != C(0) ? vmax : v;
-  const C denom = s.eps_inside != C(0) ? fo_sqrt(second / s.bc2 + s.eps) : fo_sqrt(second) / s.bc2_sqrt + s.eps;
+  const C outside = fo_sqrt(second) / s.bc2_sqrt + s.eps;
+  C denom = outside;
+  if constexpr (!kPlain) denom = s.eps_inside != C(0) ? fo_sqrt(second / s.bc2 + s.eps) : outside;
   p = p + s.neg_step_size * m / denom;
 }
 

@@ -39,11 +39,12 @@ struct SmallFloat {
   static constexpr uint32_t kTop = (1u << E) - 1;
   static constexpr int kMinExp = 1 - static_cast<int>(kTop);  // exponent of field 1
 
-  // Nearest code to x, ties to even; x is clamped to [0, 1] (NaN gives a valid
-  // code: the block's NaN absmax makes every value NaN anyway).
+  // Nearest code to x in [0, 1 + ulp], ties to even.
   FO_HD static uint32_t encode(float x) {
+    // x = value * quant_inverse(scale) is at most 1 + ulp (block_scale), which still
+    // rounds to the top code (field kTop, mantissa 0): only the lower end is
+    // clamped (and NaN, from an inf or NaN value, to 0).
     x = x > 0.0f ? x : 0.0f;
-    x = x < 1.0f ? x : 1.0f;
     const uint32_t u = float_bits(x);
     // Normal range: rebias the exponent so field 1 is 2^kMinExp, keep M bits, round to nearest even.
     const uint32_t a = u - ((127u - kTop) << 23);
@@ -55,11 +56,15 @@ struct SmallFloat {
     return u < (static_cast<uint32_t>(127 + kMinExp) << 23) ? subnormal : normal;
   }
 
-  FO_HD static float decode(uint32_t code) {
+  // The fp32 bit pattern of a code's value (integer selects: the CPU loops vectorize).
+  FO_HD static uint32_t decode_bits(uint32_t code) {
     const uint32_t field = code >> M, mant = code & ((1u << M) - 1u);
-    const float normal = bits_float(((field + 127u - kTop) << 23) | (mant << (23 - M)));
-    const float subnormal = static_cast<float>(mant) * bits_float(static_cast<uint32_t>(127 + kMinExp - M) << 23);
-    return field == 0 ? subnormal : normal;
+    const uint32_t normal = ((field + 127u - kTop) << 23) | (mant << (23 - M));
+    const float step = bits_float(static_cast<uint32_t>(127 + kMinExp - M) << 23);
+    const uint32_t subnormal = float_bits(static_cast<float>(static_cast<int32_t>(mant)) * step);
+    // A mask, not ?: (which GCC turns into a branch here, and the loop then stays scalar).
+    const uint32_t is_normal = 0u - static_cast<uint32_t>(field != 0);
+    return (normal & is_normal) | (subnormal & ~is_normal);
   }
 };
 
@@ -81,11 +86,11 @@ template <Code8 K> FO_HD uint8_t encode8(float x) {
 }
 
 template <Code8 K> FO_HD float decode8(uint8_t code) {
+  const uint32_t c = code;
   if constexpr (K == Code8::kSigned) {
-    const float mag = SignedMagnitude::decode(code & 0x7Fu);
-    return (code & 0x80u) ? -mag : mag;
+    return bits_float(SignedMagnitude::decode_bits(c & 0x7Fu) | ((c & 0x80u) << 24));
   } else {
-    return UnsignedCode::decode(code);
+    return bits_float(UnsignedCode::decode_bits(c));
   }
 }
 
@@ -97,7 +102,16 @@ FO_HD float absmax_with(float running, float value) {
   return nan ? (a != a ? a : running) : (a > running ? a : running);
 }
 
-// What codes are multiplied by to be stored: 1 / absmax, 0 for an all-zero block.
-FO_HD float quant_inverse(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// |x| by clearing the sign bit (NaN stays NaN).
+FO_HD float float_bits_abs(float x) { return bits_float(float_bits(x) & 0x7FFFFFFFu); }
+
+// The scale a block keeps for its largest |value| a: 0 when a is below the
+// smallest normal fp32 (1 / a would overflow; such a block, a moment decayed to
+// nothing, is stored as zeros), else a itself (NaN stays NaN).
+FO_HD float block_scale(float a) { return a < 1.17549435e-38f ? 0.0f : a; }
+
+// What values are multiplied by to be encoded: 1 / scale (finite, as the scale
+// is 0 or normal), 0 for an all-zero block and for a NaN or inf scale.
+FO_HD float quant_inverse(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
 
 }  // namespace fusedopt
