@@ -10,12 +10,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fusedopt
 from fusedopt import _ops
 from helpers import assert_params_close, tiny_model, twin
-from optim_registry import TRAINING, TRAINING_BY_CLASS, variant
+from optim_registry import BY_NAME, TRAINING, TRAINING_BY_CLASS, variant
 
 specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
 # LAMB without clipping: no grad_sq_norms op in the graph.
+# 8-bit states: the op carries the int8 codes and the absmax lists.
 COMPILED = TRAINING + [variant(TRAINING_BY_CLASS[fusedopt.LAMB], "LAMB-noclip", max_grad_norm=None,
-                               decoupled_decay=True)]
+                               decoupled_decay=True), BY_NAME["AdamW-int8-amsgrad"], BY_NAME["SGD-momentum-int8"]]
 
 
 ADAM_OPTIONS = dict(amsgrad=False, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
