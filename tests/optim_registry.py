@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 import fusedopt
 from reference_optim import RefLAMB, RefLARS, RefMuon
-from reference_quant8 import RefAdam8bit, RefAdamW8bit, RefSGD8bit
+from reference_quant8 import RefAdam8bit, RefAdamW8bit, RefLARS8bit, RefSGD8bit
 
 NAN, INF = float("nan"), float("inf")
 
@@ -340,6 +340,13 @@ def sgd8(name: str, **hyper) -> OptimSpec:
                      param_dtypes=_NOT_FP64)
 
 
+def lars8(name: str, **hyper) -> OptimSpec:
+    hyper = {**hyper, "state_dtype": torch.int8}
+    keys = ("momentum_buffer",) if hyper.get("momentum") else ()
+    return OptimSpec(name, fusedopt.LARS, RefLARS8bit, hyper, _int8(_lars_space()), LARS_BAD, keys,
+                     param_dtypes=_NOT_FP64)
+
+
 def adam8(name: str, decoupled: bool = False, **hyper) -> OptimSpec:
     hyper = {**hyper, "state_dtype": torch.int8}
     make, ref = (fusedopt.AdamW, RefAdamW8bit) if decoupled else (fusedopt.Adam, RefAdam8bit)
@@ -371,6 +378,7 @@ OPTIMIZERS: List[OptimSpec] = [
     sgd8("SGD-momentum-int8", lr=0.05, momentum=0.9, weight_decay=1e-3),
     adam8("Adam-int8", lr=1e-2, weight_decay=1e-3),
     adam8("AdamW-int8-amsgrad", decoupled=True, lr=1e-2, weight_decay=0.05, amsgrad=True),
+    lars8("LARS-int8", lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}

@@ -244,3 +244,50 @@ class RefSGD8bit(_Ref8bit):
                                                              memory_format=torch.preserve_format)
                     _flat(st["momentum_buffer"]).copy_(codes)
                     st["absmax"] = absmax.reshape(1, -1)
+
+
+class RefLARS8bit(_Ref8bit):
+    """LARS with 8-bit buffers, for the registry suites. LARS's math is not rewritten
+    here: each step runs fusedopt's fp32-state LARS (itself checked against the fp64
+    RefLARS in tests/reference_optim.py) on the group's params in the same order as
+    the optimizer calls it (so the per-tensor norms are summed in the same order),
+    with the buffers dequantized by this module, and quantizes the new buffers with
+    this module's codec. What it checks is the 8-bit path: blocks, codes, scales,
+    first steps and NaN blocks."""
+
+    def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, state_dtype=None, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
+                                      always_adapt=always_adapt))
+
+    @torch.no_grad()
+    def step(self):
+        from fusedopt import functional
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            mu = group["momentum"]
+            bufs = []
+            for p in params:
+                st = self.state[p]
+                if "momentum_buffer" in st:
+                    values = dequantize(_flat(st["momentum_buffer"]), st["absmax"][0], True)
+                    buf = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    _flat(buf).copy_(values)
+                    bufs.append(buf)
+                else:
+                    bufs.append(None)
+            hyper = {k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "trust_coeff", "eps",
+                                           "trust_clip", "always_adapt")}
+            functional.lars(params, [p.grad for p in params], bufs, lr=group["lr"], state_dtype=torch.float32,
+                            **hyper)
+            if mu == 0:
+                continue
+            for p, buf in zip(params, bufs):
+                codes, absmax = quantize(_flat(buf), True)
+                st = self.state[p]
+                st["momentum_buffer"] = torch.empty_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
+                _flat(st["momentum_buffer"]).copy_(codes)
+                st["absmax"] = absmax.reshape(1, -1)

@@ -56,7 +56,7 @@ void register_layout(py::module_& m) {
       {"beta1", "beta2", "eps", "weight_decay"});
   kernels["lars"] = kernel(
       {{"param", kLarsParam}, {"grad", kLarsGrad}, {"momentum_buffer", kLarsMomentumBuffer}, {"norms", kLarsNorms},
-       {"master", kLarsMaster}, {"buffer_age", kLarsBufferAge}},
+       {"master", kLarsMaster}, {"buffer_age", kLarsBufferAge}, {"absmax", kLarsAbsmax}},
       {{"nesterov", kLarsNesterov}, {"trust_clip", kLarsTrustClip}, {"always_adapt", kLarsAlwaysAdapt},
        {"norms_only", kLarsNormsOnly}, {"norms_given", kLarsNormsGiven}},
       {"momentum", "dampening", "weight_decay", "trust_coeff", "eps"});

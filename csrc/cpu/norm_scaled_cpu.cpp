@@ -11,6 +11,7 @@
 #include "norm_scaled_cpu.h"
 #include "optim_cpu.h"
 #include "optim_loops.h"
+#include "quant8_loops.h"
 #include "reduce_cpu.h"
 
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
@@ -112,7 +113,11 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
   if (step_is_skipped(call)) return;
   const bool norms_only = h.flags & kLarsNormsOnly, norms_given = h.flags & kLarsNormsGiven;
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
-  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+  // 8-bit buffers (momentum != 0): pass 2 walks whole blocks; without momentum there is no buffer.
+  const bool q8 = call.state_dtype == kInt8 && h.momentum != 0.0;
+  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_param_state(call.param_dtype, call.state_dtype == kInt8 ? kFloat32 : call.state_dtype,
+                       [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
@@ -137,6 +142,14 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
       const auto element = [](C& p, C g, C& buf, C first, const LarsScalars<C>& sc) {
         lars_element<C>(p, g, buf, first, sc);
       };
+      if constexpr (std::is_same_v<C, float>) {
+        if (q8) {
+          for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
+            momentum_q8_piece<P, M>(call.rows[r], kLarsColumns, kLarsAbsmax, bb, be, scalars[r], element);
+          });
+          return;
+        }
+      }
       for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                      [&](int64_t, int64_t r, int64_t b, int64_t e) {
         momentum_piece<P, S, C, M>(call.rows[r], kLarsColumns, b, e, scalars[r], element);

@@ -13,14 +13,6 @@
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
-template <class Fn>
-void dispatch_low_precision_param(int code, Fn&& fn) {
-  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
-  dispatch_float_dtype(code, [&](auto tag) {
-    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
-  });
-}
-
 template <class P, bool kAmsgrad, bool kMaster, bool kPlain>
 void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars<float> s) {
   const ParamIO<P, float, kMaster> p(r, kAdamParam, kAdamMaster);
@@ -50,32 +42,11 @@ void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars
   });
 }
 
-// SGD's momentum loop (optim_loops.h momentum_piece) over whole blocks of a row
-// whose buffer is 8-bit.
-template <class P, bool kMaster>
-void sgd_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const SgdScalars<float> s) {
-  const ParamIO<P, float, kMaster> p(r, kSgdParam, kSgdMaster);
-  const P* __restrict__ g = col<const P>(r, kSgdGrad);
-  const QuantState<Code8::kSigned> buf(r, kSgdMomentumBuffer, kSgdAbsmax, 0);
-  const float first = momentum_first_step(r, kSgdBufferAge) ? 1.0f : 0.0f;
-  alignas(64) float bufb[kQuantBlock];
-  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
-    buf.decode(blk, b, n, bufb);
-    for (int64_t i = 0; i < n; ++i) {
-      float pv = p.load(b + i);
-      sgd_element<float>(pv, load_as<P, float>(g[b + i]), bufb[i], first, s);
-      p.store(b + i, pv);
-    }
-    clear_tail(bufb, n);
-    buf.encode(blk, b, n, bufb);
-  });
-}
-
 }  // namespace
 
 void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
-  dispatch_low_precision_param(call.param_dtype, [&](auto ptag) {
+  dispatch_q8_param(call.param_dtype, [&](auto ptag) {
     using P = typename decltype(ptag)::type;
     const std::vector<AdamScalars<float>> scalars = step_scalars<AdamScalars<float>>(
         call, kAdamStep, true, [&](double t) { return adam_scalars<float>(h, t, lr, divisor); });
@@ -93,12 +64,16 @@ void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
 
 void multi_tensor_sgd_q8(const OptimCall& call, const SgdHyper& h) {
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
-  dispatch_low_precision_param(call.param_dtype, [&](auto ptag) {
+  dispatch_q8_param(call.param_dtype, [&](auto ptag) {
     using P = typename decltype(ptag)::type;
     const SgdScalars<float> s = sgd_scalars<float>(h, lr, divisor);
     const bool master = any_master(call, kSgdMaster);
+    const auto element = [](float& p, float g, float& buf, float first, const SgdScalars<float>& sc) {
+      sgd_element<float>(p, g, buf, first, sc);
+    };
     for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
-      master ? sgd_q8_piece<P, true>(call.rows[r], bb, be, s) : sgd_q8_piece<P, false>(call.rows[r], bb, be, s);
+      master ? momentum_q8_piece<P, true>(call.rows[r], kSgdColumns, kSgdAbsmax, bb, be, s, element)
+             : momentum_q8_piece<P, false>(call.rows[r], kSgdColumns, kSgdAbsmax, bb, be, s, element);
     });
   });
   advance_buffer_ages(call, kSgdBufferAge);

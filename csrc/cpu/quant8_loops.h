@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../ops/adam.h"
+#include "../ops/dispatch.h"
 #include "../ops/quant8.h"
 #include "../ops/sgd.h"
 #include "multi_tensor_cpu.h"
@@ -85,6 +86,37 @@ inline void for_each_block(int64_t numel, int64_t bb, int64_t be, Fn&& fn) {
 // Zeroes buf[n..kQuantBlock): the tail of a short last block must not count in its absmax.
 inline void clear_tail(float* buf, int64_t n) {
   for (int64_t i = n; i < kQuantBlock; ++i) buf[i] = 0.0f;
+}
+
+// The momentum loop of SGD and LARS (optim_loops.h momentum_piece) over the whole
+// blocks [bb, be) of a row whose buffer is 8-bit (its scales in absmax_column).
+template <class P, bool kMaster, class Scalars, class Element>
+void momentum_q8_piece(const TensorRow& r, const MomentumColumns& c, int absmax_column, int64_t bb, int64_t be,
+                       const Scalars s, Element&& element) {
+  const ParamIO<P, float, kMaster> p(r, c.param, c.master);
+  const P* __restrict__ g = col<const P>(r, c.grad);
+  const QuantState<Code8::kSigned> buf(r, c.buffer, absmax_column, 0);
+  const float first = momentum_first_step(r, c.age) ? 1.0f : 0.0f;
+  alignas(64) float bufb[kQuantBlock];
+  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
+    buf.decode(blk, b, n, bufb);
+    for (int64_t i = 0; i < n; ++i) {
+      float pv = p.load(b + i);
+      element(pv, load_as<P, float>(g[b + i]), bufb[i], first, s);
+      p.store(b + i, pv);
+    }
+    clear_tail(bufb, n);
+    buf.encode(blk, b, n, bufb);
+  });
+}
+
+// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
+template <class Fn>
+void dispatch_q8_param(int code, Fn&& fn) {
+  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_float_dtype(code, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
+  });
 }
 
 // The 8-bit-state drivers (optim_q8_cpu.cpp); multi_tensor_adam/sgd hand a call

@@ -7,6 +7,7 @@
 #include "../ops/dispatch.h"
 #include "cuda_api.h"
 #include "momentum.cuh"
+#include "quant8.cuh"
 #include "reduce.cuh"
 
 namespace fusedopt::cuda {
@@ -52,6 +53,7 @@ struct LarsNormsFunctor {
 // from the row's fp64 norms.
 struct LarsRule {
   static constexpr MomentumColumns kColumns = kLarsColumns;
+  static constexpr int kAbsmaxColumn = kLarsAbsmax;
   LarsHyper h;
   template <class C>
   __device__ LarsScalars<C> scalars(const TensorRow& r, const DeviceScalars& d) const {
@@ -180,13 +182,21 @@ void multi_tensor_norms(const NormsCall& call) {
 void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* workspace) {
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
-  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+  // 8-bit buffers (momentum != 0): the update is the 8-bit momentum kernel; no momentum, no buffer.
+  const bool q8 = call.state_dtype == kInt8 && h.momentum != 0.0;
+  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_param_state(call.param_dtype, call.state_dtype == kInt8 ? kFloat32 : call.state_dtype,
+                       [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     if (lars_adapts(h) && !(h.flags & kLarsNormsGiven))
       launch_reduce<2>(call.rows, call.n_rows, stream, LarsNormsFunctor<P>{device_scalars(call)}, workspace,
                        kLarsNorms, kFloat64, false, call.found_inf);
     if (h.flags & kLarsNormsOnly) return;
+    if (q8) {
+      if constexpr (!std::is_same_v<P, double>) launch_momentum_q8(call, LarsRule{h}, stream);
+      return;
+    }
     launch_elementwise(call.rows, call.n_rows, stream,
                        MomentumFunctor<P, S, LarsRule>{LarsRule{h}, device_scalars(call)});
   });

@@ -41,6 +41,7 @@ struct AdamFunctor {
 
 struct SgdRule {
   static constexpr MomentumColumns kColumns = kSgdColumns;
+  static constexpr int kAbsmaxColumn = kSgdAbsmax;
   SgdHyper h;
   template <class C>
   __device__ SgdScalars<C> scalars(const TensorRow&, const DeviceScalars& d) const {
@@ -96,43 +97,6 @@ __global__ void __launch_bounds__(kThreads) adam_q8_kernel(const __grid_constant
   });
 }
 
-// SGD's momentum loop with an 8-bit buffer (momentum != 0).
-template <class P>
-__global__ void __launch_bounds__(kThreads) sgd_q8_kernel(const __grid_constant__ LaunchTable t, const SgdHyper h,
-                                                          const DeviceScalars d) {
-  if (d.skip()) return;
-  const BlockEntry be = t.blocks[blockIdx.x];
-  const TensorRow& row = t.rows[be.row];
-  const SgdScalars<float> s = sgd_scalars<float>(h, d.lr(h.lr), d.divisor());
-  const float first = momentum_first_step(row, kSgdBufferAge) ? 1.0f : 0.0f;
-  const WarpQuantState<Code8::kSigned> buf(row, kSgdMomentumBuffer, kSgdAbsmax, 0);
-  const int64_t n = row.numel;
-  for_each_warp_block(row, be.chunk, [&](int64_t q, int64_t base, int lane) {
-    float bv[kPerLane];
-    buf.load(q, base, lane, n, bv);
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = base + lane + k * kWarpLanes;
-      if (i >= n) continue;
-      float p[1], g[1];
-      load_param<1, P>(row, kSgdParam, kSgdMaster, i, p);
-      load_elems<1>(col<P>(row, kSgdGrad), i, g);
-      sgd_element<float>(p[0], g[0], bv[k], first, s);
-      store_param<1, P>(row, kSgdParam, kSgdMaster, i, p);
-    }
-    buf.store(q, base, lane, n, bv);
-  });
-}
-
-// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
-template <class Fn>
-void dispatch_q8_param(int code, Fn&& fn) {
-  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
-  dispatch_float_dtype(code, [&](auto tag) {
-    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
-  });
-}
-
 __global__ void advance_steps_kernel(const __grid_constant__ StepTable t, int n, const float* found_inf) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n && !(found_inf && *found_inf != 0.0f)) *t.steps[i] += 1.0f;
@@ -185,12 +149,7 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
   DeviceGuard guard(call.device);
   auto stream = static_cast<cudaStream_t>(call.stream);
   if (call.state_dtype == kInt8 && h.momentum != 0.0) {
-    dispatch_q8_param(call.param_dtype, [&](auto ptag) {
-      using P = typename decltype(ptag)::type;
-      for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows))
-        sgd_q8_kernel<P><<<L.n_blocks, kThreads, 0, stream>>>(L.table, h, device_scalars(call));
-      check(cudaGetLastError(), "sgd_q8 launch");
-    });
+    launch_momentum_q8(call, SgdRule{h}, stream);
     advance_steps(call.rows, call.n_rows, kSgdBufferAge, call.found_inf, stream);
     return;
   }

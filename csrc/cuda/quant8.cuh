@@ -4,7 +4,12 @@
 // maximum, so its order does not change the bits), and every lane encodes its
 // own elements with it. Chunks (multi_tensor.cuh) are whole numbers of blocks.
 #pragma once
+#include <stdexcept>
+#include <type_traits>
+
+#include "../ops/dispatch.h"
 #include "../ops/quant8.h"
+#include "../ops/sgd.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt::cuda {
@@ -60,5 +65,55 @@ struct WarpQuantState {
     }
   }
 };
+
+// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
+template <class Fn>
+void dispatch_q8_param(int code, Fn&& fn) {
+  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_float_dtype(code, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
+  });
+}
+
+// The momentum loop of SGD and LARS (momentum.cuh) with an 8-bit buffer: Rule as
+// there, plus kAbsmaxColumn.
+template <class P, class Rule>
+__global__ void __launch_bounds__(kThreads) momentum_q8_kernel(const __grid_constant__ LaunchTable t,
+                                                               const Rule rule, const DeviceScalars d) {
+  if (d.skip()) return;
+  constexpr MomentumColumns c = Rule::kColumns;
+  const BlockEntry be = t.blocks[blockIdx.x];
+  const TensorRow& row = t.rows[be.row];
+  const auto s = rule.template scalars<float>(row, d);
+  // The age counter is advanced by a later kernel on the stream: every block reads the same value.
+  const float first = momentum_first_step(row, c.age) ? 1.0f : 0.0f;
+  const WarpQuantState<Code8::kSigned> buf(row, c.buffer, Rule::kAbsmaxColumn, 0);
+  const int64_t n = row.numel;
+  for_each_warp_block(row, be.chunk, [&](int64_t q, int64_t base, int lane) {
+    float bv[kPerLane];
+    buf.load(q, base, lane, n, bv);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = base + lane + k * kWarpLanes;
+      if (i >= n) continue;
+      float p[1], g[1];
+      load_param<1, P>(row, c.param, c.master, i, p);
+      load_elems<1>(col<P>(row, c.grad), i, g);
+      Rule::element(p[0], g[0], bv[k], first, s);
+      store_param<1, P>(row, c.param, c.master, i, p);
+    }
+    buf.store(q, base, lane, n, bv);
+  });
+}
+
+template <class Rule>
+void launch_momentum_q8(const OptimCall& call, const Rule& rule, cudaStream_t stream) {
+  dispatch_q8_param(call.param_dtype, [&](auto ptag) {
+    using P = typename decltype(ptag)::type;
+    for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows))
+      momentum_q8_kernel<P, Rule><<<L.n_blocks, kThreads, 0, stream>>>(L.table, rule, device_scalars(call));
+    check(cudaGetLastError(), "8-bit momentum launch");
+  });
+}
 
 }  // namespace fusedopt::cuda

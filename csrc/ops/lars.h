@@ -14,8 +14,10 @@ namespace fusedopt {
 // ratios), written by the norms pass of the same call. kLarsMaster:
 // optional fp32 master copy of a 16-bit param; when present the math (norms
 // included) reads and writes it and the param gets it rounded to nearest even.
-// kLarsBufferAge (optional): sgd.h momentum_first_step.
-enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster, kLarsBufferAge };
+// kLarsBufferAge (optional): sgd.h momentum_first_step. kLarsAbsmax (8-bit state
+// only, ops/quant8.h): fp32 [1, blocks] block scales of the momentum buffer.
+enum LarsColumn { kLarsParam = 0, kLarsGrad, kLarsMomentumBuffer, kLarsNorms, kLarsMaster, kLarsBufferAge,
+                  kLarsAbsmax };
 constexpr MomentumColumns kLarsColumns{kLarsParam, kLarsGrad, kLarsMomentumBuffer, kLarsMaster, kLarsBufferAge};
 enum LarsFlag : int {
   kLarsNesterov = 1, kLarsTrustClip = 2, kLarsAlwaysAdapt = 4,

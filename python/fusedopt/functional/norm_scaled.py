@@ -99,6 +99,7 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
          momentum: float, dampening: float, weight_decay: float, nesterov: bool, trust_coeff: float, eps: float,
          trust_clip: bool, always_adapt: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
+         momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LARS over lists of tensors (the formulas of :class:`fusedopt.LARS`), in the
     shape of :func:`sgd`: momentum buffers None on the first step are created and
@@ -108,8 +109,9 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     (1 where a norm is 0; :math:`\min(r/\gamma, 1)` with trust_clip), used when
     :math:`\lambda \ne 0` or always_adapt; :math:`d = (g + \lambda p) r`; then
     torch.optim.SGD's momentum on d. Norms are summed in the param's precision
-    class (fp64 for fp64 params). ``master_params``, ``state_dtype``, ``momentum_buffer_ages``, ``plan``
-    and ``launch`` as in :func:`sgd`. ``_split`` (tests): take the two-call path
+    class (fp64 for fp64 params). ``master_params``, ``state_dtype`` (int8: 8-bit
+    buffers), ``momentum_buffer_ages``, ``momentum_buffer_absmaxes``, ``plan`` and
+    ``launch`` as in :func:`sgd`. ``_split`` (tests): take the two-call path
     of sharded params on plain tensors.
     """
     h = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -119,9 +121,10 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
         from .. import _ops
         return _ops.compiled_step("lars", params, grads, dict(momentum_buffer_list=momentum_buffer_list,
                                                               momentum_buffer_ages=momentum_buffer_ages,
+                                                              momentum_buffer_absmaxes=momentum_buffer_absmaxes,
                                                               master_params=master_params),
                                   {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf)
-    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages)
+    columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages, momentum_buffer_absmaxes)
     if master_params is not None:
         columns.append(Column("master", "master_params", MASTER, master_params))
     plan = prepare(_LARS, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype,

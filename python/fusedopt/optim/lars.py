@@ -69,6 +69,7 @@ class LARS(MomentumState, FusedOptimizer):
     """
 
     _functional = functional.lars
+    _quantized_states = (("momentum_buffer", True),)
     _eager_for_dtensors_when_compiled = True
     # Private switch (tests): take the two-call path of sharded params on plain
     # tensors too, so that CI covers it without spawning ranks.
