@@ -53,9 +53,13 @@ class Adam(FusedOptimizer):
             ``state['master']``; the kernel reads and updates the master and writes
             the param rounded to nearest even (ignored for fp32/fp64 params).
         state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``/
-            ``max_exp_avg_sq``: ``torch.float32`` (default) or ``torch.bfloat16``
-            (the math stays fp32; states are rounded to nearest even when stored).
-            fp64 params always keep fp64 state.
+            ``max_exp_avg_sq``: ``torch.float32`` (default), ``torch.bfloat16``
+            (the math stays fp32; states are rounded to nearest even when stored)
+            or ``torch.int8``: 8-bit blockwise moments, int8 codes plus
+            ``state['absmax']`` (float32 ``[k, ceil(numel/256)]``), decoded and
+            encoded around the same fp32 math in one pass (README "8-bit states";
+            ``fusedopt.dequantized_state_dict`` for torch.optim checkpoints).
+            fp64 params always keep fp64 state (int8 refuses them).
         foreach, fused: accepted for compatibility.
         capturable: accepted; every fusedopt step is CUDA-graph capturable once
             the state exists (see README "CUDA graphs").
@@ -64,8 +68,10 @@ class Adam(FusedOptimizer):
     ``exp_avg_sq``, with amsgrad ``max_exp_avg_sq`` and with master weights ``master``.
 
     Bytes per parameter (param + grad + moments [+ master]), without amsgrad:
-    fp32 params 16 (fp32 moments) or 12 (bf16 moments); bf16/fp16 params 12 or 8,
-    and 16 or 12 with master_weights. amsgrad adds one more state (4 or 2 bytes).
+    fp32 params 16 (fp32 moments), 12 (bf16 moments) or 10.03 (8-bit moments and
+    their scales); bf16/fp16 params 12, 8 or 6.03, and 4 more with master_weights.
+    amsgrad adds one more state (4, 2 or 1.02 bytes). Each byte is read and written
+    once per step (the grad read only).
     Table: README "Mixed precision".
 
     Each step is one ``_C`` call per (device, dtype) batch of a group; on CUDA the

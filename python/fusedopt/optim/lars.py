@@ -47,9 +47,11 @@ class LARS(MomentumState, FusedOptimizer):
             ``state['master']``; the norms and the update read the master (so the
             trust ratio comes from fp32 weights), the kernel writes it and the
             param rounded to nearest even (ignored for fp32/fp64 params).
-        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
-            ``torch.bfloat16`` for the momentum buffer (the math stays fp32; the
-            buffer is rounded to nearest even when stored). fp64 params keep fp64.
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default),
+            ``torch.bfloat16`` (the math stays fp32; the buffer is rounded to
+            nearest even when stored) or ``torch.int8`` (8-bit blockwise buffer,
+            int8 codes and ``state['absmax']``; README "8-bit states") for the
+            momentum buffer. fp64 params keep fp64 (int8 refuses them).
 
     Passes over memory per step, per (device, dtype) batch of a group, all in
     one ``_C`` call: (1) read p and g once for the per-tensor norms (skipped

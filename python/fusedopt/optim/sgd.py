@@ -111,14 +111,17 @@ class SGD(MomentumState, FusedOptimizer):
         master_weights (bool): keep an fp32 master copy of fp16/bf16 params in
             ``state['master']``; the kernel updates the master and writes the param
             rounded to nearest even (ignored for fp32/fp64 params).
-        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
-            ``torch.bfloat16`` for the momentum buffer (fp64 params keep fp64).
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default),
+            ``torch.bfloat16`` or ``torch.int8`` (8-bit blockwise buffer: int8 codes
+            and ``state['absmax']``, float32 ``[1, ceil(numel/256)]``; README "8-bit
+            states") for the momentum buffer (fp64 params keep fp64; int8 refuses them).
         foreach, fused: accepted for compatibility; fusedopt is always fused.
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:
     ``momentum_buffer`` only when momentum != 0, as in torch. Bytes per param
-    (param + grad + buffer [+ master]) with momentum: fp32 params 12 (fp32 buffer)
-    or 10 (bf16 buffer); bf16/fp16 params 8 or 6, and 12 or 10 with master_weights.
+    (param + grad + buffer [+ master]) with momentum: fp32 params 12 (fp32 buffer),
+    10 (bf16 buffer) or 9.02 (8-bit); bf16/fp16 params 8, 6 or 5.02, and 4 more
+    with master_weights.
     Table: README "Mixed precision".
     """
 
