@@ -76,11 +76,16 @@ def check(got, want, peaks, dtype):
             atol = max(1e-6, 1e-5 * peaks[i])
             torch.testing.assert_close(g, r, rtol=1e-5, atol=atol, msg=lambda m: f"tensor {i}: {m}")
         else:
-            # Within bf16 rounding: a rounding that went the other way once (the
-            # fused math is fp32, the reference fp64) leaves a one-ulp offset
-            # that later steps carry along, so the bound scales with the tensor.
+            # Within bf16 rounding: each rounding that went the other way (the fused
+            # math is fp32, the reference fp64) leaves a one-ulp offset that later
+            # steps carry along, and over 50 steps an element may take several
+            # (seed 85803955: 12 ulps of the tensor's scale on 14 of 2560 elements),
+            # so the bound per element is 16 ulps of the scale; the mean error must
+            # stay at a tenth of an ulp, which any systematic error breaks.
             scale = float(r.abs().max()) or 1.0
-            torch.testing.assert_close(g, r, rtol=2.0 ** -7, atol=2.0 ** -7 * scale, msg=lambda m: f"tensor {i}: {m}")
+            ulp = 2.0 ** -7 * scale
+            torch.testing.assert_close(g, r, rtol=2.0 ** -7, atol=16 * ulp, msg=lambda m: f"tensor {i}: {m}")
+            assert float((g - r).abs().mean()) <= 0.1 * ulp, f"tensor {i}: mean error {float((g - r).abs().mean())}"
 
 
 def assert_matches_reference(opt_cls, ref_cls, hyper, dtype, groups_extra=None, steps=STEPS, device="cpu"):
