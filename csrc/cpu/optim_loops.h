@@ -43,10 +43,11 @@ inline void advance_buffer_ages(const OptimCall& call, int age_column) {
 // Elements [b, e) of an SGD or LARS row: p (or its master) and the momentum
 // buffer move by element(p, g, buf, first, s) (ops/sgd.h, ops/lars.h). The
 // scalars come by value, so the compiler knows no store in the loop changes them.
-template <class P, class S, class C, bool kMaster, class Scalars, class Element>
+// kStore, sr: how p is stored (multi_tensor_cpu.h ParamStore).
+template <class P, class S, class C, int kStore, class Scalars, class Element>
 void momentum_piece(const TensorRow& r, const MomentumColumns& c, int64_t b, int64_t e, const Scalars s,
-                    Element&& element) {
-  const ParamIO<P, C, kMaster> p(r, c.param, c.master);
+                    Element&& element, StochasticRounding sr) {
+  const ParamIO<P, C, kStore> p(r, c.param, c.master, sr);
   const P* __restrict__ g = col<const P>(r, c.grad);
   S* __restrict__ buf = col<S>(r, c.buffer);
   const C first = momentum_first_step(r, c.age) ? C(1) : C(0);

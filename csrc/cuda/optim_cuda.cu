@@ -31,7 +31,7 @@ struct AdamFunctor {
     if (s.amsgrad != C(0)) load_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
 #pragma unroll
     for (int k = 0; k < V; ++k) adam_element<C>(p[k], g[k], m[k], v[k], vmax[k], s);
-    store_param<V, P>(r, kAdamParam, kAdamMaster, i, p);
+    store_param<V, P>(r, kAdamParam, kAdamMaster, i, p, d.rounding);
     store_elems<V>(col<S>(r, kAdamExpAvg), i, m);
     store_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
     if (s.amsgrad != C(0)) store_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
