@@ -7,8 +7,8 @@ give their numbers; ``lars`` and ``lamb`` have signatures of the same shape.
 Every call checks all its tensors and hyperparameters before it writes
 anything, then runs one fused kernel call per (device, dtype) batch. Extra
 fusedopt options are keyword arguments (``master_params``, ``state_dtype``,
-``eps_inside_sqrt``, ``stochastic_rounding`` with ``rounding_seed``); ``plan=StepPlan()`` kept across calls makes repeated
-steps cheap; ``launch=False`` returns a ``PreparedStep`` to launch later. Under
+``eps_inside_sqrt``, ``stochastic_rounding`` with ``rounding_seed``);
+``plan=StepPlan()`` kept across calls makes repeated steps cheap; ``launch=False`` returns a ``PreparedStep`` to launch later. Under
 torch.compile each call is one ``fusedopt::optimizer_step`` custom op.
 The optimizer classes (fusedopt.SGD, ...) are thin layers over these functions.
 """

@@ -111,8 +111,8 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     :math:`\lambda \ne 0` or always_adapt; :math:`d = (g + \lambda p) r`; then
     torch.optim.SGD's momentum on d. Norms are summed in the param's precision
     class (fp64 for fp64 params). ``master_params``, ``state_dtype``, ``momentum_buffer_ages``,
-    ``stochastic_rounding``, ``rounding_seed``, ``plan`` and ``launch`` as in :func:`sgd`. ``_split`` (tests): take the two-call path
-    of sharded params on plain tensors.
+    ``stochastic_rounding``, ``rounding_seed``, ``plan`` and ``launch`` as in :func:`sgd`. ``_split``
+    (tests): take the two-call path of sharded params on plain tensors.
     """
     h = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
              trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
