@@ -273,6 +273,16 @@ def _rounding(space, hyper):
     return space.map(lambda h: {**h, "stochastic_rounding": True})
 
 
+def _nearest(reference):
+    """The reference of a setting with stochastic rounding: the same step in fp32, which
+    the suites round to nearest (the fused 16-bit params are within an ulp a step of it)."""
+    def make(params, **hyper):
+        hyper.pop("stochastic_rounding", None)
+        return reference(params, **hyper)
+
+    return make
+
+
 def _torch(cls):
     def make(params, **hyper):
         return cls(params, foreach=False, **hyper)
@@ -282,7 +292,7 @@ def _torch(cls):
 
 def sgd(name: str, **hyper) -> OptimSpec:
     keys = ("momentum_buffer",) if hyper.get("momentum") else ()
-    return OptimSpec(name, fusedopt.SGD, _torch(torch.optim.SGD), hyper, _rounding(_sgd_space(), hyper),
+    return OptimSpec(name, fusedopt.SGD, _nearest(_torch(torch.optim.SGD)), hyper, _rounding(_sgd_space(), hyper),
                      SGD_BAD + ROUNDING_BAD, keys)
 
 
@@ -291,24 +301,24 @@ def _adam_keys(hyper):
 
 
 def adam(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.Adam, _torch(torch.optim.Adam), hyper, _rounding(_adam_space(), hyper),
+    return OptimSpec(name, fusedopt.Adam, _nearest(_torch(torch.optim.Adam)), hyper, _rounding(_adam_space(), hyper),
                      ADAM_BAD + ROUNDING_BAD, _adam_keys(hyper))
 
 
 def adamw(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.AdamW, _torch(torch.optim.AdamW), hyper, _rounding(_adam_space(), hyper),
+    return OptimSpec(name, fusedopt.AdamW, _nearest(_torch(torch.optim.AdamW)), hyper, _rounding(_adam_space(), hyper),
                      ADAM_BAD + ROUNDING_BAD, _adam_keys(hyper))
 
 
 # LARS / LAMB: torch has none; the references are tests/reference_optim.py (fp64 math).
 def lars(name: str, **hyper) -> OptimSpec:
     keys = ("momentum_buffer",) if hyper.get("momentum") else ()
-    return OptimSpec(name, fusedopt.LARS, RefLARS, hyper, _rounding(_lars_space(), hyper), LARS_BAD + ROUNDING_BAD,
+    return OptimSpec(name, fusedopt.LARS, _nearest(RefLARS), hyper, _rounding(_lars_space(), hyper), LARS_BAD + ROUNDING_BAD,
                      keys)
 
 
 def lamb(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.LAMB, RefLAMB, hyper, _rounding(_lamb_space(), hyper), LAMB_BAD + ROUNDING_BAD,
+    return OptimSpec(name, fusedopt.LAMB, _nearest(RefLAMB), hyper, _rounding(_lamb_space(), hyper), LAMB_BAD + ROUNDING_BAD,
                      ("exp_avg", "exp_avg_sq"))
 
 

@@ -23,7 +23,6 @@ from fusedopt import _C
 from fusedopt import functional as F
 from fusedopt._kernels import DTYPE_CODES
 from optim_registry import BY_NAME, snapshot
-from reference_optim import RefLAMB, RefLARS
 
 SIXTEEN = [torch.bfloat16, torch.float16]
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
@@ -285,19 +284,16 @@ def test_groups_get_different_bits(seed):
 
 # ---- (d) every optimizer, against its fp32 reference -----------------------------------
 
-REFERENCES = {"SGD-sr": lambda ps, **h: torch.optim.SGD(ps, foreach=False, **h),
-              "Adam-sr": lambda ps, **h: torch.optim.Adam(ps, foreach=False, **h),
-              "AdamW-sr": lambda ps, **h: torch.optim.AdamW(ps, foreach=False, **h),
-              "LARS-sr": RefLARS, "LAMB-sr": RefLAMB}
+ROUNDING_SPECS = ["SGD-sr", "Adam-sr", "AdamW-sr", "LARS-sr", "LAMB-sr"]
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN, ids=dtype_id)
-@pytest.mark.parametrize("spec_name", list(REFERENCES))
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
 def test_step_is_within_one_ulp_of_the_fp32_reference(spec_name, dtype, seed):
-    """One step: each 16-bit param is one of the two neighbours of the fp32 reference
-    update (torch.optim / the fp64 LARS, LAMB references on an fp32 copy), and some go
-    to the farther one (it is not round-to-nearest). An fp32 param of the same group
-    gets exactly the bits it gets without stochastic rounding."""
+    """One step: each 16-bit param is within one ulp of the fp32 reference update
+    (torch.optim / the fp64 LARS, LAMB references of tests/reference_optim.py, on an fp32
+    copy), and as many elements go to the farther neighbour as stochastic rounding sends
+    there. An fp32 param of the same group gets exactly its bits without stochastic rounding."""
     spec = BY_NAME[spec_name]
     hyper = {k: v for k, v in spec.hyper.items() if k != "stochastic_rounding"}
     gen = torch.Generator().manual_seed(seed)
@@ -314,7 +310,7 @@ def test_step_is_within_one_ulp_of_the_fp32_reference(spec_name, dtype, seed):
         p.grad, q.grad, r.grad = g.clone(), g.float(), g.clone()
     before = [p.detach().double() for p in params]
     spec.make(params + [flt], **spec.hyper).step()
-    REFERENCES[spec_name](ref, **hyper).step()
+    spec.reference(ref, **spec.hyper).step()  # fp32 (the registry drops stochastic_rounding)
     spec.make(nearest, **hyper).step()
     farther, expected, variance = 0, 0.0, 0.0
     for p, q, r, old in zip(params, ref, nearest, before):
@@ -343,7 +339,7 @@ def test_step_is_within_one_ulp_of_the_fp32_reference(spec_name, dtype, seed):
 
 # ---- refusals leave everything as it was --------------------------------------------------
 
-@pytest.mark.parametrize("spec_name", list(REFERENCES))
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
 @pytest.mark.parametrize("change,exc,match", [
     ({"master_weights": True}, ValueError, r"param_groups\[1\]: stochastic_rounding=True and master_weights=True"),
     ({"stochastic_rounding": 1}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
