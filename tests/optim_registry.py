@@ -140,6 +140,14 @@ MUON_BAD = COMMON_BAD + [
 # Muon's AdamW groups: Adam's rules on betas and eps, no amsgrad or maximize.
 MUON_ADAMW_BAD = [b for b in ADAM_BAD]
 
+# The classes with stochastic rounding (SGD, Adam, AdamW, LARS, LAMB).
+ROUNDING_BAD = [
+    ({"stochastic_rounding": 1}, TypeError, _must_be_bool("stochastic_rounding")),
+    ({"stochastic_rounding": "yes"}, TypeError, _must_be_bool("stochastic_rounding")),
+    ({"stochastic_rounding": True, "master_weights": True}, ValueError,
+     r"param_groups\[\d+\]: stochastic_rounding=True and master_weights=True exclude each other"),
+]
+
 
 @dataclass(frozen=True)
 class OptimSpec:
@@ -162,6 +170,12 @@ class OptimSpec:
 
     def __repr__(self) -> str:  # short test ids
         return self.name
+
+    @property
+    def rounds(self) -> bool:
+        """16-bit params are rounded stochastically: each step one of the two neighbours
+        of the fp32 result, not the nearest."""
+        return bool(self.hyper.get("stochastic_rounding"))
 
     @property
     def clips(self) -> bool:
@@ -255,6 +269,23 @@ def _muon_adamw_space():
 
 # ---- one builder per class ----------------------------------------------------------
 
+def _rounding(space, hyper):
+    """A setting with stochastic rounding keeps it on in every fuzzed setting of its space."""
+    if not hyper.get("stochastic_rounding"):
+        return space
+    return space.map(lambda h: {**h, "stochastic_rounding": True})
+
+
+def _nearest(reference):
+    """The reference of a setting with stochastic rounding: the same step in fp32, which
+    the suites round to nearest (the fused 16-bit params are within an ulp a step of it)."""
+    def make(params, **hyper):
+        hyper.pop("stochastic_rounding", None)
+        return reference(params, **hyper)
+
+    return make
+
+
 def _torch(cls):
     def make(params, **hyper):
         return cls(params, foreach=False, **hyper)
@@ -264,7 +295,8 @@ def _torch(cls):
 
 def sgd(name: str, **hyper) -> OptimSpec:
     keys = ("momentum_buffer",) if hyper.get("momentum") else ()
-    return OptimSpec(name, fusedopt.SGD, _torch(torch.optim.SGD), hyper, _sgd_space(), SGD_BAD, keys)
+    return OptimSpec(name, fusedopt.SGD, _nearest(_torch(torch.optim.SGD)), hyper, _rounding(_sgd_space(), hyper),
+                     SGD_BAD + ROUNDING_BAD, keys)
 
 
 def _adam_keys(hyper):
@@ -272,23 +304,25 @@ def _adam_keys(hyper):
 
 
 def adam(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.Adam, _torch(torch.optim.Adam), hyper, _adam_space(), ADAM_BAD,
-                     _adam_keys(hyper))
+    return OptimSpec(name, fusedopt.Adam, _nearest(_torch(torch.optim.Adam)), hyper, _rounding(_adam_space(), hyper),
+                     ADAM_BAD + ROUNDING_BAD, _adam_keys(hyper))
 
 
 def adamw(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.AdamW, _torch(torch.optim.AdamW), hyper, _adam_space(), ADAM_BAD,
-                     _adam_keys(hyper))
+    return OptimSpec(name, fusedopt.AdamW, _nearest(_torch(torch.optim.AdamW)), hyper, _rounding(_adam_space(), hyper),
+                     ADAM_BAD + ROUNDING_BAD, _adam_keys(hyper))
 
 
 # LARS / LAMB: torch has none; the references are tests/reference_optim.py (fp64 math).
 def lars(name: str, **hyper) -> OptimSpec:
     keys = ("momentum_buffer",) if hyper.get("momentum") else ()
-    return OptimSpec(name, fusedopt.LARS, RefLARS, hyper, _lars_space(), LARS_BAD, keys)
+    return OptimSpec(name, fusedopt.LARS, _nearest(RefLARS), hyper, _rounding(_lars_space(), hyper), LARS_BAD + ROUNDING_BAD,
+                     keys)
 
 
 def lamb(name: str, **hyper) -> OptimSpec:
-    return OptimSpec(name, fusedopt.LAMB, RefLAMB, hyper, _lamb_space(), LAMB_BAD, ("exp_avg", "exp_avg_sq"))
+    return OptimSpec(name, fusedopt.LAMB, _nearest(RefLAMB), hyper, _rounding(_lamb_space(), hyper), LAMB_BAD + ROUNDING_BAD,
+                     ("exp_avg", "exp_avg_sq"))
 
 
 def split_muon(params, **hyper):
@@ -379,6 +413,14 @@ OPTIMIZERS: List[OptimSpec] = [
     adam8("Adam-int8", lr=1e-2, weight_decay=1e-3),
     adam8("AdamW-int8-amsgrad", decoupled=True, lr=1e-2, weight_decay=0.05, amsgrad=True),
     lars8("LARS-int8", lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    # Stochastic rounding: 16-bit params rounded at random (fp32/fp64 params, most of the
+    # suites' cases, ignore it); ``rounds`` tells the suites that compare 16-bit params with a
+    # round-to-nearest reference to allow one ulp per step.
+    sgd("SGD-sr", lr=0.05, momentum=0.9, stochastic_rounding=True),
+    adam("Adam-sr", lr=1e-2, weight_decay=1e-3, stochastic_rounding=True),
+    adamw("AdamW-sr", lr=1e-2, weight_decay=0.05, stochastic_rounding=True),
+    lars("LARS-sr", lr=0.1, momentum=0.9, weight_decay=1e-3, stochastic_rounding=True),
+    lamb("LAMB-sr", lr=1e-2, weight_decay=0.05, stochastic_rounding=True),
 ]
 
 BY_NAME = {s.name: s for s in OPTIMIZERS}

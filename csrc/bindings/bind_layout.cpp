@@ -80,6 +80,7 @@ void register_layout(py::module_& m) {
   layout["numel_column"] = static_cast<int64_t>(offsetof(TensorRow, numel) / sizeof(int64_t));
   layout["flags_column"] = static_cast<int64_t>(offsetof(TensorRow, flags) / sizeof(int64_t));
   layout["row_flags"] = named({{"first_step", kRowFirstStep}, {"aligned16", kRowAligned16}});
+  layout["row_salt_shift"] = static_cast<int64_t>(kRowSaltShift);
   layout["dtype_codes"] = named({{"float32", kFloat32}, {"float16", kFloat16}, {"bfloat16", kBFloat16},
                                  {"float64", kFloat64}, {"int8", kInt8}});
   layout["kernels"] = kernels;

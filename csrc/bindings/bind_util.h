@@ -25,7 +25,7 @@ template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address
 // Builds the OptimCall shared by all optimizer entry points.
 inline OptimCall make_call(const RowArray& rows, int param_dtype, int state_dtype, int device,
                            int64_t lr_ptr, int64_t grad_scale_ptr, int64_t found_inf_ptr,
-                           int64_t stream) {
+                           int64_t stream, bool stochastic_rounding = false, uint64_t rounding_seed = 0) {
   OptimCall c{};
   c.rows = rows_of(rows, &c.n_rows);
   c.param_dtype = param_dtype;
@@ -35,6 +35,7 @@ inline OptimCall make_call(const RowArray& rows, int param_dtype, int state_dtyp
   c.grad_scale = ptr<const float>(grad_scale_ptr);
   c.found_inf = ptr<const float>(found_inf_ptr);
   c.stream = ptr<void>(stream);
+  c.rounding = StochasticRounding{stochastic_rounding, rounding_seed};
   return c;
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../ops/common.h"
+#include "../ops/stochastic_round.h"
 #include "../ops/tensor_row.h"
 #include "thread_pool.h"
 
@@ -66,19 +67,30 @@ void for_each_piece(const TensorRow* rows, const std::vector<int64_t>& offsets, 
 
 template <class T> inline T* col(const TensorRow& r, int c) { return reinterpret_cast<T*>(r.ptr[c]); }
 
+// How a driver stores a param (ParamIO's kStore): rounded to nearest even;
+// through its fp32 master (the param rounded to nearest from it); or, for a
+// 16-bit param without master under stochastic rounding, rounded up or down at
+// random (ops/stochastic_round.h). A bool true/false reads as master/nearest.
+enum ParamStore : int { kStoreNearest = 0, kStoreMaster = 1, kStoreStochastic = 2 };
+
 // A param as the optimizer math sees it: its fp32 master copy when the row has
-// one (kMaster), else the param itself; a store writes the master and the
-// param rounded from it.
-template <class P, class C, bool kMaster>
+// one (kStoreMaster), else the param itself; a store writes the master and the
+// param rounded from it, or the param rounded as kStore says. i: the element's
+// index in its tensor (never chunk-local: the random bits depend on it).
+template <class P, class C, int kStore>
 struct ParamIO {
+  static constexpr bool kMaster = kStore == kStoreMaster;
   P* __restrict__ p;
   float* __restrict__ master;
-  ParamIO(const TensorRow& r, int param_column, int master_column)
-      : p(col<P>(r, param_column)), master(col<float>(r, master_column)) {}
+  uint64_t key;  // kStoreStochastic: the row's rounding key
+  ParamIO(const TensorRow& r, int param_column, int master_column, StochasticRounding sr = {})
+      : p(col<P>(r, param_column)), master(col<float>(r, master_column)),
+        key(kStore == kStoreStochastic ? rounding_row_key(sr.seed, r) : 0) {}
   C load(int64_t i) const { return kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]); }
   void store(int64_t i, C v) const {
     if (kMaster) master[i] = static_cast<float>(v);
-    store_as(p[i], v);
+    if constexpr (kStore == kStoreStochastic) store_stochastic(p[i], v, rounding_bits(key, i));
+    else store_as(p[i], v);
   }
 };
 

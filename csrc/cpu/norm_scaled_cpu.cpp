@@ -3,7 +3,6 @@
 // reduce_rows/lane_sums (reduce_cpu.h) so its sums are deterministic.
 #include <cmath>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 #include "../ops/combine.h"
@@ -28,9 +27,9 @@ void row_sums(const TensorRow& row, int column, const double* computed, double (
   }
 }
 
-template <class P, class C, bool kMaster>
+template <class P, class C, int kStore>
 void lars_norms_piece(const TensorRow& r, int64_t b, int64_t e, double* out) {
-  const ParamIO<P, C, kMaster> p(r, kLarsParam, kLarsMaster);
+  const ParamIO<P, C, kStore> p(r, kLarsParam, kLarsMaster);
   const P* __restrict__ g = col<const P>(r, kLarsGrad);
   lane_sums<C, 2>(b, e, [&](int64_t i, C(&q)[2]) {
     const C pv = p.load(i), gv = load_as<P, C>(g[i]);
@@ -41,9 +40,10 @@ void lars_norms_piece(const TensorRow& r, int64_t b, int64_t e, double* out) {
 
 // LAMB moment pass over [b, e): updates m, v; with `apply` (no trust ratio in
 // this step) also moves p, else sums p'^2 and u^2 into out[2].
-template <class P, class S, class C, bool kApply, bool kMaster>
-void lamb_moment_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalars<C> s, double* out) {
-  const ParamIO<P, C, kMaster> p(r, kLambParam, kLambMaster);
+template <class P, class S, class C, bool kApply, int kStore>
+void lamb_moment_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalars<C> s, double* out,
+                       StochasticRounding sr) {
+  const ParamIO<P, C, kStore> p(r, kLambParam, kLambMaster, sr);
   const P* __restrict__ g = col<P>(r, kLambGrad);
   S* __restrict__ m = col<S>(r, kLambExpAvg);
   S* __restrict__ v = col<S>(r, kLambExpAvgSq);
@@ -69,9 +69,9 @@ void lamb_moment_piece(const TensorRow& r, int64_t b, int64_t e, const LambScala
   }, out);
 }
 
-template <class P, class S, class C, bool kMaster>
-void lamb_apply_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalars<C> s) {
-  const ParamIO<P, C, kMaster> p(r, kLambParam, kLambMaster);
+template <class P, class S, class C, int kStore>
+void lamb_apply_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalars<C> s, StochasticRounding sr) {
+  const ParamIO<P, C, kStore> p(r, kLambParam, kLambMaster, sr);
   const S* __restrict__ m = col<S>(r, kLambExpAvg);
   const S* __restrict__ v = col<S>(r, kLambExpAvgSq);
   for (int64_t i = b; i < e; ++i) {
@@ -79,13 +79,6 @@ void lamb_apply_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalar
     const C u = lamb_direction<C>(pv, load_as<S, C>(m[i]), load_as<S, C>(v[i]), s);
     p.store(i, lamb_apply<C>(pv, u, s));
   }
-}
-
-// Calls fn(std::integral_constant<bool, master>) once: the master column as a
-// compile-time switch, so the element loops stay branch-free.
-template <class Fn>
-void with_master(bool master, Fn&& fn) {
-  master ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
 }  // namespace
@@ -121,8 +114,8 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
-    with_master(any_master(call, kLarsMaster), [&](auto master) {
-      constexpr bool M = decltype(master)::value;
+    with_param_store<P>(call, kLarsMaster, [&](auto store) {
+      constexpr int M = decltype(store)::value;
       std::vector<LarsScalars<C>> scalars(static_cast<size_t>(call.n_rows), lars_scalars<C>(h, lr, divisor, 1.0));
       if (lars_adapts(h)) {
         std::vector<double> sums;
@@ -145,14 +138,15 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
       if constexpr (std::is_same_v<C, float>) {
         if (q8) {
           for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
-            momentum_q8_piece<P, M>(call.rows[r], kLarsColumns, kLarsAbsmax, bb, be, scalars[r], element);
+            momentum_q8_piece<P, M>(call.rows[r], kLarsColumns, kLarsAbsmax, bb, be, scalars[r], element,
+                                    call.rounding);
           });
           return;
         }
       }
       for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
                      [&](int64_t, int64_t r, int64_t b, int64_t e) {
-        momentum_piece<P, S, C, M>(call.rows[r], kLarsColumns, b, e, scalars[r], element);
+        momentum_piece<P, S, C, M>(call.rows[r], kLarsColumns, b, e, scalars[r], element, call.rounding);
       });
     });
   });
@@ -176,19 +170,19 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
     std::vector<LambScalars<C>> scalars = step_scalars<LambScalars<C>>(
         call, kLambStep, !moments_only, [&](double t) { return lamb_scalars<C>(h, t, lr, divisor, 1.0); });
     const std::vector<int64_t> off = row_offsets(call.rows, call.n_rows);
-    with_master(any_master(call, kLambMaster), [&](auto master) {
-      constexpr bool M = decltype(master)::value;
+    with_param_store<P>(call, kLambMaster, [&](auto store) {
+      constexpr int M = decltype(store)::value;
       if (!lamb_adapts(h)) {  // r = 1: moments and update in one pass
         for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
           double unused[2];
-          lamb_moment_piece<P, S, C, true, M>(call.rows[r], b, e, scalars[r], unused);
+          lamb_moment_piece<P, S, C, true, M>(call.rows[r], b, e, scalars[r], unused, call.rounding);
         });
         return;
       }
       std::vector<double> sums;
       if (!apply_only) {
         sums = reduce_rows<2>(call.rows, call.n_rows, [&](int64_t r, int64_t b, int64_t e, double* out) {
-          lamb_moment_piece<P, S, C, false, M>(call.rows[r], b, e, scalars[r], out);
+          lamb_moment_piece<P, S, C, false, M>(call.rows[r], b, e, scalars[r], out, call.rounding);
         });
       }
       for (int64_t r = 0; r < call.n_rows; ++r) {
@@ -198,7 +192,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
       }
       if (moments_only) return;
       for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
-        lamb_apply_piece<P, S, C, M>(call.rows[r], b, e, scalars[r]);
+        lamb_apply_piece<P, S, C, M>(call.rows[r], b, e, scalars[r], call.rounding);
       });
     });
   });

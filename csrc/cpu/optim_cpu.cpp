@@ -12,9 +12,9 @@
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
-template <class P, class S, bool kAmsgrad, bool kMaster, bool kPlain, class C>
-void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s) {
-  const ParamIO<P, C, kMaster> p(r, kAdamParam, kAdamMaster);
+template <class P, class S, bool kAmsgrad, int kStore, bool kPlain, class C>
+void adam_piece(const TensorRow& r, int64_t b, int64_t e, const AdamScalars<C> s, StochasticRounding sr) {
+  const ParamIO<P, C, kStore> p(r, kAdamParam, kAdamMaster, sr);
   const P* __restrict__ g = col<P>(r, kAdamGrad);
   S* __restrict__ m = col<S>(r, kAdamExpAvg);
   S* __restrict__ v = col<S>(r, kAdamExpAvgSq);
@@ -44,13 +44,15 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
     const std::vector<AdamScalars<C>> scalars = step_scalars<AdamScalars<C>>(
         call, kAdamStep, true, [&](double t) { return adam_scalars<C>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
-    const bool master = any_master(call, kAdamMaster);
     const bool plain = adam_is_plain(h, divisor);
-    for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
-                   [&](int64_t, int64_t r, int64_t b, int64_t e) {
-      with_adam_options(amsgrad, master, plain, [&](auto ams, auto mst, auto pln) {
-        adam_piece<P, S, decltype(ams)::value, decltype(mst)::value, decltype(pln)::value>(call.rows[r], b, e,
-                                                                                         scalars[r]);
+    with_param_store<P>(call, kAdamMaster, [&](auto store) {
+      constexpr int M = decltype(store)::value;
+      for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+                     [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        with_adam_options(amsgrad, plain, [&](auto ams, auto pln) {
+          adam_piece<P, S, decltype(ams)::value, M, decltype(pln)::value>(call.rows[r], b, e, scalars[r],
+                                                                          call.rounding);
+        });
       });
     });
   });
@@ -66,14 +68,14 @@ void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h) {
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
     const SgdScalars<C> s = sgd_scalars<C>(h, lr, divisor);
-    const bool master = any_master(call, kSgdMaster);
     const auto element = [](C& p, C g, C& buf, C first, const SgdScalars<C>& sc) {
       sgd_element<C>(p, g, buf, first, sc);
     };
-    for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
-                   [&](int64_t, int64_t r, int64_t b, int64_t e) {
-      master ? momentum_piece<P, S, C, true>(call.rows[r], kSgdColumns, b, e, s, element)
-             : momentum_piece<P, S, C, false>(call.rows[r], kSgdColumns, b, e, s, element);
+    with_param_store<P>(call, kSgdMaster, [&](auto store) {
+      for_each_piece(call.rows, row_offsets(call.rows, call.n_rows), kCpuChunkElements,
+                     [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        momentum_piece<P, S, C, decltype(store)::value>(call.rows[r], kSgdColumns, b, e, s, element, call.rounding);
+      });
     });
   });
   advance_buffer_ages(call, kSgdBufferAge);

@@ -1,8 +1,11 @@
 // CPU drivers of the elementwise optimizers. Each is built once per SIMD level
 // (see simd.h); the unqualified functions dispatch to the best level.
 #pragma once
+#include <type_traits>
+
 #include "../ops/adam.h"
 #include "../ops/sgd.h"
+#include "multi_tensor_cpu.h"
 #include "simd.h"
 
 #define FO_OPTIM_CPU_DECLS                                      \
@@ -21,5 +24,17 @@ inline bool any_master(const OptimCall& call, int column) {
   for (int64_t r = 0; r < call.n_rows; ++r)
     if (call.rows[r].ptr[column]) return true;
   return false;
+}
+// fn(std::integral_constant<int, kStore>): how this call stores params P
+// (multi_tensor_cpu.h ParamStore) as a compile-time switch, so the element
+// loops stay branch-free. Stochastic rounding applies to 16-bit rows without
+// master only (Python refuses it with master weights).
+template <class P, class Fn>
+void with_param_store(const OptimCall& call, int master_column, Fn&& fn) {
+  if (any_master(call, master_column)) return fn(std::integral_constant<int, kStoreMaster>{});
+  if constexpr (IsSixteenBit<P>::value) {
+    if (call.rounding.on) return fn(std::integral_constant<int, kStoreStochastic>{});
+  }
+  fn(std::integral_constant<int, kStoreNearest>{});
 }
 }  // namespace fusedopt::cpu

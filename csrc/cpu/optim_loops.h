@@ -34,14 +34,14 @@ std::vector<Scalars> step_scalars(const OptimCall& call, int step_column, bool a
   return out;
 }
 
-// fn(std::bool_constant<amsgrad>, <master>, <plain>): the Adam drivers' loops
-// compiled for each combination of these options.
+// fn(std::bool_constant<amsgrad>, <plain>): the Adam drivers' loops compiled for
+// each combination of these options (the param store: with_param_store).
 template <class Fn>
-void with_adam_options(bool amsgrad, bool master, bool plain, Fn&& fn) {
+void with_adam_options(bool amsgrad, bool plain, Fn&& fn) {
   auto b = [](bool on, auto&& next) {
     on ? next(std::true_type{}) : next(std::false_type{});
   };
-  b(amsgrad, [&](auto a) { b(master, [&](auto m) { b(plain, [&](auto p) { fn(a, m, p); }); }); });
+  b(amsgrad, [&](auto a) { b(plain, [&](auto p) { fn(a, p); }); });
 }
 
 // After a step that ran (not skipped): every momentum-buffer age counter of
@@ -54,10 +54,11 @@ inline void advance_buffer_ages(const OptimCall& call, int age_column) {
 // Elements [b, e) of an SGD or LARS row: p (or its master) and the momentum
 // buffer move by element(p, g, buf, first, s) (ops/sgd.h, ops/lars.h). The
 // scalars come by value, so the compiler knows no store in the loop changes them.
-template <class P, class S, class C, bool kMaster, class Scalars, class Element>
+// kStore, sr: how p is stored (multi_tensor_cpu.h ParamStore).
+template <class P, class S, class C, int kStore, class Scalars, class Element>
 void momentum_piece(const TensorRow& r, const MomentumColumns& c, int64_t b, int64_t e, const Scalars s,
-                    Element&& element) {
-  const ParamIO<P, C, kMaster> p(r, c.param, c.master);
+                    Element&& element, StochasticRounding sr) {
+  const ParamIO<P, C, kStore> p(r, c.param, c.master, sr);
   const P* __restrict__ g = col<const P>(r, c.grad);
   S* __restrict__ buf = col<S>(r, c.buffer);
   const C first = momentum_first_step(r, c.age) ? C(1) : C(0);

@@ -13,9 +13,9 @@
 namespace fusedopt::cpu::FUSEDOPT_SIMD_NS {
 namespace {
 
-template <class P, bool kAmsgrad, bool kMaster, bool kPlain>
-void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars<float> s) {
-  const ParamIO<P, float, kMaster> p(r, kAdamParam, kAdamMaster);
+template <class P, bool kAmsgrad, int kStore, bool kPlain>
+void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars<float> s, StochasticRounding sr) {
+  const ParamIO<P, float, kStore> p(r, kAdamParam, kAdamMaster, sr);
   const P* __restrict__ g = col<const P>(r, kAdamGrad);
   const QuantState<Code8::kSigned> m(r, kAdamExpAvg, kAdamAbsmax, 0);
   const QuantState<Code8::kUnsigned> v(r, kAdamExpAvgSq, kAdamAbsmax, 1);
@@ -51,12 +51,14 @@ void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
     const std::vector<AdamScalars<float>> scalars = step_scalars<AdamScalars<float>>(
         call, kAdamStep, true, [&](double t) { return adam_scalars<float>(h, t, lr, divisor); });
     const bool amsgrad = h.flags & kAdamAmsgrad;
-    const bool master = any_master(call, kAdamMaster);
     const bool plain = adam_is_plain(h, divisor);
-    for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
-      with_adam_options(amsgrad, master, plain, [&](auto ams, auto mst, auto pln) {
-        adam_q8_piece<P, decltype(ams)::value, decltype(mst)::value, decltype(pln)::value>(call.rows[r], bb, be,
-                                                                                         scalars[r]);
+    with_param_store<P>(call, kAdamMaster, [&](auto store) {
+      constexpr int M = decltype(store)::value;
+      for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
+        with_adam_options(amsgrad, plain, [&](auto ams, auto pln) {
+          adam_q8_piece<P, decltype(ams)::value, M, decltype(pln)::value>(call.rows[r], bb, be, scalars[r],
+                                                                          call.rounding);
+        });
       });
     });
   });
@@ -67,13 +69,14 @@ void multi_tensor_sgd_q8(const OptimCall& call, const SgdHyper& h) {
   dispatch_q8_param(call.param_dtype, [&](auto ptag) {
     using P = typename decltype(ptag)::type;
     const SgdScalars<float> s = sgd_scalars<float>(h, lr, divisor);
-    const bool master = any_master(call, kSgdMaster);
     const auto element = [](float& p, float g, float& buf, float first, const SgdScalars<float>& sc) {
       sgd_element<float>(p, g, buf, first, sc);
     };
-    for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
-      master ? momentum_q8_piece<P, true>(call.rows[r], kSgdColumns, kSgdAbsmax, bb, be, s, element)
-             : momentum_q8_piece<P, false>(call.rows[r], kSgdColumns, kSgdAbsmax, bb, be, s, element);
+    with_param_store<P>(call, kSgdMaster, [&](auto store) {
+      constexpr int M = decltype(store)::value;
+      for_each_piece(call.rows, row_block_offsets(call), kChunkBlocks, [&](int64_t, int64_t r, int64_t bb, int64_t be) {
+        momentum_q8_piece<P, M>(call.rows[r], kSgdColumns, kSgdAbsmax, bb, be, s, element, call.rounding);
+      });
     });
   });
   advance_buffer_ages(call, kSgdBufferAge);

@@ -89,11 +89,12 @@ inline void clear_tail(float* buf, int64_t n) {
 }
 
 // The momentum loop of SGD and LARS (optim_loops.h momentum_piece) over the whole
-// blocks [bb, be) of a row whose buffer is 8-bit (its scales in absmax_column).
-template <class P, bool kMaster, class Scalars, class Element>
+// blocks [bb, be) of a row whose buffer is 8-bit (its scales in absmax_column);
+// kStore, sr: how p is stored (multi_tensor_cpu.h ParamStore).
+template <class P, int kStore, class Scalars, class Element>
 void momentum_q8_piece(const TensorRow& r, const MomentumColumns& c, int absmax_column, int64_t bb, int64_t be,
-                       const Scalars s, Element&& element) {
-  const ParamIO<P, float, kMaster> p(r, c.param, c.master);
+                       const Scalars s, Element&& element, StochasticRounding sr) {
+  const ParamIO<P, float, kStore> p(r, c.param, c.master, sr);
   const P* __restrict__ g = col<const P>(r, c.grad);
   const QuantState<Code8::kSigned> buf(r, c.buffer, absmax_column, 0);
   const float first = momentum_first_step(r, c.age) ? 1.0f : 0.0f;

@@ -30,7 +30,7 @@ struct MomentumFunctor {
     if (s.has_momentum != C(0) && first == C(0)) load_elems<V>(col<S>(r, buffer), i, buf);
 #pragma unroll
     for (int k = 0; k < V; ++k) Rule::element(p[k], g[k], buf[k], first, s);
-    store_param<V, P>(r, param, master, i, p);
+    store_param<V, P>(r, param, master, i, p, d.rounding);
     if (s.has_momentum != C(0)) store_elems<V>(col<S>(r, buffer), i, buf);
   }
 };

@@ -12,6 +12,7 @@
 
 #include "../common/chunk_table.h"
 #include "../ops/common.h"
+#include "../ops/stochastic_round.h"
 #include "../ops/tensor_row.h"
 
 namespace fusedopt::cuda {
@@ -75,17 +76,19 @@ inline std::vector<PlannedLaunch> plan_launches(const TensorRow* rows, int64_t n
   return launches;
 }
 
-// The optional device scalars of an OptimCall, read by every optimizer functor.
+// The optional device scalars of an OptimCall, read by every optimizer functor,
+// and how it stores 16-bit params without master (store_param).
 struct DeviceScalars {
   const float* lr_ptr;
   const float* grad_scale;
   const float* found_inf;
+  StochasticRounding rounding;
   __device__ bool skip() const { return found_inf && *found_inf != 0.0f; }
   __device__ double lr(double fallback) const { return lr_ptr ? static_cast<double>(*lr_ptr) : fallback; }
   __device__ double divisor() const { return grad_scale ? static_cast<double>(*grad_scale) : 1.0; }
 };
 
-inline DeviceScalars device_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf}; }
+inline DeviceScalars device_scalars(const OptimCall& c) { return {c.lr_ptr, c.grad_scale, c.found_inf, c.rounding}; }
 
 template <class T> __device__ __forceinline__ T* col(const TensorRow& r, int c) {
   return reinterpret_cast<T*>(r.ptr[c]);
@@ -126,10 +129,25 @@ __device__ __forceinline__ void load_param(const TensorRow& r, int param_column,
   if (r.ptr[master_column]) load_elems<V>(col<float>(r, master_column), i, p);
   else load_elems<V>(col<P>(r, param_column), i, p);
 }
+// A row with master: the master and the param rounded to nearest from it. Else
+// the param, rounded to nearest or, with sr.on and a 16-bit P, stochastically
+// (ops/stochastic_round.h; i is the element's index in its tensor).
 template <int V, class P, class C>
 __device__ __forceinline__ void store_param(const TensorRow& r, int param_column, int master_column, int64_t i,
-                                            const C (&p)[V]) {
+                                            const C (&p)[V], StochasticRounding sr = {}) {
   if (r.ptr[master_column]) store_elems<V>(col<float>(r, master_column), i, p);
+  if constexpr (IsSixteenBit<P>::value) {
+    if (sr.on && !r.ptr[master_column]) {
+      const uint64_t key = rounding_row_key(sr.seed, r);
+      P* base = col<P>(r, param_column);
+      Packet<P, V> pk;
+#pragma unroll
+      for (int k = 0; k < V; ++k) store_stochastic(pk.v[k], p[k], rounding_bits(key, i + k));
+      if constexpr (V == 1) base[i] = pk.v[0];
+      else *reinterpret_cast<Packet<P, V>*>(base + i) = pk;
+      return;
+    }
+  }
   store_elems<V>(col<P>(r, param_column), i, p);
 }
 

@@ -115,7 +115,7 @@ struct LambMomentFunctor : LambBase {
     }
     store_elems<V>(col<S>(r, kLambExpAvg), i, m);
     store_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
-    if constexpr (kApply) store_param<V, P>(r, kLambParam, kLambMaster, i, p);
+    if constexpr (kApply) store_param<V, P>(r, kLambParam, kLambMaster, i, p, d.rounding);
   }
   template <int V>
   __device__ void apply(const TensorRow& r, int64_t i, const LambScalars<C>& s) const {
@@ -142,7 +142,7 @@ struct LambApplyFunctor : LambBase {
     load_elems<V>(col<S>(r, kLambExpAvgSq), i, v);
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = lamb_apply<C>(p[k], lamb_direction<C>(p[k], m[k], v[k], s), s);
-    store_param<V, P>(r, kLambParam, kLambMaster, i, p);
+    store_param<V, P>(r, kLambParam, kLambMaster, i, p, d.rounding);
   }
 };
 

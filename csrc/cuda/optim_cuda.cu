@@ -32,7 +32,7 @@ struct AdamFunctor {
     if (s.amsgrad != C(0)) load_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
 #pragma unroll
     for (int k = 0; k < V; ++k) adam_element<C>(p[k], g[k], m[k], v[k], vmax[k], s);
-    store_param<V, P>(r, kAdamParam, kAdamMaster, i, p);
+    store_param<V, P>(r, kAdamParam, kAdamMaster, i, p, d.rounding);
     store_elems<V>(col<S>(r, kAdamExpAvg), i, m);
     store_elems<V>(col<S>(r, kAdamExpAvgSq), i, v);
     if (s.amsgrad != C(0)) store_elems<V>(col<S>(r, kAdamMaxExpAvgSq), i, vmax);
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) adam_q8_kernel(const __grid_constant
       load_param<1, P>(row, kAdamParam, kAdamMaster, i, p);
       load_elems<1>(col<P>(row, kAdamGrad), i, g);
       adam_element<float>(p[0], g[0], mv[k], vv[k], vmv[k], s);
-      store_param<1, P>(row, kAdamParam, kAdamMaster, i, p);
+      store_param<1, P>(row, kAdamParam, kAdamMaster, i, p, f.d.rounding);
     }
     m.store(q, base, lane, n, mv);
     v.store(q, base, lane, n, vv);

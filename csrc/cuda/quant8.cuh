@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) momentum_q8_kernel(const __grid_cons
       load_param<1, P>(row, c.param, c.master, i, p);
       load_elems<1>(col<P>(row, c.grad), i, g);
       Rule::element(p[0], g[0], bv[k], first, s);
-      store_param<1, P>(row, c.param, c.master, i, p);
+      store_param<1, P>(row, c.param, c.master, i, p, d.rounding);
     }
     buf.store(q, base, lane, n, bv);
   });

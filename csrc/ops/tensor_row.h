@@ -20,6 +20,16 @@ enum RowFlag : int64_t {
   kRowFirstStep = 1,    // SGD/LARS: momentum buffer is initialised from this step's update
   kRowAligned16 = 2,    // every pointer of the row is 16-byte aligned (CUDA vector path)
 };
+// Bits from here up of a row's flags: its salt for stochastic rounding (its
+// position in the call; ops/stochastic_round.h row_salt).
+constexpr int kRowSaltShift = 32;
+
+// Stochastic rounding of 16-bit params without a master copy (ops/stochastic_round.h):
+// off, or on with the call's seed.
+struct StochasticRounding {
+  bool on;
+  uint64_t seed;
+};
 
 // What every multi-tensor optimizer call shares besides its hyperparameters.
 struct OptimCall {
@@ -32,6 +42,7 @@ struct OptimCall {
   const float* grad_scale;  // optional: grads are divided by *grad_scale (AMP)
   const float* found_inf;   // optional: when *found_inf != 0 nothing is written
   void* stream;             // cudaStream_t on CUDA, unused on CPU
+  StochasticRounding rounding;  // SGD, Adam, LARS, LAMB: how 16-bit params without master are stored
 };
 
 }  // namespace fusedopt

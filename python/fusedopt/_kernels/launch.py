@@ -19,11 +19,13 @@ from .rows import RowTable
 
 class DeviceScalars(NamedTuple):
     """The per-call scalars of one device: lr (a float, or a one-element fp32
-    tensor the kernel reads), AMP's grad_scale (a divisor) and found_inf."""
+    tensor the kernel reads), AMP's grad_scale (a divisor) and found_inf; and
+    the call's stochastic-rounding seed (None: round to nearest)."""
     lr: float
     lr_tensor: Optional[torch.Tensor]
     grad_scale: Optional[torch.Tensor]
     found_inf: Optional[torch.Tensor]
+    rounding_seed: Optional[int] = None
 
 
 def device_index(device: torch.device) -> int:
@@ -57,13 +59,22 @@ def _head(table: RowTable, state_dtype: torch.dtype, s: DeviceScalars) -> tuple:
             scalar_pointer(s.found_inf, dev, "found_inf"), stream_of(dev))
 
 
+def _rounding(table: RowTable, s: DeviceScalars) -> tuple:
+    """The trailing (stochastic_rounding, rounding_seed) arguments of sgd, adam,
+    lars and lamb: on for 16-bit params when the call has a seed (rows with a
+    master are refused above; fp32/fp64 params have nothing to round)."""
+    on = s.rounding_seed is not None and table.dtype in (torch.float16, torch.bfloat16)
+    return on, int(s.rounding_seed) if on else 0
+
+
 def launch_elementwise(table: RowTable, state_dtype: torch.dtype, scalars: DeviceScalars,
                        hyper: Mapping[str, float], flags: int) -> None:
     """``_C.multi_tensor_<kernel>`` (sgd, adam) over ``table``."""
     require_cuda(table.device)
     layout = table.layout
     fn = getattr(_C, "multi_tensor_" + layout.name)
-    fn(*_head(table, state_dtype, scalars), float(scalars.lr), *layout.hyper_values(hyper), int(flags))
+    fn(*_head(table, state_dtype, scalars), float(scalars.lr), *layout.hyper_values(hyper), int(flags),
+       *_rounding(table, scalars))
 
 
 def reduction_workspace(rows, device: torch.device, quantities: int, extra: int = 0):
@@ -93,7 +104,7 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
     hyper_values = layout.hyper_values(hyper)
     if layout.name == "lars":
         ws, ws_ptr = reduction_workspace(table.rows, table.device, 2)
-        _C.multi_tensor_lars(*head, ws_ptr, float(scalars.lr), *hyper_values, int(flags))
+        _C.multi_tensor_lars(*head, ws_ptr, float(scalars.lr), *hyper_values, int(flags), *_rounding(table, scalars))
     elif layout.name == "lamb":
         gs_ptr, n_gs = 0, 0
         if grad_sq is not None:
@@ -102,7 +113,8 @@ def launch_norm_scaled(table: RowTable, state_dtype: torch.dtype, scalars: Devic
                                  f"got {shape_str(grad_sq)}")
             gs_ptr, n_gs = grad_sq.data_ptr(), grad_sq.numel()
         ws, ws_ptr = reduction_workspace(table.rows, table.device, 2, extra=1)
-        _C.multi_tensor_lamb(*head, ws_ptr, gs_ptr, n_gs, float(scalars.lr), *hyper_values, int(flags))
+        _C.multi_tensor_lamb(*head, ws_ptr, gs_ptr, n_gs, float(scalars.lr), *hyper_values, int(flags),
+                             *_rounding(table, scalars))
     else:
         raise ValueError(f"{layout.name!r} is not a norm-scaled kernel")
     del ws  # the caching allocator keeps it alive for the stream's pending work

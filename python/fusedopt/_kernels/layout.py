@@ -21,6 +21,7 @@ POINTER_COLUMNS: int = _LAYOUT["pointer_columns"]
 NUMEL_COLUMN: int = _LAYOUT["numel_column"]
 FLAGS_COLUMN: int = _LAYOUT["flags_column"]
 ROW_FLAGS: Dict[str, int] = dict(_LAYOUT["row_flags"])
+ROW_SALT_SHIFT: int = _LAYOUT["row_salt_shift"]  # flags bits from here up: the row's stochastic-rounding salt
 
 DTYPE_CODES: Dict[torch.dtype, int] = {getattr(torch, name): code for name, code in _LAYOUT["dtype_codes"].items()}
 DTYPE_OF_CODE: Dict[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}

@@ -207,7 +207,7 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
         local = [local_tensor(params[i]) for i in index]
         sdtype = _batch_state_dtype(local[0], index, columns, labels, state_dtype)
         _check_quantized_batch(params, index, columns, labels, sdtype)
-        table = RowTable(layout, local, [labels.param(i) for i in index])
+        table = RowTable(layout, local, [labels.param(i) for i in index], positions=index)
         written = [local]
         first = [False] * len(index)
         for c, col in enumerate(columns):

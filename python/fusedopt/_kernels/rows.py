@@ -16,7 +16,8 @@ import torch
 
 from .. import _C
 from .checks import check_grad, layout_key, same_metadata
-from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, KernelLayout
+from .layout import (DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_SALT_SHIFT, ROW_WIDTH,
+                     KernelLayout)
 
 _ALIGNED16 = ROW_FLAGS["aligned16"]
 
@@ -24,14 +25,20 @@ _ALIGNED16 = ROW_FLAGS["aligned16"]
 class RowTable:
     """The rows of one (device, dtype) batch. ``params`` are the tensors the
     kernel updates (local shards for DTensors); ``names`` say which argument each
-    row came from, for error messages."""
+    row came from, for error messages. ``positions``: each param's position in
+    the call (default 0, 1, ...), the salt of its stochastic rounding bits
+    (csrc/ops/stochastic_round.h), so that a param's bits do not depend on how
+    the call's params are batched."""
 
-    def __init__(self, layout: KernelLayout, params: Sequence[torch.Tensor], names: Sequence[str]):
+    def __init__(self, layout: KernelLayout, params: Sequence[torch.Tensor], names: Sequence[str],
+                 positions: Optional[Sequence[int]] = None):
         n = len(params)
         self.layout = layout
         self.params = list(params)
         self.names = list(names)
         self.rows = np.zeros((n, ROW_WIDTH), dtype=np.int64)
+        salts = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
+        self.rows[:, FLAGS_COLUMN] = salts << ROW_SALT_SHIFT
         self.rows[:, NUMEL_COLUMN] = [p.numel() for p in params]
         self._param_column = layout.column("param")
         self.rows[:, self._param_column] = [p.data_ptr() for p in params]

@@ -7,8 +7,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import _C, _hyper
 from .._kernels import Column, DeviceScalars, StepPlan
 from .._kernels.checks import check_scalar_tensor
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def _amp_scalar(t, device: torch.device, what: str) -> Optional[torch.Tensor]:
@@ -45,19 +48,59 @@ def _lr_scalars(lr, device: torch.device, capturing: bool = False):
     return float(lr), None
 
 
-def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_scale", "found_inf")
-                   ) -> Dict[torch.device, DeviceScalars]:
-    """The scalars of a call for each device its batches are on."""
+def stochastic_rounding_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The per-call ``rounding_seed`` of a functional call from a fixed user seed,
+    the step count and a stream number (e.g. the param group): what the optimizer
+    classes pass (csrc/ops/stochastic_round.h rounding_call_seed). Host only."""
+    return _C.rounding_call_seed(int(seed) % 2**64, int(step) % 2**64, int(stream) % 2**64)
+
+
+def checked_rounding_seed(stochastic_rounding, rounding_seed, master_params) -> Optional[int]:
+    """The call's stochastic-rounding seed after its checks; None: round to nearest.
+
+    Stochastic rounding stores the 16-bit params of the call (fp16/bf16; fp32 and
+    fp64 params have nothing to round) rounded up or down at random; it replaces
+    master weights, so a call with both is refused. Under torch.compile the seed
+    would be fixed into the graph, so it is refused there (the optimizer classes
+    run such a step eagerly)."""
+    _hyper.check_bool(stochastic_rounding, "stochastic_rounding")
+    if not stochastic_rounding:
+        return None
+    if master_params is not None:
+        raise ValueError("stochastic_rounding=True with master_params: stochastic rounding is for float16/bfloat16 "
+                         "params without master weights (pass one or the other)")
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+        raise TypeError("stochastic_rounding=True needs rounding_seed, an int in [0, 2**64) that changes every step "
+                        f"(e.g. fusedopt.functional.stochastic_rounding_seed(seed, step)); got {rounding_seed!r}")
+    if not 0 <= rounding_seed < 2**64:
+        raise ValueError(f"rounding_seed must be in [0, 2**64); got {rounding_seed}")
+    if compiling():
+        raise RuntimeError("stochastic_rounding=True is not supported under torch.compile (the seed of each step "
+                           "would be fixed into the graph); call it eagerly (the optimizer classes do)")
+    return rounding_seed
+
+
+def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_scale", "found_inf"),
+                   rounding_seed: Optional[int] = None) -> Dict[torch.device, DeviceScalars]:
+    """The scalars of a call for each device its batches are on. ``rounding_seed``
+    (from ``checked_rounding_seed``) is refused under CUDA graph capture for
+    16-bit batches: a host seed would be fixed into the graph, and every replay
+    would round with the same bits."""
     out: Dict[torch.device, DeviceScalars] = {}
     for b in plan.batches:
         dev = b.table.device
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing and rounding_seed is not None and b.table.dtype in _SIXTEEN_BIT:
+            raise RuntimeError(
+                "stochastic_rounding=True cannot be captured in a CUDA graph: its per-step seed is a host "
+                "number that would be fixed into the graph (every replay would round with the same bits); "
+                "use master_weights=True for captured steps, or run them eagerly")
         if dev not in out:
-            capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if capturing:
                 plan.captured = True  # its buffers may now be used by a graph: keep them alive
             lr_value, lr_tensor = _lr_scalars(lr, dev, capturing)
             out[dev] = DeviceScalars(lr_value, lr_tensor, _amp_scalar(grad_scale, dev, amp_names[0]),
-                                     _amp_scalar(found_inf, dev, amp_names[1]))
+                                     _amp_scalar(found_inf, dev, amp_names[1]), rounding_seed)
     return out
 
 

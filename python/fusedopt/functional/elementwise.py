@@ -15,7 +15,7 @@ import torch
 from .. import _hyper
 from .._kernels import (ABSMAX, AGE, MASTER, STATE, STEP, Column, Labels, StepPlan, kernel_layout, launch_elementwise,
                         prepare)
-from ._step import compiling, device_scalars, finish
+from ._step import checked_rounding_seed, compiling, device_scalars, finish
 
 _SGD = kernel_layout("sgd")
 _ADAM = kernel_layout("adam")
@@ -41,8 +41,9 @@ def momentum_columns(momentum: float, buffers, ages, absmaxes=None) -> List[Colu
     return columns + absmax_columns(absmaxes, "momentum_buffer_absmaxes")
 
 
-def _run_elementwise(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int):
-    scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
+def _run_elementwise(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int, rounding_seed=None):
+    # checked now, before anything is written
+    scalars = device_scalars(plan, lr, grad_scale, found_inf, rounding_seed=rounding_seed)
 
     def run() -> None:
         for b in plan.batches:
@@ -57,6 +58,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         master_params: Optional[List[Optional[torch.Tensor]]] = None, state_dtype: Optional[torch.dtype] = None,
         momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
         momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
+        stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
     r"""SGD with momentum over lists of tensors: ``torch.optim.sgd.sgd``'s arguments and numbers.
 
@@ -85,6 +87,13 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
             step is still a first step (``b = g``), as if the skipped one never
             happened. Without it a skipped first step leaves a zero buffer that
             the next step treats as a real one (visible only with dampening != 0).
+        stochastic_rounding: store float16/bfloat16 params (no master_params)
+            rounded up or down at random, with probability proportional to the
+            distance, instead of to nearest; fp32/fp64 params are unaffected.
+            Needs ``rounding_seed``: an int in [0, 2**64) that must change every
+            step (:func:`stochastic_rounding_seed`); each element's bits are a
+            function of (rounding_seed, its param's position in the call, its
+            index in the param) only. README "Stochastic rounding".
         plan: a ``fusedopt.functional.StepPlan`` kept by the caller; calls with the
             same tensors reuse its checks and row tables (only grads are re-checked).
         launch: False checks everything and returns a ``PreparedStep`` whose
@@ -94,6 +103,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
     """
     h = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     _hyper.check_momentum(h)
+    seed = checked_rounding_seed(stochastic_rounding, rounding_seed, master_params)
     if compiling():
         from .. import _ops
         return _ops.compiled_step("sgd", params, d_p_list, dict(momentum_buffer_list=momentum_buffer_list,
@@ -108,7 +118,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
     plan = prepare(_SGD, params, d_p_list, columns, labels=Labels(_names), state_dtype=state_dtype,
                    create="momentum_buffer", plan=plan)
     flags = _SGD.flags(nesterov=bool(nesterov), maximize=bool(maximize))
-    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags)
+    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags, seed)
     return finish(plan, columns, run, launch)
 
 
@@ -120,7 +130,8 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          *, amsgrad: bool, beta1, beta2, lr, weight_decay: float, eps: float, maximize: bool,
          eps_inside_sqrt: bool = False, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, absmaxes: Optional[List[torch.Tensor]] = None,
-         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
+         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None, plan: Optional[StepPlan] = None,
+         launch: bool = True, _names=None):
     r"""Adam over lists of tensors: ``torch.optim.adam.adam``'s arguments and numbers.
 
     At step t (each ``state_steps`` entry, a one-element float32 tensor on its
@@ -143,7 +154,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
         absmaxes: with int8 state, one float32 ``[k, ceil(numel / 256)]`` tensor per
             param: row 0 the block absmax of exp_avg, row 1 of exp_avg_sq, row 2
             (amsgrad) of max_exp_avg_sq.
-        plan, launch: as in :func:`sgd`.
+        stochastic_rounding, rounding_seed, plan, launch: as in :func:`sgd`.
 
     ``beta1``/``beta2`` may be floats or one-element CPU tensors; ``lr`` a float or
     a one-element tensor (a CUDA tensor is read by the kernel, never by the host).
@@ -156,6 +167,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     h = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     _hyper.check_adam(h)
     _hyper.check_betas(beta1, beta2)
+    seed = checked_rounding_seed(stochastic_rounding, rounding_seed, master_params)
     if compiling():
         from .. import _ops
         lists = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
@@ -175,7 +187,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     plan = prepare(_ADAM, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype, plan=plan)
     flags = _ADAM.flags(amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled=bool(decoupled_weight_decay),
                         eps_inside_sqrt=bool(eps_inside_sqrt))
-    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags)
+    run = _run_elementwise(plan, lr, grad_scale, found_inf, h, flags, seed)
     return finish(plan, columns, run, launch)
 
 

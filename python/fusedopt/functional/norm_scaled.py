@@ -15,7 +15,7 @@ from .. import _hyper
 from .._dtensor import reduce_rows_over_shards
 from .._kernels import (MASTER, STATE, STEP, Column, Labels, StepPlan, grad_sq_norms_into, kernel_layout,
                         launch_norm_scaled, prepare, shape_str)
-from ._step import PreparedStep, compiling, device_scalars, finish
+from ._step import PreparedStep, checked_rounding_seed, compiling, device_scalars, finish
 from .elementwise import momentum_columns
 
 _LARS = kernel_layout("lars")
@@ -24,10 +24,11 @@ ClipSums = Union[torch.Tensor, Mapping[torch.device, torch.Tensor]]
 
 
 def _run_norm_scaled(plan: StepPlan, lr, grad_scale, found_inf, hyper: dict, flags: int, adapts: bool,
-                     split_flags: tuple, split: bool, clipping: bool = False, clip_sums=None):
+                     split_flags: tuple, split: bool, clipping: bool = False, clip_sums=None, rounding_seed=None):
     """Runs each batch in one call, or (sharded params, or ``split`` for tests)
     in two calls with the norm slots all-reduced over the shard group between."""
-    scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
+    # checked now, before anything is written
+    scalars = device_scalars(plan, lr, grad_scale, found_inf, rounding_seed=rounding_seed)
 
     def run(clip_grad_sq: Optional[ClipSums] = None) -> None:
         sums = clip_sums_for(plan, clip_grad_sq if clip_grad_sq is not None else clip_sums) if clipping else None
@@ -100,6 +101,7 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
          trust_clip: bool, always_adapt: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
          momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
+         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LARS over lists of tensors (the formulas of :class:`fusedopt.LARS`), in the
     shape of :func:`sgd`: momentum buffers None on the first step are created and
@@ -110,13 +112,14 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     :math:`\lambda \ne 0` or always_adapt; :math:`d = (g + \lambda p) r`; then
     torch.optim.SGD's momentum on d. Norms are summed in the param's precision
     class (fp64 for fp64 params). ``master_params``, ``state_dtype`` (int8: 8-bit
-    buffers), ``momentum_buffer_ages``, ``momentum_buffer_absmaxes``, ``plan`` and
-    ``launch`` as in :func:`sgd`. ``_split`` (tests): take the two-call path
-    of sharded params on plain tensors.
+    buffers), ``momentum_buffer_ages``, ``momentum_buffer_absmaxes``, ``stochastic_rounding``,
+    ``rounding_seed``, ``plan`` and ``launch`` as in :func:`sgd`. ``_split`` (tests): take the
+    two-call path of sharded params on plain tensors.
     """
     h = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
              trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
     _hyper.check_lars(h)
+    seed = checked_rounding_seed(stochastic_rounding, rounding_seed, master_params)
     if compiling():
         from .. import _ops
         return _ops.compiled_step("lars", params, grads, dict(momentum_buffer_list=momentum_buffer_list,
@@ -132,7 +135,8 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
     flags = _LARS.flags(nesterov=nesterov, trust_clip=trust_clip, always_adapt=always_adapt)
     split_flags = (_LARS.flags(norms_only=True), _LARS.flags(norms_given=True))
     adapts = weight_decay != 0 or always_adapt
-    run = _run_norm_scaled(plan, lr, grad_scale, found_inf, h, flags, adapts, split_flags, _split)
+    run = _run_norm_scaled(plan, lr, grad_scale, found_inf, h, flags, adapts, split_flags, _split,
+                           rounding_seed=seed)
     return finish(plan, columns, run, launch)
 
 
@@ -142,6 +146,7 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          bias_correction: bool, grad_averaging: bool, max_grad_norm: Optional[float], trust_clip: bool,
          always_adapt: bool, decoupled_decay: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, clip_grad_sq: Optional[ClipSums] = None,
+         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LAMB over lists of tensors (the formulas of :class:`fusedopt.LAMB`), in the
     shape of :func:`adam` without amsgrad.
@@ -150,7 +155,8 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     :math:`\max(\lVert (g_1, g_2, \dots)\rVert / \text{max\_grad\_norm}, 1)`, the norm
     over this call's grads, or over the per-grad sums of squares ``clip_grad_sq``
     (a tensor, or one per device, from :func:`lamb_clip_sums`) when given.
-    ``master_params``, ``state_dtype``, ``plan`` and ``launch`` as in :func:`adam`;
+    ``master_params``, ``state_dtype``, ``stochastic_rounding``, ``rounding_seed``, ``plan`` and
+    ``launch`` as in :func:`adam`;
     ``_split`` as in :func:`lars`.
     """
     beta1, beta2 = _hyper.host_float(beta1, "beta1"), _hyper.host_float(beta2, "beta2")
@@ -159,6 +165,7 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
              always_adapt=always_adapt, decoupled_decay=decoupled_decay)
     _hyper.check_lamb(h)
     _hyper.check_betas(beta1, beta2)
+    seed = checked_rounding_seed(stochastic_rounding, rounding_seed, master_params)
     if compiling():
         from .. import _ops
         return _ops.compiled_step("lamb", params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
@@ -179,5 +186,5 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     hyper = dict(h, max_grad_norm=float(max_grad_norm or 0.0))  # the kernel reads it only when clipping
     adapts = weight_decay != 0 or always_adapt
     run = _run_norm_scaled(plan, lr, grad_scale, found_inf, hyper, flags, adapts, split_flags, _split,
-                           clipping=max_grad_norm is not None, clip_sums=clip_grad_sq)
+                           clipping=max_grad_norm is not None, clip_sums=clip_grad_sq, rounding_seed=seed)
     return finish(plan, columns, run, launch)

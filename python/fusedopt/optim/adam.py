@@ -60,6 +60,11 @@ class Adam(FusedOptimizer):
             encoded around the same fp32 math in one pass (README "8-bit states";
             ``fusedopt.dequantized_state_dict`` for torch.optim checkpoints).
             fp64 params always keep fp64 state (int8 refuses them).
+        stochastic_rounding (bool): store fp16/bf16 params rounded up or down at
+            random instead of to nearest, so that steps below half an ulp still move
+            them on average: no fp32 master copy (excludes master_weights; ignored for
+            fp32/fp64 params). README "Stochastic rounding".
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
         foreach, fused: accepted for compatibility.
         capturable: accepted; every fusedopt step is CUDA-graph capturable once
             the state exists (see README "CUDA graphs").
@@ -81,17 +86,20 @@ class Adam(FusedOptimizer):
     _functional = functional.adam
     _decoupled_default = False
     _quantized_states = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
+    _supports_stochastic_rounding = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=None, eps_inside_sqrt=False, master_weights=False, state_dtype=None):
+                 decoupled_weight_decay=None, eps_inside_sqrt=False, master_weights=False, state_dtype=None,
+                 stochastic_rounding=False, seed=None):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, capturable=capturable, differentiable=differentiable,
                         decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt,
-                        master_weights=master_weights, state_dtype=state_dtype)
-        super().__init__(params, defaults)
+                        master_weights=master_weights, state_dtype=state_dtype,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, seed=seed)
 
     def _check_hyperparameters(self, group, where):
         check_adam_group(group, where)
@@ -128,13 +136,16 @@ class Adam(FusedOptimizer):
 
 
 class AdamW(Adam):
-    """AdamW: Adam with decoupled weight decay (default weight_decay=1e-2), as ``torch.optim.AdamW``."""
+    """AdamW: Adam with decoupled weight decay (default weight_decay=1e-2), as ``torch.optim.AdamW``.
+    The fusedopt keywords (master_weights, state_dtype, stochastic_rounding, seed) are Adam's."""
 
     _decoupled_default = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 eps_inside_sqrt=False, master_weights=False, state_dtype=None):
+                 eps_inside_sqrt=False, master_weights=False, state_dtype=None, stochastic_rounding=False,
+                 seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, decoupled_weight_decay=True,
-                         eps_inside_sqrt=eps_inside_sqrt, master_weights=master_weights, state_dtype=state_dtype)
+                         eps_inside_sqrt=eps_inside_sqrt, master_weights=master_weights, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding, seed=seed)

@@ -15,7 +15,10 @@ the functional entry keeps its checked row tables in a ``StepPlan`` per group.
 
 Options every subclass gets from here (README "Mixed precision"):
 ``master_weights`` (an fp32 master copy of 16-bit params in ``state['master']``)
-and ``state_dtype`` (fp32 or bf16 moment/momentum states). Under
+and ``state_dtype`` (fp32 or bf16 moment/momentum states); and, where the
+class sets ``_supports_stochastic_rounding``, ``stochastic_rounding`` (16-bit
+params without master rounded up or down at random; README "Stochastic
+rounding") with the optimizer's ``seed``. Under
 ``torch.compile`` the functional entries become custom ops (python/fusedopt/_ops.py).
 """
 from __future__ import annotations
@@ -24,10 +27,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _C
+from .. import _C, _hyper
 from .._dtensor import is_dtensor, local_tensor
 from .._kernels.checks import check_param
-from ..functional import StepPlan
+from ..functional import StepPlan, stochastic_rounding_seed
 from . import state as _state
 from .state import TrackedState
 
@@ -66,17 +69,27 @@ class FusedOptimizer(torch.optim.Optimizer):
     # 8-bit blockwise states (state_dtype=torch.int8): (state key, signed code) of each
     # quantized state, in the order of the rows of state['absmax'] (README "8-bit states").
     _quantized_states: Tuple[Tuple[str, bool], ...] = ()
+    # The functional entry takes stochastic_rounding and rounding_seed (SGD, Adam, LARS, LAMB).
+    _supports_stochastic_rounding = False
     # Norm-scaled steps (LARS, LAMB) all-reduce norms between two kernel calls
     # for FSDP2 params: under torch.compile such a step runs eagerly.
     _eager_for_dtensors_when_compiled = False
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, seed: Optional[int] = None):
         for k in ("foreach", "fused"):
             defaults.pop(k, None)  # accepted for drop-in compatibility; always fused
         if defaults.pop("differentiable", False):
             raise ValueError("fusedopt optimizers do not support differentiable=True")
         defaults.setdefault("master_weights", False)
         defaults.setdefault("state_dtype", None)
+        if self._supports_stochastic_rounding:
+            defaults.setdefault("stochastic_rounding", False)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None; got {seed!r}")
+        # Stochastic rounding: step s of group g rounds with stochastic_rounding_seed(seed, s, g),
+        # computed on the host (no device read); seed None: torch.initial_seed() now.
+        self._rounding_seed = torch.initial_seed() if seed is None else seed
+        self._rounding_step = 0
         self._epoch = [0]
         self._group_cache: Dict[int, _GroupLists] = {}
         self._plans: Dict[int, StepPlan] = {}
@@ -147,6 +160,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{where}['master_weights'] must be a bool; got {type(mw).__name__}")
         if mw and not self._supports_master:
             raise ValueError(f"{type(self).__name__} does not support master_weights")
+        sr = group.get("stochastic_rounding", False)
+        if not self._supports_stochastic_rounding:
+            if sr is not False:
+                raise ValueError(f"{type(self).__name__} does not support stochastic_rounding")
+        else:
+            _hyper.check_bool(sr, "stochastic_rounding", where)
+            if sr and mw:
+                raise ValueError(f"{where}: stochastic_rounding=True and master_weights=True exclude each other "
+                                 "(stochastic rounding replaces the fp32 master copy of 16-bit params); "
+                                 "turn one off")
         sd = group.get("state_dtype")
         allowed = (torch.float32, torch.bfloat16) if self._supports_bf16_state else (torch.float32,)
         if self._quantized_states:
@@ -169,6 +192,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if st.get(key) is None and self._state_key_required_when_loaded(key):
                 raise ValueError(f"state of {name} has no '{key}'; expected it for these hyperparameters")
 
+    def _rounding_kwargs(self, group: dict, gi: int) -> dict:
+        """The functional keywords of a group's stochastic rounding this step (none when off)."""
+        if not group.get("stochastic_rounding"):
+            return {}
+        return dict(stochastic_rounding=True,
+                    rounding_seed=stochastic_rounding_seed(self._rounding_seed, self._rounding_step, gi))
+
     # ---- step ------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,6 +209,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         if torch.compiler.is_compiling():
             if self._eager_for_dtensors_when_compiled and self._any_dtensor_param():
+                return _eager_step_outside_compile(self, closure)
+            if any(group.get("stochastic_rounding") for group in self.param_groups):
+                # the per-step seed is a host number: a graph would fix it (checked_rounding_seed)
                 return _eager_step_outside_compile(self, closure)
             return self._compiled_step(closure)
         return self._eager_step(closure)
@@ -203,7 +236,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if plan is None:  # the group's lists are rebuilt, never changed in place: owned
                 plan = self._plans[gi] = StepPlan(owned_lists=True)
             call = self._call(group, entry, grads, grad_scale, found_inf, plan=plan, launch=False,
-                              _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32)
+                              _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32,
+                              **self._rounding_kwargs(group, gi))
             prepared.append((group, entry, call))
         # Everything is checked: commit new state, then write.
         if pending:
@@ -214,6 +248,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, st in pending.items():
                 self.state[p] = TrackedState(self._epoch, st)
         self._launch(prepared)
+        self._rounding_step += 1
         for group, entry, call in prepared:
             if call.created:
                 self._after_launch(group, entry, call.created)
@@ -325,6 +360,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._rounding_seed = getattr(self, "_rounding_seed", torch.initial_seed())
+        self._rounding_step = getattr(self, "_rounding_step", 0)
         self._epoch = [0]
         self._group_cache = {}
         self._plans = {}

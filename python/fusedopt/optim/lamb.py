@@ -64,6 +64,11 @@ class LAMB(FusedOptimizer):
         state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``:
             ``torch.float32`` (default) or ``torch.bfloat16`` (the math stays fp32;
             the moments are rounded to nearest even when stored). fp64 params keep fp64.
+        stochastic_rounding (bool): store fp16/bf16 params rounded up or down at
+            random instead of to nearest, so that steps below half an ulp still move
+            them on average: no fp32 master copy (excludes master_weights; ignored for
+            fp32/fp64 params). README "Stochastic rounding".
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
 
     Passes over memory per step: (1) when any group clips, read every grad once for
     the per-tensor grad norms (one ``_C`` call per (device, dtype) for all groups);
@@ -89,17 +94,19 @@ class LAMB(FusedOptimizer):
     """
 
     _functional = functional.lamb
+    _supports_stochastic_rounding = True
     _eager_for_dtensors_when_compiled = True
     _split_steps = False  # private switch (tests): the two-call path of sharded params on plain tensors
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
-                 decoupled_decay=False, *, master_weights=False, state_dtype=None):
+                 decoupled_decay=False, *, master_weights=False, state_dtype=None, stochastic_rounding=False,
+                 seed=None):
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
                         grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
                         always_adapt=always_adapt, decoupled_decay=decoupled_decay, master_weights=master_weights,
-                        state_dtype=state_dtype)
-        super().__init__(params, defaults)
+                        state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, seed=seed)
 
     def _check_hyperparameters(self, group, where):
         check_adam_group(group, where)

@@ -52,6 +52,11 @@ class LARS(MomentumState, FusedOptimizer):
             nearest even when stored) or ``torch.int8`` (8-bit blockwise buffer,
             int8 codes and ``state['absmax']``; README "8-bit states") for the
             momentum buffer. fp64 params keep fp64 (int8 refuses them).
+        stochastic_rounding (bool): store fp16/bf16 params rounded up or down at
+            random instead of to nearest, so that steps below half an ulp still move
+            them on average: no fp32 master copy (excludes master_weights; ignored for
+            fp32/fp64 params). README "Stochastic rounding".
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
 
     Passes over memory per step, per (device, dtype) batch of a group, all in
     one ``_C`` call: (1) read p and g once for the per-tensor norms (skipped
@@ -72,6 +77,7 @@ class LARS(MomentumState, FusedOptimizer):
 
     _functional = functional.lars
     _quantized_states = (("momentum_buffer", True),)
+    _supports_stochastic_rounding = True
     _eager_for_dtensors_when_compiled = True
     # Private switch (tests): take the two-call path of sharded params on plain
     # tensors too, so that CI covers it without spawning ranks.
@@ -79,11 +85,12 @@ class LARS(MomentumState, FusedOptimizer):
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *, master_weights=False,
-                 state_dtype=None):
+                 state_dtype=None, stochastic_rounding=False, seed=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
-                        always_adapt=always_adapt, master_weights=master_weights, state_dtype=state_dtype)
-        super().__init__(params, defaults)
+                        always_adapt=always_adapt, master_weights=master_weights, state_dtype=state_dtype,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, seed=seed)
 
     def _check_hyperparameters(self, group, where):
         _hyper.check_lars(group, where)

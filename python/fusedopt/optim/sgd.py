@@ -115,6 +115,11 @@ class SGD(MomentumState, FusedOptimizer):
             ``torch.bfloat16`` or ``torch.int8`` (8-bit blockwise buffer: int8 codes
             and ``state['absmax']``, float32 ``[1, ceil(numel/256)]``; README "8-bit
             states") for the momentum buffer (fp64 params keep fp64; int8 refuses them).
+        stochastic_rounding (bool): store fp16/bf16 params rounded up or down at
+            random instead of to nearest, so that steps below half an ulp still move
+            them on average: no fp32 master copy (excludes master_weights; ignored for
+            fp32/fp64 params). README "Stochastic rounding".
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
         foreach, fused: accepted for compatibility; fusedopt is always fused.
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:
@@ -127,14 +132,16 @@ class SGD(MomentumState, FusedOptimizer):
 
     _functional = functional.sgd
     _quantized_states = (("momentum_buffer", True),)
+    _supports_stochastic_rounding = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, master_weights=False,
-                 state_dtype=None):
+                 state_dtype=None, stochastic_rounding=False, seed=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, differentiable=differentiable,
-                        master_weights=master_weights, state_dtype=state_dtype)
-        super().__init__(params, defaults)
+                        master_weights=master_weights, state_dtype=state_dtype,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, seed=seed)
 
     def _check_hyperparameters(self, group, where):
         _hyper.check_momentum(group, where)
