@@ -245,3 +245,28 @@ def test_cuda_matches_cpu_bit_for_bit(case, seed):
     for i, (a, b) in enumerate(zip(cpu_st, cuda_st)):
         for k in a:
             assert torch.equal(a[k], b[k]), (i, k)
+
+
+def test_kernel_encodes_midpoints_and_edges_like_the_table(seed):
+    """A first SGD step stores the grad itself as the buffer: blocks of table values,
+    exact midpoints (ties go to the even code), +-0 and the smallest steps, with the
+    block absmax 1 so nothing is rescaled, through every SIMD path of the encoder."""
+    used = SIGNED_MAG[SIGNED_MAG <= 1]
+    mids = (used[1:] + used[:-1]) / 2
+    special = torch.cat([used, mids, torch.tensor([2.0 ** -18, 2.0 ** -19, 3 * 2.0 ** -18, 0.0, -0.0])]).float()
+    special = torch.cat([special, -special])
+    gen = torch.Generator().manual_seed(seed)
+    special = special[torch.randperm(special.numel(), generator=gen)]
+    n = special.numel()
+    g = torch.cat([special, torch.ones(1)])  # absmax 1 in every block: one 1.0 per block
+    blocks = []
+    for b in range(0, g.numel(), BLOCK - 1):
+        blocks.append(torch.cat([g[b:b + BLOCK - 1], torch.ones(1)]))
+    g = torch.cat(blocks)
+    p = torch.nn.Parameter(torch.zeros(g.numel()))
+    p.grad = g.clone()
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.int8)
+    opt.step()
+    codes, absmax = ref_quantize(g, True)
+    assert torch.equal(opt.state[p]["absmax"][0], absmax) and bool((absmax == 1).all())
+    assert torch.equal(opt.state[p]["momentum_buffer"], codes), n

@@ -104,6 +104,35 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
   return i;
 }
 
+// The signed code of x = in[i] * inv through a half (see decode_as_halves): the
+// conversion truncates (round toward zero), a bit is set where that dropped
+// anything (round to odd, with 7 spare bits), and rounding the half's pattern to
+// nearest even at bit 7 then gives exactly the nearest code, subnormals included.
+// Returns how many of the n elements it encoded.
+inline int64_t encode_signed_as_halves(const float* __restrict__ in, int64_t n, float inv, uint8_t* __restrict__ c) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+  const __m512 vinv = _mm512_set1_ps(inv), zero = _mm512_setzero_ps();
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(in + i), vinv);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+    __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
+    a = _mm512_max_ps(a, zero);  // NaN -> 0 (max returns the second operand)
+    __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 inexact = _mm512_cmp_ps_mask(_mm512_cvtph_ps(h), a, _CMP_NEQ_UQ);
+    h = _mm256_or_si256(h, _mm256_maskz_set1_epi16(inexact, 1));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(h, 7), _mm256_set1_epi16(1));
+    __m256i code = _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(h, _mm256_set1_epi16(0x3F)), odd), 7);
+    code = _mm256_or_si256(code, _mm256_maskz_set1_epi16(negative, 0x80));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c + i), _mm256_cvtepi16_epi8(code));
+  }
+#else
+  (void)in, (void)n, (void)inv, (void)c;
+#endif
+  return i;
+}
+
 // One quantized state of a row: its codes and its row of the absmax tensor.
 template <Code8 K>
 struct QuantState {
@@ -127,7 +156,8 @@ struct QuantState {
     absmax[blk] = scale;
     const float inv = quant_inverse(scale);
     uint8_t* __restrict__ c = codes + b;
-    for (int64_t i = 0; i < n; ++i) c[i] = encode8<K>(in[i] * inv);
+    const int64_t done = K == Code8::kSigned ? encode_signed_as_halves(in, n, inv, c) : 0;
+    for (int64_t i = done; i < n; ++i) c[i] = encode8<K>(in[i] * inv);
   }
 };
 
