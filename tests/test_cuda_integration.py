@@ -5,17 +5,20 @@ import torch
 
 import fusedopt
 from helpers import assert_params_close, tiny_model, twin
-from optim_registry import TRAINING
+from optim_registry import BY_NAME, TRAINING
 
 pytestmark = pytest.mark.cuda
 specs = pytest.mark.parametrize("spec", TRAINING, ids=repr)
+# 8-bit states: the codes and block scales are preallocated, so a step captures like the others.
+captured_specs = pytest.mark.parametrize(
+    "spec", TRAINING + [BY_NAME[n] for n in ("AdamW-int8-amsgrad", "SGD-momentum-int8", "LARS-int8")], ids=repr)
 
 
 def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-@specs
+@captured_specs
 def test_captured_train_step_replays_like_eager(spec):
     model = tiny_model().cuda()
     ref = twin(model)
