@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 import fusedopt
 from reference_optim import RefLAMB, RefLARS, RefMuon
-from reference_quant8 import RefAdam8bit, RefAdamW8bit, RefLARS8bit, RefSGD8bit
+from reference_quant8 import RefAdam8bit, RefAdamW8bit, RefLAMB8bit, RefLARS8bit, RefSGD8bit
 
 NAN, INF = float("nan"), float("inf")
 
@@ -381,6 +381,15 @@ def lars8(name: str, **hyper) -> OptimSpec:
                      param_dtypes=_NOT_FP64)
 
 
+def lamb8(name: str, **hyper) -> OptimSpec:
+    """Without clipping (the space too): with it the reference's clip divisor may round
+    differently from the kernels', and a moment one ulp apart can move a code."""
+    hyper = {**hyper, "state_dtype": torch.int8, "max_grad_norm": None}
+    space = _lamb_space().map(lambda h: {**h, "state_dtype": torch.int8, "max_grad_norm": None})
+    return OptimSpec(name, fusedopt.LAMB, RefLAMB8bit, hyper, space, LAMB_BAD, ("exp_avg", "exp_avg_sq"),
+                     param_dtypes=_NOT_FP64)
+
+
 def adam8(name: str, decoupled: bool = False, **hyper) -> OptimSpec:
     hyper = {**hyper, "state_dtype": torch.int8}
     make, ref = (fusedopt.AdamW, RefAdamW8bit) if decoupled else (fusedopt.Adam, RefAdam8bit)
@@ -413,6 +422,7 @@ OPTIMIZERS: List[OptimSpec] = [
     adam8("Adam-int8", lr=1e-2, weight_decay=1e-3),
     adam8("AdamW-int8-amsgrad", decoupled=True, lr=1e-2, weight_decay=0.05, amsgrad=True),
     lars8("LARS-int8", lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    lamb8("LAMB-int8", lr=1e-2, weight_decay=0.05, trust_clip=True),
     # Stochastic rounding: 16-bit params rounded at random (fp32/fp64 params, most of the
     # suites' cases, ignore it); ``rounds`` tells the suites that compare 16-bit params with a
     # round-to-nearest reference to allow one ulp per step.

@@ -291,3 +291,68 @@ class RefLARS8bit(_Ref8bit):
                 st["momentum_buffer"] = torch.empty_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
                 _flat(st["momentum_buffer"]).copy_(codes)
                 st["absmax"] = absmax.reshape(1, -1)
+
+
+class RefLAMB8bit(_Ref8bit):
+    """LAMB with 8-bit m, v: fp32 math op for op as csrc/ops/lamb.h (u from m, v as
+    stored, i.e. decoded again after encoding), the trust ratio from fp64 sums of
+    the fp32 p'^2 and u^2. The kernels sum in fp32 lanes: the ratio, hence the
+    params, agree to about 1e-6 relative, not bit for bit; m and v do not depend on
+    the ratio, so the codes and scales agree exactly (without clipping; with it the
+    divisor's own rounding may differ)."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False,
+                 decoupled_decay=False, *, state_dtype=None, foreach=None):
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, grad_averaging=grad_averaging,
+                                      max_grad_norm=max_grad_norm, trust_clip=trust_clip,
+                                      always_adapt=always_adapt, decoupled_decay=decoupled_decay))
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        total = math.sqrt(sum(float(g.double().square().sum()) for g in grads)) if grads else 0.0
+        for group in self.param_groups:
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            b1, b2 = (float(b) for b in group["betas"])
+            b3 = 1 - b1 if group["grad_averaging"] else 1.0
+            divisor = 1.0
+            if group["max_grad_norm"] is not None:
+                c = total / group["max_grad_norm"]
+                divisor = c if not c < 1.0 else 1.0
+            decoupled = group["decoupled_decay"] and wd != 0
+            adapts = wd != 0 or group["always_adapt"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        st[k] = torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
+                    st["absmax"] = torch.zeros(2, num_blocks(p.numel()))
+                t = float(st["step"]) + 1
+                x, g = self._load(p), _div_scalar(self._load(p.grad), divisor)
+                m = dequantize(_flat(st["exp_avg"]), st["absmax"][0], True)
+                v = dequantize(_flat(st["exp_avg_sq"]), st["absmax"][1], False)
+                m = f32(b1) * m + f32(b3) * g
+                v = f32(b2) * v + f32(1 - b2) * g * g
+                (mc, ma), (vc, va) = quantize(m, True), quantize(v, False)
+                _flat(st["exp_avg"]).copy_(mc)
+                _flat(st["exp_avg_sq"]).copy_(vc)
+                st["absmax"] = torch.stack([ma, va])
+                m, v = dequantize(mc, ma, True), dequantize(vc, va, False)  # as stored
+                bc1, bc2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
+                u = _div_scalar(m, bc1) / (_div_scalar(_sqrt(v), math.sqrt(bc2)) + f32(group["eps"]))
+                if wd != 0 and not decoupled:
+                    u = u + f32(wd) * x
+                xd = x * f32(1 - lr * wd) if decoupled else x
+                r = 1.0
+                if adapts:
+                    pn, un = math.sqrt(float(xd.double().square().sum())), math.sqrt(float(u.double().square().sum()))
+                    r = pn / un if (pn > 0 and un > 0) else 1.0
+                    if group["trust_clip"]:
+                        r = r if r < 1.0 else 1.0
+                self._store(p, xd + f32(-lr) * (u * f32(r)))
+                st["step"].fill_(t)

@@ -90,6 +90,11 @@ def test_adam_step_equals_the_python_reference(dtype, master, amsgrad, decoupled
         cs, rows = zip(*[ref_quantize(s, sg) for s, sg in zip(sts, signed)])
         codes.append(list(cs))
         absmaxes.append(torch.stack(rows))
+    # Every code of every state once, in the first block of the first param (shuffled):
+    # the decoders' special cases (subnormals, the lowest normal binade, the top one).
+    for k in range(n_states):
+        every = torch.randperm(256, generator=gen).to(torch.uint8).view(torch.int8)
+        codes[0][k].view(-1)[:256] = every
     steps = [torch.tensor(float(4 * (i % 2))) for i in range(len(params))]
     masters = [p.float() + torch.randn(p.shape, generator=gen) * 1e-3 for p in params] if master else None
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.1)
@@ -180,7 +185,7 @@ def test_fp64_and_bad_state_are_rejected_before_writing(seed):
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state
     with pytest.raises(ValueError, match="state_dtype"):
-        fusedopt.LAMB([torch.nn.Parameter(torch.randn(3))], state_dtype=torch.int8)
+        fusedopt.LAMB([torch.nn.Parameter(torch.randn(3))], state_dtype=torch.uint8)
     q = torch.randn(300)
     m, v = torch.zeros(300, dtype=torch.int8), torch.zeros(300, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"absmaxes\[0\].*\[2, 2\]"):

@@ -62,7 +62,7 @@ void register_layout(py::module_& m) {
       {"momentum", "dampening", "weight_decay", "trust_coeff", "eps"});
   kernels["lamb"] = kernel(
       {{"param", kLambParam}, {"grad", kLambGrad}, {"exp_avg", kLambExpAvg}, {"exp_avg_sq", kLambExpAvgSq},
-       {"step", kLambStep}, {"norms", kLambNorms}, {"master", kLambMaster}},
+       {"step", kLambStep}, {"norms", kLambNorms}, {"master", kLambMaster}, {"absmax", kLambAbsmax}},
       {{"bias_correction", kLambBiasCorrection}, {"grad_averaging", kLambGradAveraging},
        {"trust_clip", kLambTrustClip}, {"always_adapt", kLambAlwaysAdapt}, {"decoupled", kLambDecoupled},
        {"clip_grads", kLambClipGrads}, {"moments_only", kLambMomentsOnly}, {"apply_only", kLambApplyOnly}},

@@ -81,6 +81,68 @@ void lamb_apply_piece(const TensorRow& r, int64_t b, int64_t e, const LambScalar
   }
 }
 
+// LAMB's moment pass over the whole blocks [bb, be) of a row with 8-bit m, v:
+// each block decoded, moved by lamb_moments, encoded with its new scales and
+// decoded again, so that u comes from m, v as stored (as the apply pass sees
+// them); then as lamb_moment_piece: p moves (kApply) or p'^2, u^2 are summed,
+// block after block in order (lane_sums inside a block).
+template <class P, bool kApply, int kStore>
+void lamb_q8_moment_piece(const TensorRow& r, int64_t bb, int64_t be, const LambScalars<float> s, double* out,
+                          StochasticRounding sr) {
+  const ParamIO<P, float, kStore> p(r, kLambParam, kLambMaster, sr);
+  const P* __restrict__ g = col<P>(r, kLambGrad);
+  const QuantState<Code8::kSigned> m(r, kLambExpAvg, kLambAbsmax, 0);
+  const QuantState<Code8::kUnsigned> v(r, kLambExpAvgSq, kLambAbsmax, 1);
+  alignas(64) float mb[kQuantBlock], vb[kQuantBlock];
+  double acc[2] = {0.0, 0.0};
+  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
+    m.decode(blk, b, n, mb);
+    v.decode(blk, b, n, vb);
+    for (int64_t i = 0; i < n; ++i) lamb_moments<float>(load_as<P, float>(g[b + i]), mb[i], vb[i], s);
+    clear_tail(mb, n);
+    clear_tail(vb, n);
+    m.encode(blk, b, n, mb);
+    v.encode(blk, b, n, vb);
+    m.decode(blk, b, n, mb);
+    v.decode(blk, b, n, vb);
+    if constexpr (kApply) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float pv = p.load(b + i);
+        p.store(b + i, lamb_apply<float>(pv, lamb_direction<float>(pv, mb[i], vb[i], s), s));
+      }
+    } else {
+      double q[2];
+      lane_sums<float, 2>(0, n, [&](int64_t i, float(&e)[2]) {
+        const float pv = p.load(b + i), pd = lamb_decayed(pv, s), u = lamb_direction<float>(pv, mb[i], vb[i], s);
+        e[0] = pd * pd;
+        e[1] = u * u;
+      }, q);
+      acc[0] += q[0];
+      acc[1] += q[1];
+    }
+  });
+  out[0] = acc[0];
+  out[1] = acc[1];
+}
+
+// LAMB's apply pass over the blocks [bb, be) of a row with 8-bit m, v.
+template <class P, int kStore>
+void lamb_q8_apply_piece(const TensorRow& r, int64_t bb, int64_t be, const LambScalars<float> s,
+                         StochasticRounding sr) {
+  const ParamIO<P, float, kStore> p(r, kLambParam, kLambMaster, sr);
+  const QuantState<Code8::kSigned> m(r, kLambExpAvg, kLambAbsmax, 0);
+  const QuantState<Code8::kUnsigned> v(r, kLambExpAvgSq, kLambAbsmax, 1);
+  alignas(64) float mb[kQuantBlock], vb[kQuantBlock];
+  for_each_block(r.numel, bb, be, [&](int64_t blk, int64_t b, int64_t n) {
+    m.decode(blk, b, n, mb);
+    v.decode(blk, b, n, vb);
+    for (int64_t i = 0; i < n; ++i) {
+      const float pv = p.load(b + i);
+      p.store(b + i, lamb_apply<float>(pv, lamb_direction<float>(pv, mb[i], vb[i], s), s));
+    }
+  });
+}
+
 }  // namespace
 
 void multi_tensor_norms(const NormsCall& call) {
@@ -162,27 +224,40 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
   double divisor = grad_divisor(call);
   // The CUDA driver adds the sums in the same order (combine.h): same divisor bits.
   if (h.flags & kLambClipGrads) divisor = lamb_grad_divisor(h, fixed_order_sum(grad_sq, n_grad_sq), divisor);
-  dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
+  // 8-bit m, v: the passes walk whole blocks (chunks of kChunkBlocks blocks).
+  const bool q8 = call.state_dtype == kInt8;
+  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  dispatch_param_state(call.param_dtype, q8 ? kFloat32 : call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;
     using C = typename ComputeOf<P>::type;
     // Both calls of a split step use t + 1; only the second advances the counters.
     std::vector<LambScalars<C>> scalars = step_scalars<LambScalars<C>>(
         call, kLambStep, !moments_only, [&](double t) { return lamb_scalars<C>(h, t, lr, divisor, 1.0); });
-    const std::vector<int64_t> off = row_offsets(call.rows, call.n_rows);
+    const std::vector<int64_t> off = q8 ? row_block_offsets(call) : row_offsets(call.rows, call.n_rows);
+    const int64_t chunk = q8 ? kChunkBlocks : kCpuChunkElements;
     with_param_store<P>(call, kLambMaster, [&](auto store) {
       constexpr int M = decltype(store)::value;
+      // A piece: elements [b, e) of a row, or its blocks [b, e) with 8-bit state.
+      const auto moments = [&](auto apply, int64_t r, int64_t b, int64_t e, double* out) {
+        constexpr bool A = decltype(apply)::value;
+        if constexpr (std::is_same_v<C, float>) {
+          if (q8) return lamb_q8_moment_piece<P, A, M>(call.rows[r], b, e, scalars[r], out, call.rounding);
+        }
+        lamb_moment_piece<P, S, C, A, M>(call.rows[r], b, e, scalars[r], out, call.rounding);
+      };
       if (!lamb_adapts(h)) {  // r = 1: moments and update in one pass
-        for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        for_each_piece(call.rows, off, chunk, [&](int64_t, int64_t r, int64_t b, int64_t e) {
           double unused[2];
-          lamb_moment_piece<P, S, C, true, M>(call.rows[r], b, e, scalars[r], unused, call.rounding);
+          moments(std::true_type{}, r, b, e, unused);
         });
         return;
       }
       std::vector<double> sums;
       if (!apply_only) {
-        sums = reduce_rows<2>(call.rows, call.n_rows, [&](int64_t r, int64_t b, int64_t e, double* out) {
-          lamb_moment_piece<P, S, C, false, M>(call.rows[r], b, e, scalars[r], out, call.rounding);
+        sums = reduce_rows_over<2>(call.rows, call.n_rows, off, chunk, [&](int64_t r, int64_t b, int64_t e,
+                                                                            double* out) {
+          moments(std::false_type{}, r, b, e, out);
         });
       }
       for (int64_t r = 0; r < call.n_rows; ++r) {
@@ -191,7 +266,10 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
         scalars[r].ratio = static_cast<C>(lamb_trust_ratio(h, n[0], n[1]));
       }
       if (moments_only) return;
-      for_each_piece(call.rows, off, kCpuChunkElements, [&](int64_t, int64_t r, int64_t b, int64_t e) {
+      for_each_piece(call.rows, off, chunk, [&](int64_t, int64_t r, int64_t b, int64_t e) {
+        if constexpr (std::is_same_v<C, float>) {
+          if (q8) return lamb_q8_apply_piece<P, M>(call.rows[r], b, e, scalars[r], call.rounding);
+        }
         lamb_apply_piece<P, S, C, M>(call.rows[r], b, e, scalars[r], call.rounding);
       });
     });

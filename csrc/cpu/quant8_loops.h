@@ -56,15 +56,17 @@ inline float block_absmax(const float* __restrict__ in) {
 // and one conversion per 16 elements, the same values as decode8 (ops/quant8.h):
 // - signed: sign, then the 7 bits e4m3 = a half's exponent (< 16) and top 3
 //   mantissa bits: half bits (c & 0x80) << 8 | (c & 0x7F) << 7, the value itself;
-// - unsigned e5m3 (field 31 is 2^0, which a half would read as inf): field >= 1
-//   moves down one binade (half bits (c << 7) - 0x400), the subnormals one bit
-//   ((c << 7) >> 1); either way the half is the value times 2^15.
+// - unsigned e5m3: the half with bits c << 7 is the value times 2^16, except in
+//   the top binade (field 31, 2^0), which a half reads as inf: there the half one
+//   binade down ((c << 7) - 0x400) is doubled. (Moving every code down one binade
+//   would not do: field 1 would land on the halves' subnormals, which lack the
+//   implicit 1.)
 // Returns how many of the n elements it decoded (a multiple of the vector width).
 template <Code8 K>
 inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float scale, float* __restrict__ out) {
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
-  const __m512 vscale = _mm512_set1_ps(scale), unit = _mm512_set1_ps(1.0f / 32768.0f);
+  const __m512 vscale = _mm512_set1_ps(scale), unit = _mm512_set1_ps(1.0f / 65536.0f);
   for (; i + 16 <= n; i += 16) {
     const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)));
     __m512 f;
@@ -74,15 +76,15 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
       f = _mm512_cvtph_ps(h);
     } else {
       const __m256i h = _mm256_slli_epi16(w, 7);
-      const __m256i normal = _mm256_cmpgt_epi16(w, _mm256_set1_epi16(7));
-      const __m256i bits = _mm256_blendv_epi8(_mm256_srli_epi16(h, 1), _mm256_sub_epi16(h, _mm256_set1_epi16(0x400)),
-                                              normal);
+      const __m256i top = _mm256_cmpgt_epi16(w, _mm256_set1_epi16(247));
+      const __m256i bits = _mm256_blendv_epi8(h, _mm256_sub_epi16(h, _mm256_set1_epi16(0x400)), top);
       f = _mm512_mul_ps(_mm512_cvtph_ps(bits), unit);
+      f = _mm512_mask_add_ps(f, _mm256_movepi16_mask(top), f, f);
     }
     _mm512_storeu_ps(out + i, _mm512_mul_ps(f, vscale));
   }
 #elif defined(__AVX2__) && defined(__F16C__)
-  const __m256 vscale = _mm256_set1_ps(scale), unit = _mm256_set1_ps(1.0f / 32768.0f);
+  const __m256 vscale = _mm256_set1_ps(scale), unit = _mm256_set1_ps(1.0f / 65536.0f);
   for (; i + 8 <= n; i += 8) {
     const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i)));
     __m256 f;
@@ -92,9 +94,10 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
       f = _mm256_cvtph_ps(h);
     } else {
       const __m128i h = _mm_slli_epi16(w, 7);
-      const __m128i normal = _mm_cmpgt_epi16(w, _mm_set1_epi16(7));
-      const __m128i bits = _mm_blendv_epi8(_mm_srli_epi16(h, 1), _mm_sub_epi16(h, _mm_set1_epi16(0x400)), normal);
+      const __m128i top = _mm_cmpgt_epi16(w, _mm_set1_epi16(247));
+      const __m128i bits = _mm_blendv_epi8(h, _mm_sub_epi16(h, _mm_set1_epi16(0x400)), top);
       f = _mm256_mul_ps(_mm256_cvtph_ps(bits), unit);
+      f = _mm256_blendv_ps(f, _mm256_add_ps(f, f), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(top)));
     }
     _mm256_storeu_ps(out + i, _mm256_mul_ps(f, vscale));
   }

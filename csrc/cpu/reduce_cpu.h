@@ -15,12 +15,12 @@ namespace fusedopt::cpu {
 // order, so that the loop vectorizes without reassociating anything.
 constexpr int kSumLanes = 16;
 
-// Runs piece(row, begin, end, double out[K]) over every piece and returns the
-// per-row sums (n_rows * K, row-major). Empty rows sum to 0.
+// Runs piece(row, begin, end, double out[K]) over every piece of the rows laid
+// out by `off` (row_offsets: elements; or blocks of 8-bit states) in chunks of
+// `chunk` and returns the per-row sums (n_rows * K, row-major). Empty rows sum to 0.
 template <int K, class Piece>
-std::vector<double> reduce_rows(const TensorRow* rows, int64_t n_rows, Piece&& piece) {
-  const int64_t chunk = kCpuChunkElements;
-  const std::vector<int64_t> off = row_offsets(rows, n_rows);
+std::vector<double> reduce_rows_over(const TensorRow* rows, int64_t n_rows, const std::vector<int64_t>& off,
+                                     int64_t chunk, Piece&& piece) {
   std::vector<int64_t> base(static_cast<size_t>(n_rows) + 1, 0);
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t pieces = rows[r].numel > 0 ? (off[r + 1] - 1) / chunk - off[r] / chunk + 1 : 0;
@@ -36,6 +36,12 @@ std::vector<double> reduce_rows(const TensorRow* rows, int64_t n_rows, Piece&& p
       sums[r * K + k] =
           fixed_order_sum(base[r + 1] - base[r], [&](int64_t j) { return partial[(base[r] + j) * K + k]; });
   return sums;
+}
+
+// reduce_rows_over the elements of the rows, in the chunks of every CPU driver.
+template <int K, class Piece>
+std::vector<double> reduce_rows(const TensorRow* rows, int64_t n_rows, Piece&& piece) {
+  return reduce_rows_over<K>(rows, n_rows, row_offsets(rows, n_rows), kCpuChunkElements, piece);
 }
 
 // Sums K quantities over elements [b, e): elem(i, C (&q)[K]) computes them

@@ -15,7 +15,10 @@ namespace fusedopt {
 // kLambMaster: optional fp32 master copy of a 16-bit param; when present p
 // (also in the norms) is read from and written to it, and the param gets it
 // rounded to nearest even.
-enum LambColumn { kLambParam = 0, kLambGrad, kLambExpAvg, kLambExpAvgSq, kLambStep, kLambNorms, kLambMaster };
+// kLambAbsmax (8-bit state only, ops/quant8.h): fp32 [2, blocks] block scales of
+// exp_avg and exp_avg_sq.
+enum LambColumn { kLambParam = 0, kLambGrad, kLambExpAvg, kLambExpAvgSq, kLambStep, kLambNorms, kLambMaster,
+                  kLambAbsmax };
 enum LambFlag : int {
   kLambBiasCorrection = 1, kLambGradAveraging = 2, kLambTrustClip = 4, kLambAlwaysAdapt = 8,
   kLambDecoupled = 16, kLambClipGrads = 32,

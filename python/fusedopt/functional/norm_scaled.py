@@ -16,7 +16,7 @@ from .._dtensor import reduce_rows_over_shards
 from .._kernels import (MASTER, STATE, STEP, Column, Labels, StepPlan, grad_sq_norms_into, kernel_layout,
                         launch_norm_scaled, prepare, shape_str)
 from ._step import PreparedStep, checked_rounding_seed, compiling, device_scalars, finish
-from .elementwise import momentum_columns
+from .elementwise import absmax_columns, momentum_columns
 
 _LARS = kernel_layout("lars")
 _LAMB = kernel_layout("lamb")
@@ -146,6 +146,7 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          bias_correction: bool, grad_averaging: bool, max_grad_norm: Optional[float], trust_clip: bool,
          always_adapt: bool, decoupled_decay: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, clip_grad_sq: Optional[ClipSums] = None,
+         absmaxes: Optional[List[torch.Tensor]] = None,
          stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LAMB over lists of tensors (the formulas of :class:`fusedopt.LAMB`), in the
@@ -155,7 +156,8 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     :math:`\max(\lVert (g_1, g_2, \dots)\rVert / \text{max\_grad\_norm}, 1)`, the norm
     over this call's grads, or over the per-grad sums of squares ``clip_grad_sq``
     (a tensor, or one per device, from :func:`lamb_clip_sums`) when given.
-    ``master_params``, ``state_dtype``, ``stochastic_rounding``, ``rounding_seed``, ``plan`` and
+    ``master_params``, ``state_dtype`` (int8: 8-bit moments), ``absmaxes`` (their block
+    scales, float32 ``[2, blocks]``), ``stochastic_rounding``, ``rounding_seed``, ``plan`` and
     ``launch`` as in :func:`adam`;
     ``_split`` as in :func:`lars`.
     """
@@ -169,13 +171,15 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
     if compiling():
         from .. import _ops
         return _ops.compiled_step("lamb", params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                                                              state_steps=state_steps, master_params=master_params),
+                                                              state_steps=state_steps, master_params=master_params,
+                                                              absmaxes=absmaxes),
                                   {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf,
                                   clip_grad_sq=clip_grad_sq)
     columns = [Column("exp_avg", "exp_avgs", STATE, exp_avgs), Column("exp_avg_sq", "exp_avg_sqs", STATE, exp_avg_sqs),
                Column("step", "state_steps", STEP, state_steps)]
     if master_params is not None:
         columns.append(Column("master", "master_params", MASTER, master_params))
+    columns += absmax_columns(absmaxes, "absmaxes")
     plan = prepare(_LAMB, params, grads, columns, labels=Labels(_names), state_dtype=state_dtype, plan=plan)
     flags = _LAMB.flags(bias_correction=bias_correction, grad_averaging=grad_averaging, trust_clip=trust_clip,
                         always_adapt=always_adapt, decoupled=decoupled_decay, clip_grads=max_grad_norm is not None)

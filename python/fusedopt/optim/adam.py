@@ -17,10 +17,15 @@ def check_adam_group(group: dict, where: str) -> None:
 
 
 def new_moments(p: torch.Tensor, dtype: torch.dtype, keys) -> dict:
-    """A step counter and zero moments like p (DTensor params get DTensor states)."""
+    """A step counter and zero moments like p (DTensor params get DTensor states);
+    8-bit moments (dtype torch.int8): zero int8 codes like p and their block scales,
+    ``absmax`` (README "8-bit states")."""
     st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
     for key in keys:
         st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    if dtype is torch.int8:
+        from .._kernels.quant8 import absmax_shape
+        st["absmax"] = torch.zeros(absmax_shape(p, len(keys)), dtype=torch.float32, device=p.device)
     return st
 
 
@@ -111,12 +116,7 @@ class Adam(FusedOptimizer):
         return ("step",) + self._moment_keys(group) + (("absmax",) if self._quantized(group) else ())
 
     def _new_state(self, group, p):
-        dtype = self._state_dtype(group, p)
-        if dtype is torch.int8:
-            st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-            st.update(self._new_quantized(p, self._moment_keys(group)))
-            return st
-        return new_moments(p, dtype, self._moment_keys(group))
+        return new_moments(p, self._state_dtype(group, p), self._moment_keys(group))
 
     def _state_lists(self, group, states):
         lists = {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],

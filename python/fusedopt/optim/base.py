@@ -141,13 +141,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Of a param's state ``keys``, those quantized, in absmax-row order."""
         return tuple(k for k, _ in self._quantized_states if k in keys)
 
-    def _new_quantized(self, p: torch.Tensor, keys: Sequence[str]) -> dict:
-        """Zero 8-bit states ``keys`` of p (int8 codes like p) and their block scales."""
-        from .._kernels.quant8 import absmax_shape
-        st = {k: torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format) for k in keys}
-        st["absmax"] = torch.zeros(absmax_shape(p, len(keys)), dtype=torch.float32, device=p.device)
-        return st
-
     def _uses_master(self, group: dict, p: torch.Tensor) -> bool:
         """An fp32 master copy is kept for 16-bit params when master_weights is on."""
         return bool(group.get("master_weights")) and p.dtype in _SIXTEEN_BIT

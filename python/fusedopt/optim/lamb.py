@@ -95,6 +95,7 @@ class LAMB(FusedOptimizer):
 
     _functional = functional.lamb
     _supports_stochastic_rounding = True
+    _quantized_states = (("exp_avg", True), ("exp_avg_sq", False))
     _eager_for_dtensors_when_compiled = True
     _split_steps = False  # private switch (tests): the two-call path of sharded params on plain tensors
 
@@ -113,14 +114,17 @@ class LAMB(FusedOptimizer):
         _hyper.check_lamb(group, where)
 
     def _required_state_keys(self, group):
-        return ("step", "exp_avg", "exp_avg_sq")
+        return ("step", "exp_avg", "exp_avg_sq") + (("absmax",) if self._quantized(group) else ())
 
     def _new_state(self, group, p):
         return new_moments(p, self._state_dtype(group, p), ("exp_avg", "exp_avg_sq"))
 
     def _state_lists(self, group, states):
-        return {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
-                "state_steps": [st["step"] for st in states]}
+        lists = {"exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+                 "state_steps": [st["step"] for st in states]}
+        if self._quantized(group):
+            lists["absmaxes"] = [st.get("absmax") for st in states]
+        return lists
 
     def _functional_kwargs(self, group):
         beta1, beta2 = group["betas"]
