@@ -275,3 +275,29 @@ def test_kernel_encodes_midpoints_and_edges_like_the_table(seed):
     codes, absmax = ref_quantize(g, True)
     assert torch.equal(opt.state[p]["absmax"][0], absmax) and bool((absmax == 1).all())
     assert torch.equal(opt.state[p]["momentum_buffer"], codes), n
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["no-trust-ratio", "trust-ratio"])
+def test_cuda_lamb_matches_cpu(weight_decay, seed):
+    """LAMB with 8-bit m, v on CUDA and CPU: the same codes and scales (m and v do not
+    depend on the trust ratio); params to rounding, as the ratio's sums are added in
+    another order on each side."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3 * BLOCK + 5,), (70000,), (33, 17)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    out = []
+    for device in ("cpu", "cuda"):
+        ps = [torch.nn.Parameter(b.clone().to(device)) for b in base]
+        opt = fusedopt.LAMB(ps, lr=1e-2, weight_decay=weight_decay, state_dtype=torch.int8)
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.to(device)
+            opt.step()
+        out.append((ps, opt))
+    (cp, co), (gp, go) = out
+    for p, q in zip(cp, gp):
+        for k in ("exp_avg", "exp_avg_sq", "absmax"):
+            assert torch.equal(co.state[p][k], go.state[q][k].cpu()), k
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)

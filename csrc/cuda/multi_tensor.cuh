@@ -194,18 +194,29 @@ __device__ __forceinline__ auto row_scalars(const F& f, const TensorRow& row) {
   }
 }
 
+// Whether F walks a block's chunk itself (F::kVisitsChunks: visit_chunk(row,
+// chunk, scalars[, acc]); the 8-bit states, a warp per quantization block)
+// instead of being handed its elements by for_each_chunk_element.
+template <class F, class = void> struct VisitsChunks : std::false_type {};
+template <class F> struct VisitsChunks<F, std::void_t<decltype(F::kVisitsChunks)>>
+    : std::bool_constant<F::kVisitsChunks> {};
+
 // One block per table entry.
-// F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars), and
-// optionally kPrepareOnce (row_scalars).
+// F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars) (or
+// kVisitsChunks and visit_chunk), and optionally kPrepareOnce (row_scalars).
 template <class F>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
   if (f.skip()) return;  // the same for every thread of the grid: no thread waits in row_scalars alone
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
   const auto s = row_scalars(f, row);
-  for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
-    f.template apply<decltype(w)::value>(row, i, s);
-  });
+  if constexpr (VisitsChunks<F>::value) {
+    f.visit_chunk(row, be.chunk, s);
+  } else {
+    for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
+      f.template apply<decltype(w)::value>(row, i, s);
+    });
+  }
 }
 
 template <class F>

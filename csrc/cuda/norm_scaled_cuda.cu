@@ -146,6 +146,89 @@ struct LambApplyFunctor : LambBase {
   }
 };
 
+// LAMB pass 2 with 8-bit m, v (quant8.cuh): a warp per block decodes m, v, moves
+// them (lamb_moments), encodes them with their new scales and goes on with the
+// values as stored; then as LambMomentFunctor.
+template <class P, bool kApply>
+struct LambQ8MomentFunctor : LambBase {
+  using Acc = float;
+  static constexpr int kVec = 1;
+  static constexpr bool kPrepareOnce = true;
+  static constexpr bool kVisitsChunks = true;
+  __device__ LambScalars<float> prepare(const TensorRow& r) const { return scalars<float>(r, 1.0); }
+  __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s, Acc (&acc)[2]) const {
+    const WarpQuantState<Code8::kSigned> m(row, kLambExpAvg, kLambAbsmax, 0);
+    const WarpQuantState<Code8::kUnsigned> v(row, kLambExpAvgSq, kLambAbsmax, 1);
+    const int64_t n = row.numel;
+    for_each_warp_block(row, chunk, [&](int64_t q, int64_t base, int lane) {
+      float mv[kPerLane], vv[kPerLane];
+      m.load(q, base, lane, n, mv);
+      v.load(q, base, lane, n, vv);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t i = base + lane + k * kWarpLanes;
+        if (i >= n) continue;
+        float g[1];
+        load_elems<1>(col<P>(row, kLambGrad), i, g);
+        lamb_moments<float>(g[0], mv[k], vv[k], s);
+      }
+      m.template store<true>(q, base, lane, n, mv);
+      v.template store<true>(q, base, lane, n, vv);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t i = base + lane + k * kWarpLanes;
+        if (i >= n) continue;
+        float p[1];
+        load_param<1, P>(row, kLambParam, kLambMaster, i, p);
+        const float u = lamb_direction<float>(p[0], mv[k], vv[k], s);
+        if constexpr (kApply) {
+          p[0] = lamb_apply<float>(p[0], u, s);
+          store_param<1, P>(row, kLambParam, kLambMaster, i, p, d.rounding);
+        } else {
+          const float pd = lamb_decayed(p[0], s);
+          acc[0] += pd * pd;
+          acc[1] += u * u;
+        }
+      }
+    });
+  }
+  __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s) const {
+    Acc unused[2] = {0.0f, 0.0f};
+    visit_chunk(row, chunk, s, unused);
+  }
+};
+
+// LAMB pass 3 with 8-bit m, v.
+template <class P>
+struct LambQ8ApplyFunctor : LambBase {
+  static constexpr int kVec = 1;
+  static constexpr bool kPrepareOnce = true;
+  static constexpr bool kVisitsChunks = true;
+  __device__ LambScalars<float> prepare(const TensorRow& r) const {
+    const double* n = col<double>(r, kLambNorms);
+    return scalars<float>(r, lamb_trust_ratio(h, n[0], n[1]));
+  }
+  __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s) const {
+    const WarpQuantState<Code8::kSigned> m(row, kLambExpAvg, kLambAbsmax, 0);
+    const WarpQuantState<Code8::kUnsigned> v(row, kLambExpAvgSq, kLambAbsmax, 1);
+    const int64_t n = row.numel;
+    for_each_warp_block(row, chunk, [&](int64_t q, int64_t base, int lane) {
+      float mv[kPerLane], vv[kPerLane];
+      m.load(q, base, lane, n, mv);
+      v.load(q, base, lane, n, vv);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t i = base + lane + k * kWarpLanes;
+        if (i >= n) continue;
+        float p[1];
+        load_param<1, P>(row, kLambParam, kLambMaster, i, p);
+        p[0] = lamb_apply<float>(p[0], lamb_direction<float>(p[0], mv[k], vv[k], s), s);
+        store_param<1, P>(row, kLambParam, kLambMaster, i, p, d.rounding);
+      }
+    });
+  }
+};
+
 // The global grad norm from the fp64 per-grad sums of squares, added in the
 // order of ops/combine.h as the CPU driver adds them -> the grad divisor.
 struct LambClipCombine {
@@ -218,6 +301,21 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
     partials = workspace + 1;
   }
   const LambBase base{h, device_scalars(call), clip};
+  if (call.state_dtype == kInt8) {
+    dispatch_q8_param(call.param_dtype, [&](auto ptag) {
+      using P = typename decltype(ptag)::type;
+      if (!lamb_adapts(h)) {
+        launch_elementwise(call.rows, call.n_rows, stream, LambQ8MomentFunctor<P, true>{base});
+      } else {
+        if (!apply_only)
+          launch_reduce<2>(call.rows, call.n_rows, stream, LambQ8MomentFunctor<P, false>{base}, partials, kLambNorms,
+                           kFloat64, false, call.found_inf);
+        if (!moments_only) launch_elementwise(call.rows, call.n_rows, stream, LambQ8ApplyFunctor<P>{base});
+      }
+    });
+    if (!moments_only) advance_steps(call.rows, call.n_rows, kLambStep, call.found_inf, stream);
+    return;
+  }
   dispatch_param_state(call.param_dtype, call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;

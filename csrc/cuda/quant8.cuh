@@ -47,8 +47,10 @@ struct WarpQuantState {
     }
   }
 
-  // vals of elements past numel must be 0 (load leaves them so).
-  __device__ void store(int64_t q, int64_t base, int lane, int64_t numel, const float (&vals)[kPerLane]) const {
+  // vals of elements past numel must be 0 (load leaves them so). With kReload vals
+  // become the values as stored (decoded from the new codes).
+  template <bool kReload = false>
+  __device__ void store(int64_t q, int64_t base, int lane, int64_t numel, float (&vals)[kPerLane]) const {
     float a = 0.0f;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) a = absmax_with(a, vals[k]);
@@ -61,7 +63,10 @@ struct WarpQuantState {
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int64_t i = base + lane + k * kWarpLanes;
-      if (i < numel) codes[i] = encode8<K>(vals[k] * inv);
+      if (i >= numel) continue;
+      const uint8_t code = encode8<K>(vals[k] * inv);
+      codes[i] = code;
+      if constexpr (kReload) vals[k] = decode8<K>(code) * a;
     }
   }
 };

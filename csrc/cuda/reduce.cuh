@@ -101,9 +101,13 @@ reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials
   A acc[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) acc[k] = A(0);
-  for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
-    f.template apply<decltype(w)::value>(row, i, s, acc);
-  });
+  if constexpr (VisitsChunks<F>::value) {
+    f.visit_chunk(row, be.chunk, s, acc);
+  } else {
+    for_each_chunk_element<F::kVec>(row, be.chunk, [&](auto w, int64_t i) {
+      f.template apply<decltype(w)::value>(row, i, s, acc);
+    });
+  }
   block_sum<kThreads>(acc);
   if (threadIdx.x == 0) {
 #pragma unroll

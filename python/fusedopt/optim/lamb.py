@@ -62,8 +62,11 @@ class LAMB(FusedOptimizer):
             trust ratio comes from fp32 weights), the kernel writes it and the
             param rounded to nearest even (ignored for fp32/fp64 params).
         state_dtype (torch.dtype, optional): dtype of ``exp_avg``/``exp_avg_sq``:
-            ``torch.float32`` (default) or ``torch.bfloat16`` (the math stays fp32;
-            the moments are rounded to nearest even when stored). fp64 params keep fp64.
+            ``torch.float32`` (default), ``torch.bfloat16`` (the math stays fp32;
+            the moments are rounded to nearest even when stored) or ``torch.int8``
+            (8-bit blockwise moments, int8 codes and ``state['absmax']``, float32
+            ``[2, ceil(numel/256)]``; u is formed from them as stored; README "8-bit
+            states"). fp64 params keep fp64 (int8 refuses them).
         stochastic_rounding (bool): store fp16/bf16 params rounded up or down at
             random instead of to nearest, so that steps below half an ulp still move
             them on average: no fp32 master copy (excludes master_weights; ignored for
