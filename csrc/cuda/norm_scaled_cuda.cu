@@ -152,7 +152,6 @@ struct LambApplyFunctor : LambBase {
 template <class P, bool kApply>
 struct LambQ8MomentFunctor : LambBase {
   using Acc = float;
-  static constexpr int kVec = 1;
   static constexpr bool kPrepareOnce = true;
   static constexpr bool kVisitsChunks = true;
   __device__ LambScalars<float> prepare(const TensorRow& r) const { return scalars<float>(r, 1.0); }
@@ -201,7 +200,6 @@ struct LambQ8MomentFunctor : LambBase {
 // LAMB pass 3 with 8-bit m, v.
 template <class P>
 struct LambQ8ApplyFunctor : LambBase {
-  static constexpr int kVec = 1;
   static constexpr bool kPrepareOnce = true;
   static constexpr bool kVisitsChunks = true;
   __device__ LambScalars<float> prepare(const TensorRow& r) const {
