@@ -24,9 +24,8 @@ import torch
 import fusedopt
 from fusedopt.benchmarking import cli, environment, report
 from fusedopt.benchmarking.compare import (Candidate, Row, any_errors, error_summary, note_cell, run_candidates,
-                                           timing_cells, timing_header)
+                                           target_line, timing_cells, timing_header)
 from fusedopt.benchmarking.progress import Progress
-from fusedopt.benchmarking.timing import ratios
 from fusedopt.benchmarking.workloads import OPTIMIZER_WORKLOADS, random_params_and_grads
 
 HYPER = {"adam": dict(lr=1e-3), "adamw": dict(lr=1e-3, weight_decay=1e-2), "sgd": dict(lr=1e-2, momentum=0.9),
@@ -89,14 +88,9 @@ def bench_workload(workload: str, pairs, device: torch.device, args, after_rep) 
 def target_lines(device: str, results: Dict[str, Dict[str, Row]]) -> List[dict]:
     out = []
     for workload, what, num, den, bound, kind in TARGETS:
-        rows = results.get(workload, {})
-        a, b = rows.get(num), rows.get(den)
-        if a is None or b is None or a.time is None or b.time is None:
-            continue
-        ratio = ratios(a.time, b.time).median
-        met = ratio >= bound if kind == "min" else ratio <= bound
-        out.append(dict(device=device, workload=workload, target=what, ratio=ratio,
-                        bound=f"{'>=' if kind == 'min' else '<='} {bound}", met=met))
+        line = target_line(results.get(workload, {}), what, num, den, bound, kind)
+        if line is not None:
+            out.append(dict(device=device, workload=workload, **line))
     return out
 
 

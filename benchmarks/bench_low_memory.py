@@ -21,10 +21,9 @@ import torch
 import fusedopt
 from fusedopt.benchmarking import cli, environment, report
 from fusedopt.benchmarking.compare import (Candidate, Row, Unavailable, any_errors, error_summary, note_cell,
-                                           run_candidates, timing_cells, timing_header)
+                                           run_candidates, target_line, timing_cells, timing_header)
 from fusedopt.benchmarking.peers import import_peer
 from fusedopt.benchmarking.progress import Progress
-from fusedopt.benchmarking.timing import ratios
 from fusedopt.benchmarking.workloads import OPTIMIZER_WORKLOADS, random_params_and_grads, scaled
 
 HYPER = dict(lr=1e-3, weight_decay=1e-2)
@@ -110,13 +109,9 @@ def state_bytes_table(device: torch.device) -> List[dict]:
 def target_lines(workload: str, rows: Dict[str, Row]) -> List[dict]:
     out = []
     for what, num, den, bound, kind in TARGETS:
-        a, b = rows.get(num), rows.get(den)
-        if a is None or b is None or a.time is None or b.time is None:
-            continue
-        ratio = ratios(a.time, b.time).median
-        met = ratio >= bound if kind == "min" else ratio <= bound
-        out.append(dict(workload=workload, target=what, ratio=ratio,
-                        bound=f"{'>=' if kind == 'min' else '<='} {bound}", met=met))
+        line = target_line(rows, what, num, den, bound, kind)
+        if line is not None:
+            out.append(dict(workload=workload, **line))
     return out
 
 

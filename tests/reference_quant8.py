@@ -148,6 +148,14 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,))  # memory order (dense params)
 
 
+def _store_buffer(st: dict, p: torch.Tensor, values: torch.Tensor) -> None:
+    """A momentum buffer's fp32 values (memory order) as int8 codes like p and its absmax row."""
+    codes, absmax = quantize(values, True)
+    st["momentum_buffer"] = torch.empty_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
+    _flat(st["momentum_buffer"]).copy_(codes)
+    st["absmax"] = absmax.reshape(1, -1)
+
+
 class _Ref8bit(torch.optim.Optimizer):
     """Params of any float dtype but fp64: the math in fp32 on flat views in memory
     order, the param stored back in its dtype (round to nearest even)."""
@@ -239,11 +247,7 @@ class RefSGD8bit(_Ref8bit):
                                       maximize=group["maximize"])
                 self._store(p, new_p)
                 if mu != 0:
-                    codes, absmax = quantize(buf, True)
-                    st["momentum_buffer"] = torch.empty_like(p, dtype=torch.int8,
-                                                             memory_format=torch.preserve_format)
-                    _flat(st["momentum_buffer"]).copy_(codes)
-                    st["absmax"] = absmax.reshape(1, -1)
+                    _store_buffer(st, p, buf)
 
 
 class RefLARS8bit(_Ref8bit):
@@ -286,11 +290,7 @@ class RefLARS8bit(_Ref8bit):
             if mu == 0:
                 continue
             for p, buf in zip(params, bufs):
-                codes, absmax = quantize(_flat(buf), True)
-                st = self.state[p]
-                st["momentum_buffer"] = torch.empty_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
-                _flat(st["momentum_buffer"]).copy_(codes)
-                st["absmax"] = absmax.reshape(1, -1)
+                _store_buffer(self.state[p], p, _flat(buf))
 
 
 class RefLAMB8bit(_Ref8bit):

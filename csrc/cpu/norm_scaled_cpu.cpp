@@ -170,7 +170,7 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h) {
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);
   // 8-bit buffers (momentum != 0): pass 2 walks whole blocks; without momentum there is no buffer.
   const bool q8 = call.state_dtype == kInt8 && h.momentum != 0.0;
-  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  if (q8) check_q8_param(call.param_dtype);
   dispatch_param_state(call.param_dtype, call.state_dtype == kInt8 ? kFloat32 : call.state_dtype,
                        [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
@@ -226,7 +226,7 @@ void multi_tensor_lamb(const OptimCall& call, const LambHyper& h, const double* 
   if (h.flags & kLambClipGrads) divisor = lamb_grad_divisor(h, fixed_order_sum(grad_sq, n_grad_sq), divisor);
   // 8-bit m, v: the passes walk whole blocks (chunks of kChunkBlocks blocks).
   const bool q8 = call.state_dtype == kInt8;
-  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  if (q8) check_q8_param(call.param_dtype);
   dispatch_param_state(call.param_dtype, q8 ? kFloat32 : call.state_dtype, [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;
     using S = typename decltype(stag)::type;

@@ -201,15 +201,6 @@ void momentum_q8_piece(const TensorRow& r, const MomentumColumns& c, int absmax_
   });
 }
 
-// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
-template <class Fn>
-void dispatch_q8_param(int code, Fn&& fn) {
-  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
-  dispatch_float_dtype(code, [&](auto tag) {
-    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
-  });
-}
-
 // The 8-bit-state drivers (optim_q8_cpu.cpp); multi_tensor_adam/sgd hand a call
 // with state_dtype kInt8 to these.
 void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h);

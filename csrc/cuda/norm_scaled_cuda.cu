@@ -163,20 +163,14 @@ struct LambQ8MomentFunctor : LambBase {
       float mv[kPerLane], vv[kPerLane];
       m.load(q, base, lane, n, mv);
       v.load(q, base, lane, n, vv);
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        const int64_t i = base + lane + k * kWarpLanes;
-        if (i >= n) continue;
+      for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
         float g[1];
         load_elems<1>(col<P>(row, kLambGrad), i, g);
         lamb_moments<float>(g[0], mv[k], vv[k], s);
-      }
+      });
       m.template store<true>(q, base, lane, n, mv);
       v.template store<true>(q, base, lane, n, vv);
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        const int64_t i = base + lane + k * kWarpLanes;
-        if (i >= n) continue;
+      for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
         float p[1];
         load_param<1, P>(row, kLambParam, kLambMaster, i, p);
         const float u = lamb_direction<float>(p[0], mv[k], vv[k], s);
@@ -188,7 +182,7 @@ struct LambQ8MomentFunctor : LambBase {
           acc[0] += pd * pd;
           acc[1] += u * u;
         }
-      }
+      });
     });
   }
   __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s) const {
@@ -214,15 +208,12 @@ struct LambQ8ApplyFunctor : LambBase {
       float mv[kPerLane], vv[kPerLane];
       m.load(q, base, lane, n, mv);
       v.load(q, base, lane, n, vv);
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        const int64_t i = base + lane + k * kWarpLanes;
-        if (i >= n) continue;
+      for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
         float p[1];
         load_param<1, P>(row, kLambParam, kLambMaster, i, p);
         p[0] = lamb_apply<float>(p[0], lamb_direction<float>(p[0], mv[k], vv[k], s), s);
         store_param<1, P>(row, kLambParam, kLambMaster, i, p, d.rounding);
-      }
+      });
     });
   }
 };
@@ -265,7 +256,7 @@ void multi_tensor_lars(const OptimCall& call, const LarsHyper& h, double* worksp
   auto stream = static_cast<cudaStream_t>(call.stream);
   // 8-bit buffers (momentum != 0): the update is the 8-bit momentum kernel; no momentum, no buffer.
   const bool q8 = call.state_dtype == kInt8 && h.momentum != 0.0;
-  if (q8 && call.param_dtype == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+  if (q8) check_q8_param(call.param_dtype);
   dispatch_param_state(call.param_dtype, call.state_dtype == kInt8 ? kFloat32 : call.state_dtype,
                        [&](auto ptag, auto stag) {
     using P = typename decltype(ptag)::type;

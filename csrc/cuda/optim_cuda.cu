@@ -81,16 +81,13 @@ __global__ void __launch_bounds__(kThreads) adam_q8_kernel(const __grid_constant
     m.load(q, base, lane, n, mv);
     v.load(q, base, lane, n, vv);
     if (kAmsgrad) vmax.load(q, base, lane, n, vmv);
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = base + lane + k * kWarpLanes;
-      if (i >= n) continue;
+    for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
       float p[1], g[1];
       load_param<1, P>(row, kAdamParam, kAdamMaster, i, p);
       load_elems<1>(col<P>(row, kAdamGrad), i, g);
       adam_element<float>(p[0], g[0], mv[k], vv[k], vmv[k], s);
       store_param<1, P>(row, kAdamParam, kAdamMaster, i, p, f.d.rounding);
-    }
+    });
     m.store(q, base, lane, n, mv);
     v.store(q, base, lane, n, vv);
     if (kAmsgrad) vmax.store(q, base, lane, n, vmv);

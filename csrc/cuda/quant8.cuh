@@ -30,6 +30,16 @@ __device__ __forceinline__ void for_each_warp_block(const TensorRow& row, int32_
   for (int64_t q = first + warp; q < last; q += kThreads / kWarpLanes) visit(q, q * kQuantBlock, lane);
 }
 
+// fn(k, i) for the lane's elements i = base + lane + 32 k of a block that lie below numel.
+template <class Fn>
+__device__ __forceinline__ void for_each_lane_element(int64_t base, int lane, int64_t numel, Fn&& fn) {
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t i = base + lane + k * kWarpLanes;
+    if (i < numel) fn(k, i);
+  }
+}
+
 // One quantized state of a row (its codes and its row of the absmax tensor).
 template <Code8 K>
 struct WarpQuantState {
@@ -41,10 +51,8 @@ struct WarpQuantState {
   __device__ void load(int64_t q, int64_t base, int lane, int64_t numel, float (&out)[kPerLane]) const {
     const float scale = absmax[q];
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = base + lane + k * kWarpLanes;
-      out[k] = i < numel ? decode8<K>(codes[i]) * scale : 0.0f;
-    }
+    for (int k = 0; k < kPerLane; ++k) out[k] = 0.0f;
+    for_each_lane_element(base, lane, numel, [&](int k, int64_t i) { out[k] = decode8<K>(codes[i]) * scale; });
   }
 
   // vals of elements past numel must be 0 (load leaves them so). With kReload vals
@@ -60,25 +68,13 @@ struct WarpQuantState {
     a = block_scale(a);
     if (lane == 0) absmax[q] = a;
     const float inv = quant_inverse(a);
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = base + lane + k * kWarpLanes;
-      if (i >= numel) continue;
+    for_each_lane_element(base, lane, numel, [&](int k, int64_t i) {
       const uint8_t code = encode8<K>(vals[k] * inv);
       codes[i] = code;
       if constexpr (kReload) vals[k] = decode8<K>(code) * a;
-    }
+    });
   }
 };
-
-// fn(Tag<P>) for the param dtypes 8-bit state supports (not fp64).
-template <class Fn>
-void dispatch_q8_param(int code, Fn&& fn) {
-  if (code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
-  dispatch_float_dtype(code, [&](auto tag) {
-    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
-  });
-}
 
 // The momentum loop of SGD and LARS (momentum.cuh) with an 8-bit buffer: Rule as
 // there, plus kAbsmaxColumn.
@@ -97,16 +93,13 @@ __global__ void __launch_bounds__(kThreads) momentum_q8_kernel(const __grid_cons
   for_each_warp_block(row, be.chunk, [&](int64_t q, int64_t base, int lane) {
     float bv[kPerLane];
     buf.load(q, base, lane, n, bv);
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = base + lane + k * kWarpLanes;
-      if (i >= n) continue;
+    for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
       float p[1], g[1];
       load_param<1, P>(row, c.param, c.master, i, p);
       load_elems<1>(col<P>(row, c.grad), i, g);
       Rule::element(p[0], g[0], bv[k], first, s);
       store_param<1, P>(row, c.param, c.master, i, p, d.rounding);
-    }
+    });
     buf.store(q, base, lane, n, bv);
   });
 }

@@ -4,6 +4,7 @@
 #pragma once
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -38,6 +39,20 @@ decltype(auto) dispatch_param_state(int param_code, int state_code, Fn&& fn) {
       if (state_code != kFloat32) throw std::invalid_argument("fusedopt: state must be fp32 or bf16");
       return fn(p, Tag<float>{});
     }
+  });
+}
+
+// 8-bit states (ops/quant8.h) are for fp32, fp16 and bf16 params: fp64 is refused.
+inline void check_q8_param(int param_code) {
+  if (param_code == kFloat64) throw std::invalid_argument("fusedopt: 8-bit state needs fp32, fp16 or bf16 params");
+}
+
+// fn(Tag<P>) for the param dtypes 8-bit state supports.
+template <class Fn>
+void dispatch_q8_param(int code, Fn&& fn) {
+  check_q8_param(code);
+  dispatch_float_dtype(code, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, double>) fn(tag);
   });
 }
 

@@ -124,3 +124,15 @@ def _shorten(text: str, width: int = 70) -> str:
 def error_summary(rows: Sequence[Row]) -> List[str]:
     """Full messages of the errors (the table cell is shortened)."""
     return [f"ERROR in {r.name}: {r.reason}" for r in rows if r.status == ERROR]
+
+
+def target_line(rows: Dict[str, Row], what: str, num: str, den: str, bound: float, kind: str) -> Optional[dict]:
+    """A benchmark target checked on the median of the per-repetition ratios of two
+    rows' times (num / den): ``kind`` "min" (ratio >= bound) or "max" (ratio <= bound).
+    None when either row has no time (skipped or failed)."""
+    a, b = rows.get(num), rows.get(den)
+    if a is None or b is None or a.time is None or b.time is None:
+        return None
+    ratio = ratios(a.time, b.time).median
+    met = ratio >= bound if kind == "min" else ratio <= bound
+    return dict(target=what, ratio=ratio, bound=f"{'>=' if kind == 'min' else '<='} {bound}", met=met)

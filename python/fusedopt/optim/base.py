@@ -137,10 +137,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether the group keeps 8-bit blockwise states."""
         return group.get("state_dtype") is torch.int8
 
-    def _quantized_keys(self, group: dict, keys: Sequence[str]) -> Tuple[str, ...]:
-        """Of a param's state ``keys``, those quantized, in absmax-row order."""
-        return tuple(k for k, _ in self._quantized_states if k in keys)
-
     def _uses_master(self, group: dict, p: torch.Tensor) -> bool:
         """An fp32 master copy is kept for 16-bit params when master_weights is on."""
         return bool(group.get("master_weights")) and p.dtype in _SIXTEEN_BIT
