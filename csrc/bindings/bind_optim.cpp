@@ -10,27 +10,6 @@ namespace fusedopt::bind {
 
 namespace {
 
-// Host conversions between fp32 values and 8-bit blockwise states, with the
-// codes of ops/quant8.h (checkpoint loading and dequantized_state_dict; never
-// on a step's path). The element order is the memory order of the state.
-template <Code8 K>
-void quantize_blocks(const float* values, int64_t numel, uint8_t* codes, float* absmax) {
-  for (int64_t blk = 0; blk < quant_blocks(numel); ++blk) {
-    const int64_t b = blk * kQuantBlock, e = std::min(b + kQuantBlock, numel);
-    float scale = 0.0f;
-    for (int64_t i = b; i < e; ++i) scale = absmax_with(scale, values[i]);
-    scale = block_scale(scale);
-    absmax[blk] = scale;
-    const float inv = quant_inverse(scale);
-    for (int64_t i = b; i < e; ++i) codes[i] = encode8<K>(values[i] * inv);
-  }
-}
-
-template <Code8 K>
-void dequantize_blocks(const uint8_t* codes, const float* absmax, int64_t numel, float* values) {
-  for (int64_t i = 0; i < numel; ++i) values[i] = decode8<K>(codes[i]) * absmax[i / kQuantBlock];
-}
-
 // ops/stochastic_round.h for the optimizer classes (the per-call seed) and for
 // tests (the bits of a row, the rounding of given values with given bits).
 void register_stochastic_rounding(py::module_& m) {
@@ -76,9 +55,9 @@ void register_optim(py::module_& m) {
         auto* v = reinterpret_cast<const float*>(values);
         auto* c = reinterpret_cast<uint8_t*>(codes);
         auto* a = reinterpret_cast<float*>(absmax);
-        is_signed ? quantize_blocks<Code8::kSigned>(v, numel, c, a) : quantize_blocks<Code8::kUnsigned>(v, numel, c, a);
+        cpu::quantize8(v, numel, c, a, is_signed);
       },
-      "fp32 values (host) -> 8-bit codes and per-block absmax (ops/quant8.h)");
+      "fp32 values (host) -> 8-bit codes and per-block absmax (ops/quant8.h, the kernels' encoder)");
   m.def(
       "dequantize8",
       [](int64_t codes, int64_t absmax, int64_t numel, int64_t values, bool is_signed) {
@@ -86,7 +65,7 @@ void register_optim(py::module_& m) {
         auto* c = reinterpret_cast<const uint8_t*>(codes);
         auto* a = reinterpret_cast<const float*>(absmax);
         auto* v = reinterpret_cast<float*>(values);
-        is_signed ? dequantize_blocks<Code8::kSigned>(c, a, numel, v) : dequantize_blocks<Code8::kUnsigned>(c, a, numel, v);
+        cpu::dequantize8(c, a, numel, v, is_signed);
       },
       "8-bit codes and per-block absmax (host) -> fp32 values");
   m.def(

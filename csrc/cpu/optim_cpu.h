@@ -8,9 +8,14 @@
 #include "multi_tensor_cpu.h"
 #include "simd.h"
 
-#define FO_OPTIM_CPU_DECLS                                      \
-  void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);  \
-  void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);
+// quantize8/dequantize8: host conversions between fp32 values and 8-bit
+// blockwise states (checkpoint loading, dequantized_state_dict), through the
+// same encoder and decoder as the kernels.
+#define FO_OPTIM_CPU_DECLS                                                                         \
+  void multi_tensor_sgd(const OptimCall& call, const SgdHyper& h);                                 \
+  void multi_tensor_adam(const OptimCall& call, const AdamHyper& h);                               \
+  void quantize8(const float* values, int64_t numel, uint8_t* codes, float* absmax, bool is_signed); \
+  void dequantize8(const uint8_t* codes, const float* absmax, int64_t numel, float* values, bool is_signed);
 FO_DECLARE_PER_SIMD(FO_OPTIM_CPU_DECLS)
 
 namespace fusedopt::cpu {

@@ -3,6 +3,7 @@
 // row; a block is decoded, stepped by the per-element math of ops/adam.h or
 // ops/sgd.h in fp32, and encoded with its new absmax: one read and one write
 // of each code byte per step.
+#include <algorithm>
 #include <vector>
 
 #include "../ops/dispatch.h"
@@ -42,7 +43,34 @@ void adam_q8_piece(const TensorRow& r, int64_t bb, int64_t be, const AdamScalars
   });
 }
 
+template <Code8 K>
+void quantize_blocks(const float* values, int64_t numel, uint8_t* codes, float* absmax) {
+  alignas(64) float block[kQuantBlock];
+  for_each_block(numel, 0, quant_blocks(numel), [&](int64_t blk, int64_t b, int64_t n) {
+    std::copy(values + b, values + b + n, block);
+    clear_tail(block, n);
+    absmax[blk] = encode_block<K>(block, n, codes + b);
+  });
+}
+
+template <Code8 K>
+void dequantize_blocks(const uint8_t* codes, const float* absmax, int64_t numel, float* values) {
+  for_each_block(numel, 0, quant_blocks(numel), [&](int64_t blk, int64_t b, int64_t n) {
+    decode_block<K>(codes + b, n, absmax[blk], values + b);
+  });
+}
+
 }  // namespace
+
+void quantize8(const float* values, int64_t numel, uint8_t* codes, float* absmax, bool is_signed) {
+  is_signed ? quantize_blocks<Code8::kSigned>(values, numel, codes, absmax)
+            : quantize_blocks<Code8::kUnsigned>(values, numel, codes, absmax);
+}
+
+void dequantize8(const uint8_t* codes, const float* absmax, int64_t numel, float* values, bool is_signed) {
+  is_signed ? dequantize_blocks<Code8::kSigned>(codes, absmax, numel, values)
+            : dequantize_blocks<Code8::kUnsigned>(codes, absmax, numel, values);
+}
 
 void multi_tensor_adam_q8(const OptimCall& call, const AdamHyper& h) {
   const double lr = effective_lr(call, h.lr), divisor = grad_divisor(call);

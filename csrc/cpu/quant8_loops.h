@@ -29,26 +29,18 @@ inline std::vector<int64_t> row_block_offsets(const OptimCall& call) {
 }
 constexpr int64_t kChunkBlocks = kCpuChunkElements / kQuantBlock;
 
-// absmax_with over a whole block: a plain maximum of |x| in 64 independent lanes
-// (short dependency chains) and a separate NaN flag, which absmax_with would
-// otherwise fold into every step of one long chain.
+// absmax_with over a whole block, on the bit patterns: with the sign cleared,
+// the integer order of floats is their order, and every NaN lies above inf, so
+// a plain unsigned maximum (which vectorizes; a float max reduction does not
+// without -ffast-math) finds the absmax and lets any NaN win. The NaN found is
+// returned as the canonical one.
 inline float block_absmax(const float* __restrict__ in) {
-  constexpr int kLanes = 64;
-  float mx[kLanes] = {};
-  uint32_t nan[kLanes] = {};
-  for (int64_t j = 0; j < kQuantBlock; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float a = float_bits_abs(in[j + l]);
-      mx[l] = a > mx[l] ? a : mx[l];
-      nan[l] |= static_cast<uint32_t>(a != a);
-    }
-  float scale = 0.0f;
-  uint32_t any_nan = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    scale = mx[l] > scale ? mx[l] : scale;
-    any_nan |= nan[l];
+  uint32_t mx = 0;
+  for (int64_t j = 0; j < kQuantBlock; ++j) {
+    const uint32_t a = float_bits(in[j]) & 0x7FFFFFFFu;
+    mx = a > mx ? a : mx;
   }
-  return any_nan ? bits_float(0x7FC00000u) : scale;
+  return bits_float(mx > 0x7F800000u ? 0x7FC00000u : mx);
 }
 
 // The codes are IEEE half bit patterns in disguise, so where the CPU converts
@@ -107,33 +99,102 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
   return i;
 }
 
-// The signed code of x = in[i] * inv through a half (see decode_as_halves): the
+// The code of x = in[i] * inv through a half (see decode_as_halves): the
 // conversion truncates (round toward zero), a bit is set where that dropped
 // anything (round to odd, with 7 spare bits), and rounding the half's pattern to
 // nearest even at bit 7 then gives exactly the nearest code, subnormals included.
-// Returns how many of the n elements it encoded.
-inline int64_t encode_signed_as_halves(const float* __restrict__ in, int64_t n, float inv, uint8_t* __restrict__ c) {
+// - signed: the half of |x| (NaN -> 0, and -0 is not negative), then the sign;
+// - unsigned: the half of max(x, 0) * 2^16 (exact: a power of two). x = 1 (the
+//   top code, 248) is 2^16, past the largest half, but truncation saturates it
+//   at 65504 = 0x7BFF, inexact, whose rounding at bit 7 carries into 0x7C00 >> 7
+//   = 248, as do the values in (1 - 2^-5, 1] that round to it.
+// Returns how many of the n elements it encoded (a multiple of the vector width).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+// 16 lanes: the half patterns and which of them are inexact.
+template <Code8 K>
+inline __m256i truncated_halves(__m512 x, __mmask16& inexact, __mmask16& negative) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a;
+  if constexpr (K == Code8::kSigned) {
+    negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+    a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+    a = _mm512_max_ps(a, zero);  // NaN -> 0 (max returns the second operand)
+  } else {
+    negative = 0;
+    a = _mm512_mul_ps(_mm512_max_ps(x, zero), _mm512_set1_ps(65536.0f));  // NaN and -0 -> +0
+  }
+  const __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  inexact = _mm512_cmp_ps_mask(_mm512_cvtph_ps(h), a, _CMP_NEQ_UQ);
+  return h;
+}
+#endif
+
+template <Code8 K>
+inline int64_t encode_as_halves(const float* __restrict__ in, int64_t n, float inv, uint8_t* __restrict__ c) {
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
-  const __m512 vinv = _mm512_set1_ps(inv), zero = _mm512_setzero_ps();
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(in + i), vinv);
-    const __mmask16 negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
-    __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
-    a = _mm512_max_ps(a, zero);  // NaN -> 0 (max returns the second operand)
-    __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __mmask16 inexact = _mm512_cmp_ps_mask(_mm512_cvtph_ps(h), a, _CMP_NEQ_UQ);
-    h = _mm256_or_si256(h, _mm256_maskz_set1_epi16(inexact, 1));
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(h, 7), _mm256_set1_epi16(1));
-    __m256i code = _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(h, _mm256_set1_epi16(0x3F)), odd), 7);
-    code = _mm256_or_si256(code, _mm256_maskz_set1_epi16(negative, 0x80));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(c + i), _mm256_cvtepi16_epi8(code));
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; i + 32 <= n; i += 32) {
+    __mmask16 inexact_lo, inexact_hi, negative_lo, negative_hi;
+    const __m256i lo = truncated_halves<K>(_mm512_mul_ps(_mm512_loadu_ps(in + i), vinv), inexact_lo, negative_lo);
+    const __m256i hi = truncated_halves<K>(_mm512_mul_ps(_mm512_loadu_ps(in + i + 16), vinv), inexact_hi, negative_hi);
+    __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    h = _mm512_or_si512(h, _mm512_maskz_set1_epi16(_mm512_kunpackw(inexact_hi, inexact_lo), 1));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(1));
+    __m512i code = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(0x3F)), odd), 7);
+    if constexpr (K == Code8::kSigned)
+      code = _mm512_or_si512(code, _mm512_maskz_set1_epi16(_mm512_kunpackw(negative_hi, negative_lo), 0x80));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i), _mm512_cvtepi16_epi8(code));
+  }
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m256 vinv = _mm256_set1_ps(inv), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(in + i), vinv);
+    __m256 a;
+    if constexpr (K == Code8::kSigned) {
+      a = _mm256_max_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))), zero);
+    } else {
+      a = _mm256_mul_ps(_mm256_max_ps(x, zero), _mm256_set1_ps(65536.0f));
+    }
+    __m128i h = _mm256_cvtps_ph(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    // 32-bit lanes of all ones where inexact, packed to 16-bit ones (signed saturation keeps -1).
+    const __m256i inexact = _mm256_castps_si256(_mm256_cmp_ps(_mm256_cvtph_ps(h), a, _CMP_NEQ_UQ));
+    const __m128i inexact16 = _mm_packs_epi32(_mm256_castsi256_si128(inexact), _mm256_extracti128_si256(inexact, 1));
+    h = _mm_or_si128(h, _mm_and_si128(inexact16, _mm_set1_epi16(1)));
+    const __m128i odd = _mm_and_si128(_mm_srli_epi16(h, 7), _mm_set1_epi16(1));
+    __m128i code = _mm_srli_epi16(_mm_add_epi16(_mm_add_epi16(h, _mm_set1_epi16(0x3F)), odd), 7);
+    if constexpr (K == Code8::kSigned) {
+      const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+      const __m128i neg16 = _mm_packs_epi32(_mm256_castsi256_si128(neg), _mm256_extracti128_si256(neg, 1));
+      code = _mm_or_si128(code, _mm_and_si128(neg16, _mm_set1_epi16(0x80)));
+    }
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(c + i), _mm_packus_epi16(code, code));
   }
 #else
   (void)in, (void)n, (void)inv, (void)c;
 #endif
   return i;
+}
+
+// n values of a block from their codes and the block's scale.
+template <Code8 K>
+inline void decode_block(const uint8_t* __restrict__ c, int64_t n, float scale, float* __restrict__ out) {
+  const int64_t done = decode_as_halves<K>(c, n, scale, out);
+  for (int64_t i = done; i < n; ++i) out[i] = decode8<K>(c[i]) * scale;
+}
+
+// A block's n values as codes; returns its scale. in[n..kQuantBlock) must be 0
+// (the tail of a short last block must not count in its absmax).
+template <Code8 K>
+inline void encode_scaled(const float* __restrict__ in, int64_t n, float inv, uint8_t* __restrict__ c) {
+  const int64_t done = encode_as_halves<K>(in, n, inv, c);
+  for (int64_t i = done; i < n; ++i) c[i] = encode8<K>(in[i] * inv);
+}
+template <Code8 K>
+inline float encode_block(const float* __restrict__ in, int64_t n, uint8_t* __restrict__ c) {
+  const float scale = block_scale(block_absmax(in));
+  encode_scaled<K>(in, n, quant_inverse(scale), c);
+  return scale;
 }
 
 // One quantized state of a row: its codes and its row of the absmax tensor.
@@ -147,20 +208,11 @@ struct QuantState {
 
   // Elements [b, b + n) of block `blk` as fp32 values into out.
   void decode(int64_t blk, int64_t b, int64_t n, float* __restrict__ out) const {
-    const float scale = absmax[blk];
-    const uint8_t* __restrict__ c = codes + b;
-    const int64_t done = decode_as_halves<K>(c, n, scale, out);
-    for (int64_t i = done; i < n; ++i) out[i] = decode8<K>(c[i]) * scale;
+    decode_block<K>(codes + b, n, absmax[blk], out);
   }
-
   // The block's new values (in[n..kQuantBlock) must be 0) as codes and absmax.
   void encode(int64_t blk, int64_t b, int64_t n, const float* __restrict__ in) const {
-    const float scale = block_scale(block_absmax(in));
-    absmax[blk] = scale;
-    const float inv = quant_inverse(scale);
-    uint8_t* __restrict__ c = codes + b;
-    const int64_t done = K == Code8::kSigned ? encode_signed_as_halves(in, n, inv, c) : 0;
-    for (int64_t i = done; i < n; ++i) c[i] = encode8<K>(in[i] * inv);
+    absmax[blk] = encode_block<K>(in, n, codes + b);
   }
 };
 
