@@ -22,7 +22,7 @@ from . import fast_checks
 from .checks import check_like, check_param, check_step_tensor
 from .layout import KernelLayout
 from .norms import attach_norm_slots
-from .quant8 import absmax_shape, check_absmax
+from .quant8 import check_absmax, new_absmax
 from .rows import RowTable
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -213,12 +213,14 @@ def _build(layout, params, grads, columns, labels, state_dtype, create):
         for c, col in enumerate(columns):
             col_tensors = []
             for k, i in enumerate(index):
-                t = _checked_entry(col, i, local[k], sdtype, labels, create, n_quant)
+                t = _checked_entry(col, i, params[i], sdtype, labels, create, n_quant)
                 if col.kind in (AGE, ABSMAX) and first[k]:  # the create column (before this one) made this row's state
-                    shape = () if col.kind == AGE else absmax_shape(local[k], n_quant)
-                    made = torch.zeros(shape, dtype=torch.float32, device=local[k].device)
+                    if col.kind == AGE:
+                        made = torch.zeros((), dtype=torch.float32, device=local[k].device)
+                    else:
+                        made = new_absmax(params[i], n_quant)  # a DTensor for a DTensor param
                     created.append((c, i, made))
-                    t = made
+                    t = local_tensor(made)
                 elif t is None and col.kind == ABSMAX and sdtype is torch.int8:
                     raise ValueError(f"{labels.column(col, i)} is None; the 8-bit state of {labels.param(i)} "
                                      "needs its block scales")
@@ -251,10 +253,6 @@ def _check_quantized_batch(params, index, columns, labels: Labels, sdtype: torch
         if absmax is None:
             raise ValueError(f"8-bit state (int8 codes) of {labels.param(index[0])} needs its block scales: "
                              "pass the absmax list (fusedopt.functional docs, 'state_dtype')")
-        dt = next((i for i in index if is_dtensor(params[i])), None)
-        if dt is not None:
-            raise NotImplementedError(f"{labels.param(dt)} is a DTensor (FSDP2): 8-bit optimizer state is not "
-                                      "supported for sharded params yet; use state_dtype=torch.bfloat16")
     elif absmax is not None:
         i = next((i for i in index if absmax.tensors[i] is not None), None)
         if i is not None:
@@ -287,10 +285,10 @@ def _batch_state_dtype(p: torch.Tensor, index, columns, labels: Labels, want: Op
     return torch.float32
 
 
-def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, labels: Labels,
+def _checked_entry(col: Column, i: int, param: torch.Tensor, sdtype: torch.dtype, labels: Labels,
                    create: Optional[str], n_quant: int):
     """The local tensor of one list entry after its checks (None where allowed)."""
-    t = col.tensors[i]
+    t, p = col.tensors[i], local_tensor(param)
     what = labels.column(col, i)
     if col.kind == ABSMAX and sdtype is not torch.int8:
         return None  # checked by _check_quantized_batch: all None
@@ -305,11 +303,12 @@ def _checked_entry(col: Column, i: int, p: torch.Tensor, sdtype: torch.dtype, la
                                  f"float16/bfloat16 param of the same dtype")
             return None
         raise ValueError(f"{what} is None; expected a tensor like its parameter")
+    if col.kind == ABSMAX:  # sharded params' scales are DTensors of a layout of their own (quant8.py)
+        check_absmax(t, param, n_quant, what)
+        return local_tensor(t)
     t = local_tensor(t)
     if col.kind in (STEP, AGE):
         check_step_tensor(t, p, what)
-    elif col.kind == ABSMAX:
-        check_absmax(t, p, n_quant, what)
     elif col.kind == MASTER:
         if p.dtype not in _SIXTEEN_BIT:
             raise ValueError(f"{what}: master weights are for float16/bfloat16 params; this param is {p.dtype}")

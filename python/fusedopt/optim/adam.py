@@ -24,8 +24,8 @@ def new_moments(p: torch.Tensor, dtype: torch.dtype, keys) -> dict:
     for key in keys:
         st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     if dtype is torch.int8:
-        from .._kernels.quant8 import absmax_shape
-        st["absmax"] = torch.zeros(absmax_shape(p, len(keys)), dtype=torch.float32, device=p.device)
+        from .._kernels.quant8 import new_absmax
+        st["absmax"] = new_absmax(p, len(keys))
     return st
 
 

@@ -119,9 +119,19 @@ def _like_param(value: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
 
 
+def _like_codes(values: torch.Tensor, codes) -> torch.Tensor:
+    """Local values as a tensor like ``codes`` (a DTensor with its sharding, or plain)."""
+    if not is_dtensor(codes):
+        return values
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape,
+                              stride=codes.stride())
+
+
 def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
     """The fp32 values of the 8-bit states of a loaded state (codes and absmax
-    rows, quant8.py), by key; {} when it has none."""
+    rows, quant8.py), by key; {} when it has none. Sharded codes give fp32
+    DTensors with their sharding."""
     from .._kernels import quant8
     coded = [(row, key, signed) for row, (key, signed) in enumerate(opt._quantized_states)
              if isinstance(saved.get(key), torch.Tensor) and saved[key].dtype is torch.int8]
@@ -129,13 +139,19 @@ def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
         return {}
     absmax = saved.get("absmax")
     rows = max(row for row, _, _ in coded) + 1
-    if not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or absmax.shape[0] < rows:
-        got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
-        raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
-                         f"[{rows}, blocks] float32 tensor of block scales")
     out = {}
     for row, key, signed in coded:
         codes = saved[key]
+        if is_dtensor(codes):
+            scales = quant8.local_absmax_rows(absmax, codes, f"loaded state['absmax'] of {name}")
+            if scales.shape[0] < rows:
+                raise ValueError(f"loaded state['absmax'] of {name} has {scales.shape[0]} rows; expected {rows}")
+            out[key] = _like_codes(quant8.dequantize(local_tensor(codes), scales[row], signed), codes)
+            continue
+        if not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or absmax.shape[0] < rows:
+            got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+            raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
+                             f"[{rows}, blocks] float32 tensor of block scales")
         if absmax.shape[1] != quant8.num_blocks(codes.numel()):
             raise ValueError(f"loaded state['absmax'] of {name} has {absmax.shape[1]} blocks; expected "
                              f"{quant8.num_blocks(codes.numel())} for {codes.numel()} elements")
@@ -145,27 +161,33 @@ def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
 
 def _quantized_state(opt, p: torch.Tensor, saved: dict, name: str) -> dict:
     """A loaded state made 8-bit: codes kept as saved (so training continues
-    bit-identically), fp32/bf16 states quantized; a fresh 'absmax' of their rows."""
+    bit-identically), fp32/bf16 states quantized; a fresh 'absmax' of their rows.
+    For a sharded p, each rank quantizes its local shard (quant8.py)."""
     from .._kernels import quant8
     out, rows = {}, []
+    lp = local_tensor(p)
     for row, (key, signed) in enumerate(opt._quantized_states):
         value = saved.get(key)
         if not isinstance(value, torch.Tensor):
             continue
         if value.shape != p.shape:
             raise ValueError(f"loaded state['{key}'] of {name} has shape {list(value.shape)}; expected {list(p.shape)}")
+        if is_dtensor(p) != is_dtensor(value):
+            kind = "a DTensor" if is_dtensor(value) else "a plain tensor"
+            raise TypeError(f"loaded state['{key}'] of {name} is {kind}; expected a tensor sharded like its param")
         if value.dtype is torch.int8:  # re-encoding its own decoded values could move a code: keep them
             codes = _like_param(value.detach(), p, torch.int8)
-            absmax = saved["absmax"][row].detach().to(device=p.device, dtype=torch.float32, copy=True)
+            scales = quant8.local_absmax_rows(saved["absmax"], p) if is_dtensor(p) else saved["absmax"]
+            absmax = scales[row].to(device=lp.device, dtype=torch.float32, copy=True)
         elif value.is_floating_point():
-            codes, absmax = quant8.quantize(value.to(torch.float32), p, signed)
-            codes = _like_param(codes, p, torch.int8)
+            local_codes, absmax = quant8.quantize(local_tensor(value).to(torch.float32), lp, signed)
+            codes = _like_param(_like_codes(local_codes, value) if is_dtensor(p) else local_codes, p, torch.int8)
         else:
             raise TypeError(f"loaded state['{key}'] of {name} has dtype {value.dtype}; expected a float or int8 codes")
         out[key] = codes
         rows.append(absmax.reshape(-1))
     if rows:
-        out["absmax"] = torch.stack(rows).contiguous()
+        out["absmax"] = quant8.pack_absmax(rows, p)
     return out
 
 
@@ -180,9 +202,6 @@ def convert_loaded_state(opt, group: dict, p: torch.Tensor, saved: dict, name: s
     fp32 = _saved_fp32_values(opt, saved, name)
     quantized = {key for key, _ in opt._quantized_states}
     if want is torch.int8:
-        if is_dtensor(p):
-            raise NotImplementedError(f"{name} is a DTensor (FSDP2): 8-bit optimizer state is not supported for "
-                                      "sharded params yet")
         out.update(_quantized_state(opt, p, saved, name))
     saved = {k: (fp32[k] if k in fp32 else v) for k, v in saved.items() if k != "absmax"}
     for key, value in saved.items():
