@@ -94,19 +94,65 @@ template <class T> __device__ __forceinline__ T* col(const TensorRow& r, int c) 
   return reinterpret_cast<T*>(r.ptr[c]);
 }
 
-// V consecutive elements moved as one aligned packet (16 bytes, or two 16-byte
-// loads for fp32 state next to 16-bit params).
+// V consecutive elements moved as one aligned packet: as 16-byte machine words
+// (uint4; two for fp32 state next to 16-bit params) or one word of the packet's
+// size, so every access is one vector instruction. (A struct of V elements is
+// split into 4- and 2-byte stores by nvcc where the store sits under a runtime
+// condition: the master column, amsgrad; tools/cuda_report.sh.)
+template <int kBytes> struct WordOf;
+template <> struct WordOf<16> { using type = uint4; };
+template <> struct WordOf<8> { using type = uint2; };
+template <> struct WordOf<4> { using type = uint32_t; };
+template <> struct WordOf<2> { using type = uint16_t; };
+
 template <class T, int V>
-struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Packet { T v[V]; };
+struct PacketWords {
+  static constexpr int kBytes = static_cast<int>(sizeof(T)) * V;
+  static constexpr int kWordBytes = kBytes >= 16 ? 16 : kBytes;
+  static constexpr int kWords = kBytes / kWordBytes;
+  using Word = typename WordOf<kWordBytes>::type;
+  static_assert(kBytes % kWordBytes == 0, "a packet is whole words");
+};
+
+template <class T, int V>
+__device__ __forceinline__ void load_packet(const T* src, T (&v)[V]) {
+  using W = PacketWords<T, V>;
+  typename W::Word w[W::kWords];
+#pragma unroll
+  for (int k = 0; k < W::kWords; ++k) w[k] = reinterpret_cast<const typename W::Word*>(src)[k];
+  memcpy(v, w, W::kBytes);  // a register reinterpretation
+}
+
+// One store instruction of a word: 16- and 8-byte words through PTX vector
+// stores, which nvcc otherwise splits into 4-byte stores when the store is
+// conditional (tools/cuda_report.sh: 16-bit Adam 21 4-byte STG per packet).
+__device__ __forceinline__ void store_word(uint4* dst, uint4 w) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+               : "memory");
+}
+__device__ __forceinline__ void store_word(uint2* dst, uint2 w) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(dst), "r"(w.x), "r"(w.y) : "memory");
+}
+template <class W> __device__ __forceinline__ void store_word(W* dst, W w) { *dst = w; }
+
+template <class T, int V>
+__device__ __forceinline__ void store_packet(T* dst, const T (&v)[V]) {
+  using W = PacketWords<T, V>;
+  typename W::Word w[W::kWords];
+  memcpy(w, v, W::kBytes);
+#pragma unroll
+  for (int k = 0; k < W::kWords; ++k) store_word(reinterpret_cast<typename W::Word*>(dst) + k, w[k]);
+}
 
 template <int V, class T, class C>
 __device__ __forceinline__ void load_elems(const T* base, int64_t i, C (&out)[V]) {
   if constexpr (V == 1) {
     out[0] = load_as<T, C>(base[i]);
   } else {
-    const Packet<T, V> pk = *reinterpret_cast<const Packet<T, V>*>(base + i);
+    T raw[V];
+    load_packet(base + i, raw);
 #pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = load_as<T, C>(pk.v[k]);
+    for (int k = 0; k < V; ++k) out[k] = load_as<T, C>(raw[k]);
   }
 }
 
@@ -115,10 +161,10 @@ __device__ __forceinline__ void store_elems(T* base, int64_t i, const C (&in)[V]
   if constexpr (V == 1) {
     store_as(base[i], in[0]);
   } else {
-    Packet<T, V> pk;
+    T raw[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) store_as(pk.v[k], in[k]);
-    *reinterpret_cast<Packet<T, V>*>(base + i) = pk;
+    for (int k = 0; k < V; ++k) store_as(raw[k], in[k]);
+    store_packet(base + i, raw);
   }
 }
 
@@ -140,11 +186,11 @@ __device__ __forceinline__ void store_param(const TensorRow& r, int param_column
     if (sr.on && !r.ptr[master_column]) {
       const uint64_t key = rounding_row_key(sr.seed, r);
       P* base = col<P>(r, param_column);
-      Packet<P, V> pk;
+      P raw[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) store_stochastic(pk.v[k], p[k], rounding_bits(key, i + k));
-      if constexpr (V == 1) base[i] = pk.v[0];
-      else *reinterpret_cast<Packet<P, V>*>(base + i) = pk;
+      for (int k = 0; k < V; ++k) store_stochastic(raw[k], p[k], rounding_bits(key, i + k));
+      if constexpr (V == 1) base[i] = raw[0];
+      else store_packet(base + i, raw);
       return;
     }
   }
