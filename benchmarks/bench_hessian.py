@@ -13,6 +13,16 @@ values (a budget it could not choose without the answer).
 Overhead: eigsh(k=5) on a 5-layer tanh conv net, capped at a fixed number of HVPs so the run is
 short. Not converging within the cap is intended there; what is measured is the time outside the
 HVPs (the Lanczos vector work and the driver) over repeated runs.
+
+HVP methods: HessianOperator(method="double_backward") against method="forward_over_reverse" on
+a 4-layer BatchNorm ReLU CNN (batch 64 of 3x32x32, fp32, CPU), in eval and train mode. Memory is
+the peak of the tensor storage allocated by torch's CPU allocator during one HVP, above what was
+live before it: the allocation and free events of torch.profiler(profile_memory=True), summed in
+time order (parameters, data and the operator's own state are outside it; Python objects and the
+autograd graph's bookkeeping other than tensors are not counted). It is deterministic for a model
+and a batch; on this CNN it agreed with the process's RSS high-water mark to 0.2 MiB (a separate
+check, with glibc's mmap threshold fixed so that freed tensors leave the RSS). Time: wall seconds
+per HVP, the two methods interleaved, with the gradient alone (one backward) for scale.
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ from fusedopt.benchmarking.compare import Unavailable
 from fusedopt.benchmarking.peers import eigenthings_top, import_peer, pyhessian_top
 from fusedopt.benchmarking.progress import Progress
 from fusedopt.benchmarking.timing import Summary
-from fusedopt.benchmarking.workloads import tanh_conv_net, trained_mlp
+from fusedopt.benchmarking.timing import measure_interleaved, ratios
+from fusedopt.benchmarking.workloads import bn_conv_net, tanh_conv_net, trained_mlp
 from fusedopt.hessian import HessianOperator, eigsh
 
 TOL = 1e-3
@@ -38,6 +49,9 @@ METHOD_NOTES = {"power + deflation": "PyHessian's method, written here",
 TASKS = [("top-1", 1, "LA"), ("top-5", 5, "LA"), ("most negative", 1, "SA")]
 # Conv net per mode: (width, batch, HVP cap, repetitions).
 OVERHEAD = {"quick": (16, 8, 20, 3), "default": (24, 16, 30, 3), "full": (96, 32, 40, 3)}
+# BatchNorm CNN of the HVP-method comparison per mode: (width, batch, repetitions).
+HVP_METHODS = {"quick": (8, 16, 3), "default": (16, 64, 5), "full": (32, 64, 7)}
+METHODS = ("double_backward", "forward_over_reverse")
 
 
 def power_deflation(op, k, tol, max_iter=1000, seed=0):
@@ -194,15 +208,98 @@ def overhead_row(mode, reps, bar) -> dict:
                 _total=Summary.of(totals))
 
 
+def peak_allocated_bytes(fn) -> Optional[int]:
+    """Peak bytes of tensor storage live during ``fn()`` above the level at its start, from the
+    CPU allocator's events under torch.profiler (profile_memory=True). None where this torch's
+    profiler does not expose its raw events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    live = peak = 0
+    for event in sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def method_rows(mode, reps, bar) -> dict:
+    """Peak memory and seconds of one HVP by each method, in eval and train mode."""
+    width, batch, _ = HVP_METHODS[mode]
+    model, X, y = bn_conv_net(width, batch)
+    loss_fn = torch.nn.functional.cross_entropy
+    rows = []
+    for module_mode in ("eval", "train"):
+        ops = {m: HessianOperator(model, loss_fn, (X, y), mode=module_mode, method=m) for m in METHODS}
+        v = torch.randn(ops[METHODS[0]].shape[0], generator=torch.Generator().manual_seed(0))
+        hv = {m: op.matvec(v) for m, op in ops.items()}  # also the warm-up
+        difference = float((hv[METHODS[1]] - hv[METHODS[0]]).abs().max() / hv[METHODS[0]].abs().max())
+        params = list(model.parameters())
+
+        def gradient():
+            model.train(module_mode == "train")
+            torch.autograd.grad(loss_fn(model(X), y), params)
+
+        fns = {"gradient only": gradient, **{m: (lambda op=op: op.matvec(v)) for m, op in ops.items()}}
+        peaks = {name: peak_allocated_bytes(fn) for name, fn in fns.items()}
+        saved = {k: b.clone() for k, b in model.named_buffers()}
+        timed = measure_interleaved(fns, reps=reps, warmup=0, device=torch.device("cpu"), iters=1,
+                                    after_rep=lambda _: bar.update(f"HVP methods ({module_mode})"))
+        with torch.no_grad():  # the gradient's train-mode passes moved the running stats
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+        model.eval()
+        base = timed[METHODS[0]].summary
+        for name in fns:
+            summary = timed[name].summary
+            row = dict(mode=module_mode, method=name, status="ok" if summary else "error",
+                       peak_bytes=peaks[name], peak_vs_double_backward=(
+                           peaks[name] / peaks[METHODS[0]] if peaks[name] and peaks[METHODS[0]] else None))
+            if summary is None:
+                row["reason"] = timed[name].error
+            else:
+                row.update(seconds=summary.as_dict(), _summary=summary,
+                           _speedup=ratios(base, summary) if base else None)
+            if name == METHODS[1]:
+                row["max_relative_difference"] = difference
+            rows.append(row)
+    return dict(model=f"4-layer BatchNorm ReLU CNN, width {width}, {ops[METHODS[0]].shape[0]:,} params, "
+                      f"batch {batch}x3x32x32, fp32", rows=rows)
+
+
+def print_method_rows(result, reps) -> None:
+    print(f"\nHVP methods on the {result['model']}: peak tensor memory allocated during one HVP "
+          f"(profiler allocation events) and wall time, median of {reps} interleaved repetitions")
+    table = []
+    for r in result["rows"]:
+        mib = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "n/a"
+        mem = f"{r['peak_vs_double_backward']:.2f}x" if r["peak_vs_double_backward"] is not None else "n/a"
+        summary, speedup = r.pop("_summary", None), r.pop("_speedup", None)
+        if summary is None:
+            table.append([r["mode"], r["method"], mib, mem, "", "", "", r["status"], r.get("reason", "")[:60]])
+            continue
+        note = f"Hv differs by {r['max_relative_difference']:.1e} (rel.)" if "max_relative_difference" in r else ""
+        table.append([r["mode"], r["method"], mib, mem, report.median_cell(summary, "s"), report.spread_cell(summary, "s"),
+                      report.ratio_cell(speedup), report.noisy_cell(summary), note])
+    print(report.format_table(["mode", "method", "peak MiB", "memory vs double_backward (lower is better)",
+                               "s/HVP median", "spread min-max (%)", report.speedup_header("double_backward"),
+                               "flag", "note"], table))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = cli.benchmark_parser("bench_hessian.py", __doc__, devices=("cpu",), calls=False)
     args = cli.parse(ap, argv)
     cli.apply_threads(args.threads)
     env = environment.capture(torch.device("cpu"))
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
-    with Progress(2 + len(TASKS) + reps, "hessian", enabled=not args.no_progress) as bar:
+    method_reps = cli.pick(args.reps, args.mode, {mode: sizes[2] for mode, sizes in HVP_METHODS.items()})
+    with Progress(2 + len(TASKS) + reps + 2 * method_reps, "hessian", enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)
+        methods = method_rows(args.mode, method_reps, bar)
     print(f"\nHessian eigenvalues ({args.mode}) on {environment.headline(env)}")
     if environment.busy_warning(env):
         print(environment.busy_warning(env))
@@ -218,11 +315,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                               [[str(reps), report.median_cell(total, "s"), report.spread_cell(total, "s"),
                                 f"{100 * outside.median:.2f}% ({100 * outside.low:.2f}-{100 * outside.high:.2f})",
                                 report.noisy_cell(total)]]))
+    print_method_rows(methods, method_reps)
     width, batch, cap, _ = OVERHEAD[args.mode]
-    settings = dict(mode=args.mode, tol=TOL, overhead=dict(width=width, batch=batch, hvp_cap=cap, reps=reps))
-    report.save(report.results_payload("hessian", env, settings, counts, overhead=overhead), name="hessian",
-                device="cpu", out=args.out)
-    return 1 if any(r["status"] == "error" for r in counts) else 0
+    m_width, m_batch, _ = HVP_METHODS[args.mode]
+    settings = dict(mode=args.mode, tol=TOL, overhead=dict(width=width, batch=batch, hvp_cap=cap, reps=reps),
+                    hvp_methods=dict(width=m_width, batch=m_batch, reps=method_reps))
+    report.save(report.results_payload("hessian", env, settings, counts, overhead=overhead, hvp_methods=methods),
+                name="hessian", device="cpu", out=args.out)
+    return 1 if any(r["status"] == "error" for r in counts + methods["rows"]) else 0
 
 
 if __name__ == "__main__":

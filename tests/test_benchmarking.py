@@ -242,6 +242,44 @@ def test_capped_lanczos_run_does_not_warn(recwarn):
     assert not [w for w in recwarn if "converge" in str(w.message)]
 
 
+def test_peak_allocated_bytes_counts_tensors_freed_inside():
+    hessian = load_script("bench_hessian")
+    kept = torch.empty(4 << 20, dtype=torch.uint8)  # live before: not counted
+
+    def fn():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)  # 3 MiB live together
+        del a, b
+        torch.empty(1 << 20, dtype=torch.uint8)
+
+    peak = hessian.peak_allocated_bytes(fn)
+    assert peak is not None and 3 << 20 <= peak < (3 << 20) + (64 << 10)
+    del kept
+
+
+def test_hvp_method_rows_at_a_tiny_size(monkeypatch, capsys):
+    hessian = load_script("bench_hessian")
+    monkeypatch.setitem(hessian.HVP_METHODS, "quick", (2, 4, 3))
+
+    class Bar:
+        def update(self, _):
+            pass
+
+    result = hessian.method_rows("quick", 3, Bar())
+    rows = result["rows"]
+    assert [(r["mode"], r["method"]) for r in rows] == [
+        (m, name) for m in ("eval", "train") for name in ("gradient only",) + hessian.METHODS]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in rows)
+    for r in rows:
+        if r["method"] == "double_backward":
+            assert r["peak_vs_double_backward"] == 1.0
+        if r["method"] == "forward_over_reverse":
+            assert r["max_relative_difference"] < 1e-4  # fp32: the same vector to rounding
+    hessian.print_method_rows(result, 3)
+    out = capsys.readouterr().out
+    assert "forward_over_reverse" in out and "speed-up vs double_backward" in out
+
+
 # ---- peers ------------------------------------------------------------------------------------------
 def test_a_missing_peer_is_unavailable_with_its_install_command():
     from fusedopt.benchmarking.peers import OptimizerPeer, import_peer

@@ -20,10 +20,10 @@ def _problem(seed):
     return model, X, y
 
 
-def _rank_eigenvalues(rank, seed):
+def _rank_eigenvalues(rank, seed, method="auto"):
     model, X, y = _problem(seed)
     shard = slice(0, 12) if rank == 0 else slice(12, 30)  # unequal shards: weights matter
-    op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]))
+    op = HessianOperator(model, torch.nn.functional.cross_entropy, (X[shard], y[shard]), method=method)
     res = eigsh(op, k=2, which="BE", tol=1e-10, generator=torch.Generator().manual_seed(seed + 1))
     loss, grad = op.loss_and_gradient()  # the report's loss: the same weighted mean over the ranks
     mine = torch.cat([res.eigenvalues, torch.tensor([loss], dtype=torch.float64), grad])
@@ -32,8 +32,9 @@ def _rank_eigenvalues(rank, seed):
     return theirs
 
 
-def test_two_ranks_agree_with_full_data(seed):
-    out = spawn_ranks(_rank_eigenvalues, seed)
+@pytest.mark.parametrize("method", ["auto", "forward_over_reverse"])
+def test_two_ranks_agree_with_full_data(method, seed):
+    out = spawn_ranks(_rank_eigenvalues, seed, method)
     model, X, y = _problem(seed)
     full = HessianOperator(model, torch.nn.functional.cross_entropy, (X, y))
     ref = eigsh(full, k=2, which="BE", tol=1e-10)

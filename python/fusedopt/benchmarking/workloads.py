@@ -142,3 +142,22 @@ def tanh_conv_net(width: int, batch: int, seed: int = 0):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4 * c, 10))
     X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     return model, X, y
+
+
+def bn_conv_net(width: int, batch: int, seed: int = 0):
+    """A 4-layer ReLU conv net with BatchNorm on random 32x32 images (widths c, 2c, 4c, 4c,
+    three stride-2 layers; about 240 * width^2 params): the small CNN on which the Hessian
+    benchmark compares the two HVP methods. The BatchNorm running stats are those of one
+    training-mode pass over the batch, not the init values. Returns (model, X, y)."""
+    torch.manual_seed(seed)
+    c = width
+    layers, channels = [], [3, c, 2 * c, 4 * c, 4 * c]
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        layers += [torch.nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), torch.nn.BatchNorm2d(cout),
+                   torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * c, 10))
+    X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    with torch.no_grad():
+        model(X)
+    return model, X, y

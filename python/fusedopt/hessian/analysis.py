@@ -187,12 +187,12 @@ class HessianReport:
 
 
 def analyze(model, loss_fn, data, k: int = 5, *, tol: float = 1e-3, params=None, mode: str = "eval",
-            density_runs: int = 8, density_steps: int = 40, seed: int = 0) -> HessianReport:
+            density_runs: int = 8, density_steps: int = 40, seed: int = 0, method: str = "auto") -> HessianReport:
     """Top and bottom ``k`` eigenvalues, loss, gradient norm, kind of point, condition number,
     minimum ratio (with its standard error) and escape direction of the loss Hessian at the
     model's current parameters.
 
-    ``data``, ``params``, ``mode``: as for :class:`HessianOperator`. ``tol``: eigsh tolerance.
+    ``data``, ``params``, ``mode``, ``method``: as for :class:`HessianOperator`. ``tol``: eigsh tolerance.
     ``density_runs``/``density_steps``: stochastic Lanczos quadrature for the minimum ratio; it
     equals ``density(op, num_runs=density_runs, num_steps=density_steps, seed=seed)``'s
     positive_fraction exactly (the same probes and the same estimator).
@@ -205,7 +205,7 @@ def analyze(model, loss_fn, data, k: int = 5, *, tol: float = 1e-3, params=None,
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int; got {seed!r}")
     t0 = time.perf_counter()
-    op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
+    op = HessianOperator(model, loss_fn, data, params=params, mode=mode, method=method)
     k = min(k, op.shape[0])
     gen = torch.Generator()
     gen.manual_seed(int(seed))

@@ -28,9 +28,18 @@ def _zeros_for_none(grads, params):
 class GGNOperator(HessianOperator):
     """The generalized Gauss-Newton matrix ``J^T H_out J`` of the mean loss, as an operator
     (arguments and attributes of :class:`HessianOperator`, with loss_fn and (inputs, targets)
-    batches: the output and the loss are needed apart; see the module docstring)."""
+    batches: the output and the loss are needed apart; see the module docstring). ``method``
+    does not apply (only its default "auto" is accepted; ``.method`` is None)."""
 
     _supports_batch_loss = False
+
+    def _resolve_method(self, method: str) -> None:
+        """GGN and Fisher products are not Hessian-vector products: ``method`` (of
+        HessianOperator) does not apply; only its default is accepted. ``self.method`` is None."""
+        if method != "auto":
+            raise ValueError(f"{type(self).__name__} computes its products its own way (see its docstring); "
+                             f"method={method!r} is HessianOperator's choice of HVP: leave it out")
+        return None
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         vs = self.unflatten(v.to(device=self.device, dtype=self.dtype))

@@ -39,7 +39,7 @@ class SharpnessTracker:
     little, so the old eigenvector is a good start and an estimate takes a few products.
 
     Args:
-        model, loss_fn, data: as :class:`HessianOperator` (``params`` and ``mode`` too).
+        model, loss_fn, data: as :class:`HessianOperator` (``params``, ``mode`` and ``method`` too).
         optimizer: a fusedopt optimizer: its threshold is recorded, and it supplies P for
             ``preconditioned``.
         k: eigenvalues per estimate; tol: eigsh's relative residual tolerance.
@@ -47,14 +47,15 @@ class SharpnessTracker:
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, data, *, optimizer=None, k: int = 1,
-                 tol: float = 1e-3, preconditioned: bool = False, params=None, mode: str = "eval", seed: int = 0):
+                 tol: float = 1e-3, preconditioned: bool = False, params=None, mode: str = "eval", seed: int = 0,
+                 method: str = "auto"):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an int >= 1; got {k!r}")
         if not (isinstance(tol, float) and 0 < tol < 1):
             raise ValueError(f"tol must be a float in (0, 1); got {tol!r}")
         if preconditioned and optimizer is None:
             raise ValueError("preconditioned=True needs the optimizer whose preconditioner to use")
-        self.op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
+        self.op = HessianOperator(model, loss_fn, data, params=params, mode=mode, method=method)
         self.optimizer, self.k, self.tol, self.preconditioned = optimizer, k, tol, preconditioned
         self.generator = torch.Generator().manual_seed(seed)
         self.history: List[SharpnessRecord] = []
