@@ -78,6 +78,8 @@ class Muon(FusedOptimizer):
     """
 
     _functional = functional.muon
+    # FSDP2 params: the step gathers matrices between kernel passes (runs eagerly under compile)
+    _eager_for_dtensors_when_compiled = True
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
