@@ -259,8 +259,8 @@ def muon_dtensor_steps(rank, seed):
                                    for d, p, t in zip(dts, plain, full)]
     try:
         fusedopt.Muon([torch.nn.Parameter(distribute_tensor(full[0], mesh, [Shard(1)]))])
-    except NotImplementedError as e:
-        out["Shard(1)"] = str(e)
+    except Exception as e:  # anything else than the refusal fails that test alone
+        out["Shard(1)"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -283,11 +283,21 @@ def trained(module_seed):
     return get
 
 
+def tolerance(name):
+    """fp32 rounding. Muon: Newton-Schulz amplifies the grads' rounding differences (the
+    ranks' half-batch grads averaged against one whole-batch grad) along the small
+    singular values of an update, by up to about a^5 ~ 490 for 5 steps (a = 3.4445):
+    over 22 seeds the worst param was 7.5e-7 off, at values near 0 where atol rules,
+    with DDP (no gather) exactly as with FSDP2; atol 3e-6 for it. Given the same grads
+    the sharded Muon step is the plain one to the bit (test_muon_dtensor_step_equals_plain_step)."""
+    return dict(rtol=1e-5, atol=3e-6 if uses_muon(name) else 1e-6)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_ddp_matches_single_process(trained, name, module_seed):
     got, (want, _) = trained("ddp")[name], single_process(name, module_seed)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **tolerance(name))
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -296,7 +306,7 @@ def test_fsdp2_matches_unsharded(trained, name, module_seed):
     if SPECS[name].clips:
         assert min(grad_norms) > 2 * SPECS[name].hyper["max_grad_norm"]  # the clip really acts
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **tolerance(name))
 
 
 @pytest.mark.parametrize("placement", ["Shard(0)", "Replicate()"])
@@ -314,7 +324,8 @@ def test_muon_dtensor_step_equals_plain_step(trained, placement, setting):
 def test_muon_refuses_dtensors_sharded_on_another_dim(trained):
     msg = trained("fsdp")[DTENSOR_STEPS].get("Shard(1)")
     assert msg is not None, "a DTensor sharded on dim 1 was accepted"
-    assert "param_groups[0]['params'][0] is a DTensor with placements (Shard(dim=1),)" in msg
+    assert msg.startswith("NotImplementedError: param_groups[0]['params'][0] is a DTensor with placements "
+                          "(Shard(dim=1),)"), msg
 
 
 def test_chunk_span_is_torch_chunk():
