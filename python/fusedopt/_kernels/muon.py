@@ -20,6 +20,15 @@ The workspace is made once per row table and kept with it (``workspace``):
 two buffers of the matrices (the iteration ping-pongs between them, arranged so
 that the result always lands in ``A``, which the rows' ``update`` column points
 at), two Gram buffers, and for ``lr_ratio`` one fp64 slot per row.
+
+Params sharded on dim 0 (FSDP2 DTensors, ``_dtensor.row_shard``) need the whole
+matrix. Their rows are grouped per process group and full matrix shape
+(``GatheredGroup``): the update slot of such a row is this rank's rows in a
+send buffer of ``(k, chunk, cols)`` blocks (the rows beyond the rank's count stay
+zero), one per process group (``RowGather``), which one all-gather per step
+copies into ``recv``, every rank's send buffer in rank order; the Newton-Schulz
+buffers hold the full matrices. The functional layer moves the rows between
+them (functional/muon.py). The lr factors use the full shape.
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ import numpy as np
 import torch
 
 from .. import _C
-from .layout import DTYPE_CODES, FLAGS_COLUMN, NUMEL_COLUMN, POINTER_COLUMNS, ROW_FLAGS, ROW_WIDTH, kernel_layout
+from .._dtensor import RowShard, row_shard
+from .layout import DTYPE_CODES, FLAGS_COLUMN, POINTER_COLUMNS, ROW_FLAGS, kernel_layout
 from .checks import shape_str
 from .launch import DeviceScalars, _head, require_cuda
 from .norms import _sum_squares
@@ -106,6 +116,46 @@ class ShapeGroup:
         self.norms: Optional[torch.Tensor] = None  # a view of the workspace's norms
 
 
+class GatheredGroup(ShapeGroup):
+    """Rows sharded on dim 0 over one process group whose full matrices have one shape:
+    the ShapeGroup buffers hold the full matrices; ``send`` (``(k, chunk, cols)``, a
+    view of the RowGather's send buffer) holds this rank's ``count`` rows of each in the
+    first rows of its block; they are rows ``start:start + count`` of the full matrix."""
+
+    __slots__ = ("chunk", "start", "count", "send", "offset")
+
+    def __init__(self, rows: List[int], shape: Tuple[int, int], dtype: torch.dtype, device: torch.device,
+                 shard: RowShard):
+        super().__init__(rows, shape, dtype, device)
+        self.chunk, self.start, self.count = shard.span(shape[0])
+        self.send: Optional[torch.Tensor] = None
+        self.offset = 0  # of its block in the send buffer, in elements
+
+
+class RowGather:
+    """The GatheredGroups of one process group: one all-gather of ``send`` (their blocks,
+    in order) into ``recv`` (``world`` copies of it, in rank order) per step."""
+
+    def __init__(self, shard: RowShard, members: List[GatheredGroup], dtype: torch.dtype, device: torch.device):
+        self.group, self.world = shard.group, shard.world
+        self.members = members
+        # zeros: the rows beyond a rank's count are sent, never read
+        self.send = torch.zeros(sum(len(g.rows) * g.chunk * g.shape[1] for g in members), dtype=dtype,
+                                device=device)
+        self.recv = torch.empty(self.world * self.send.numel(), dtype=dtype, device=device)
+        offset = 0
+        for g in members:
+            n = len(g.rows) * g.chunk * g.shape[1]
+            g.send, g.offset = self.send[offset:offset + n].view(len(g.rows), g.chunk, g.shape[1]), offset
+            offset += n
+
+    def received(self, g: GatheredGroup) -> torch.Tensor:
+        """``(k, world, chunk, cols)``: rank w's block of each of g's matrices (a view of recv)."""
+        k, cols = len(g.rows), g.shape[1]
+        part = self.recv.view(self.world, -1)[:, g.offset:g.offset + k * g.chunk * cols]
+        return part.view(self.world, k, g.chunk, cols).transpose(0, 1)
+
+
 def round_bf16_(t: torch.Tensor) -> None:
     """t (a contiguous fp32 CPU buffer of a workspace) <- t rounded to bf16 values, in
     place and threaded (``_C.round_to_bf16_inplace``): the outputs of the fp32 matmuls
@@ -118,29 +168,47 @@ def round_bf16_(t: torch.Tensor) -> None:
 class Workspace:
     """Everything Newton-Schulz needs for one row table (see the module docstring)."""
 
-    def __init__(self, table: RowTable, ns_dtype: torch.dtype):
+    def __init__(self, table: RowTable, ns_dtype: torch.dtype, sources: Optional[Sequence[torch.Tensor]] = None):
+        """``sources``: the call's params of the table's rows (DTensors under FSDP2; the
+        table holds their local shards); None: the table's params."""
+        sources = table.params if sources is None else sources
         self.ns_dtype = ns_dtype
         device = table.device
         self.emulate_bf16 = ns_dtype is torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_matmul()
         self.storage = torch.float32 if self.emulate_bf16 else ns_dtype
         by_shape: Dict[Tuple[int, int], List[int]] = {}
-        for i, p in enumerate(table.params):
-            by_shape.setdefault(matrix_of(p), []).append(i)
-        self.groups = [ShapeGroup(rows, shape, self.storage, device) for shape, rows in by_shape.items()]
-        n = len(table)
+        by_shard: Dict[RowShard, Dict[Tuple[int, int], List[int]]] = {}
+        for i, (p, src) in enumerate(zip(table.params, sources)):
+            shard = row_shard(src)
+            if shard is None:
+                by_shape.setdefault(matrix_of(p), []).append(i)
+            else:  # dim 0 outermost in the local shard (functional.muon.check_muon_params)
+                by_shard.setdefault(shard, {}).setdefault(logical_matrix(src.shape), []).append(i)
+        self.groups: List[ShapeGroup] = [ShapeGroup(rows, shape, self.storage, device)
+                                         for shape, rows in by_shape.items()]
+        update = np.zeros(len(table), np.int64)
+        for g in self.groups:
+            update[g.rows] = g.a.data_ptr() + g.a.stride(0) * g.a.element_size() * np.arange(len(g.rows))
+        # in first-use order: every rank of a group builds the same gathers, in the same order
+        self.gathers = [RowGather(shard, [GatheredGroup(rows, shape, self.storage, device, shard)
+                                          for shape, rows in shapes.items()], self.storage, device)
+                        for shard, shapes in by_shard.items()]
+        for gather in self.gathers:
+            for g in gather.members:
+                update[g.rows] = g.send.data_ptr() + g.send.stride(0) * g.send.element_size() * np.arange(len(g.rows))
+            self.groups += gather.members
         norm_dtype = torch.float64 if self.storage is torch.float64 else torch.float32
-        self.norms = torch.empty((n,), dtype=norm_dtype, device=device)
-        update = np.zeros(n, np.int64)
-        self.norm_index = np.zeros(n, np.int64)  # row -> position in self.norms
+        self.norms = torch.empty((len(table),), dtype=norm_dtype, device=device)
+        # the norms are of the Newton-Schulz buffers' matrices: the full ones of sharded rows
+        self.norm_inputs = np.concatenate([g.a.data_ptr() + g.a.stride(0) * g.a.element_size()
+                                           * np.arange(len(g.rows), dtype=np.int64) for g in self.groups])
+        self.norm_numels = np.concatenate([np.full(len(g.rows), g.a[0].numel(), np.int64) for g in self.groups])
         pos = 0
         for g in self.groups:
-            slot = g.a[0].numel() * g.a.element_size()
-            update[g.rows] = g.a.data_ptr() + slot * np.arange(len(g.rows), dtype=np.int64)
-            self.norm_index[g.rows] = pos + np.arange(len(g.rows), dtype=np.int64)
             g.norms = self.norms[pos:pos + len(g.rows)]
             pos += len(g.rows)
         self.update_pointers = update
-        self.logical = [logical_matrix(p.shape) for p in table.params]
+        self.logical = [logical_matrix(p.shape) for p in sources]  # a DTensor's shape is the full one
         self._ratios: Dict[Optional[str], torch.Tensor] = {}
         self.ratio_fn: object = ()  # the adjust_lr_fn the rows' lr_ratio column points at
         table.set_column_pointers("update", update)
@@ -171,12 +239,14 @@ def _refresh_aligned(table: RowTable) -> None:
 _WORKSPACES: "weakref.WeakKeyDictionary[RowTable, Workspace]" = weakref.WeakKeyDictionary()
 
 
-def workspace(table: RowTable, ns_dtype: torch.dtype, adjust_lr_fn: Optional[str]) -> Workspace:
+def workspace(table: RowTable, ns_dtype: torch.dtype, adjust_lr_fn: Optional[str],
+              sources: Optional[Sequence[torch.Tensor]] = None) -> Workspace:
     """The table's workspace (made at its first use, or when ns_dtype changed),
-    its rows pointed at it and at the lr factors of ``adjust_lr_fn``."""
+    its rows pointed at it and at the lr factors of ``adjust_lr_fn``. ``sources``:
+    as for Workspace (the same for every call with this table: its plan's)."""
     ws = _WORKSPACES.get(table)
     if ws is None or ws.ns_dtype is not ns_dtype:
-        ws = _WORKSPACES[table] = Workspace(table, ns_dtype)
+        ws = _WORKSPACES[table] = Workspace(table, ns_dtype, sources)
     ws.point_ratios(table, adjust_lr_fn)
     return ws
 
@@ -202,8 +272,9 @@ def launch_apply(table: RowTable, state_dtype: torch.dtype, scalars: DeviceScala
     _launch(_C.multi_tensor_muon_apply, table, state_dtype, scalars, ws, 0.0, weight_decay, 0)
 
 
-def update_norms(table: RowTable, ws: Workspace) -> None:
-    """ws.norms = the Frobenius norm of every update slot (deterministic: fixed
+def update_norms(ws: Workspace) -> None:
+    """ws.norms = the Frobenius norm of every matrix of the Newton-Schulz buffers (the
+    full matrices of sharded rows: call it after the gather; deterministic: fixed
     chunks, fixed combine order, the tensor_norms kernel)."""
-    _sum_squares(table.rows[:, MUON.column("update")].copy(), table.rows[:, NUMEL_COLUMN].copy(), ws.storage,
-                 ws.norms, ws.norm_index, take_sqrt=True)
+    _sum_squares(ws.norm_inputs, ws.norm_numels, ws.storage, ws.norms,
+                 np.arange(len(ws.norms), dtype=np.int64), take_sqrt=True)

@@ -13,6 +13,19 @@ batch of the params (nothing reads back to the host):
 3. ``_C.multi_tensor_muon_apply``: decay and the final add, one fused pass.
 
 The per-element math is csrc/ops/muon.h.
+
+FSDP2 (DTensor params sharded on dim 0, evenly or not; ``_dtensor.row_shard``):
+steps 1 and 3 run on the local shards, as for every optimizer, and the state
+stays a DTensor like its param. Newton-Schulz needs the whole matrix, so
+between them each rank all-gathers the update rows of its batch's sharded
+matrices (``gather_full_matrices``: one all-gather per process group and
+batch, in a fixed order, no host sync), takes the norms of and orthogonalizes
+the full matrices (every rank computes the same thing: simple and exact, at
+the price of every rank doing all of the Newton-Schulz flops and holding full
+buffers), and keeps its own rows for step 3 (``take_own_rows``). lr factors use
+the full shape. Giving each rank whole matrices to orthogonalize and sending
+the results back (a scatter instead of redundant work) is a possible later
+optimization. Replicated DTensors need no gather; other placements are refused.
 """
 from __future__ import annotations
 
@@ -21,7 +34,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import _hyper
-from .._dtensor import is_dtensor
+from .._dtensor import all_gather_into, chunk_span, is_dtensor, local_tensor, row_shard
 from .._kernels import MASTER, STATE, Column, Labels, StepPlan, prepare
 from .._kernels import muon as _kmuon
 from .._kernels.checks import is_flat_run
@@ -33,21 +46,61 @@ _NOT_A_MATRIX = ("Muon orthogonalizes weight matrices; put 0-D and 1-D params (b
 
 
 def check_muon_params(params: Sequence[torch.Tensor], labels: Labels) -> None:
-    """Every param is a matrix Muon can orthogonalize (see _kernels/muon.py matrix_of)."""
+    """Every param is a matrix Muon can orthogonalize (see _kernels/muon.py matrix_of);
+    a DTensor is replicated or sharded on dim 0 (``_dtensor.row_shard``), its local
+    shard holding the rows DTensor's Shard(0) gives this rank, dim 0 outermost."""
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{labels.param(i)} is a {type(p).__name__}; expected a torch.Tensor")
         if p.dim() < 2:
             raise ValueError(f"{labels.param(i)} has shape {list(p.shape)} ({p.dim()}-D); {_NOT_A_MATRIX}")
+        shard = None
         if is_dtensor(p):
-            raise NotImplementedError(
-                f"{labels.param(i)} is a DTensor (FSDP2 shard); fusedopt.Muon does not yet gather sharded "
-                "matrices for Newton-Schulz: step such params with use_muon=False groups, or without FSDP2")
-        if p.layout is torch.strided and is_flat_run(p) and _kmuon.matrix_of(p) is None:
-            raise ValueError(
-                f"{labels.param(i)} has strides {list(p.stride())} for shape {list(p.shape)}: dim 0 is not "
-                "outermost in memory, so its memory is not a (shape[0], -1) matrix up to a column permutation; "
-                "Muon needs contiguous, channels_last or another layout with dim 0 outermost")
+            try:
+                shard = row_shard(p)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{labels.param(i)} is a DTensor with {e} by fusedopt.Muon's "
+                                          "Newton-Schulz gather") from None
+            local = local_tensor(p)
+            if shard is not None and local.shape[0] != shard.span(p.shape[0])[2]:
+                raise ValueError(f"{labels.param(i)}: its local shard has {local.shape[0]} rows; Shard(0) of "
+                                 f"{p.shape[0]} rows over {shard.world} ranks gives rank {shard.rank} "
+                                 f"{shard.span(p.shape[0])[2]}")
+            p = local
+        if p.layout is torch.strided and is_flat_run(p):
+            m = _kmuon.matrix_of(p)
+            if m is None or (shard is not None and m != _kmuon.logical_matrix(p.shape)):
+                raise ValueError(
+                    f"{labels.param(i)} has strides {list(p.stride())} for shape {list(p.shape)}"
+                    f"{' (its local shard)' if shard is not None else ''}: dim 0 is not outermost in memory, so "
+                    "its memory is not a (shape[0], -1) matrix up to a column permutation; Muon needs "
+                    "contiguous, channels_last or another layout with dim 0 outermost"
+                    f"{' (sharded on dim 0: also for 2-D params)' if shard is not None else ''}")
+
+
+def gather_full_matrices(ws) -> None:
+    """The full matrices of the workspace's sharded rows into their Newton-Schulz buffers:
+    per process group one all-gather of every rank's rows, then each rank's block into
+    its rows (rank w holds rows ``w * chunk`` on, the last ranks fewer or none)."""
+    for gather in ws.gathers:
+        all_gather_into(gather.recv, gather.send, gather.group)
+        for g in gather.members:
+            blocks = gather.received(g)  # (k, world, chunk, cols)
+            if g.chunk * gather.world == g.shape[0]:  # even shards: one copy
+                g.a.view(blocks.shape).copy_(blocks)
+                continue
+            for w in range(gather.world):
+                _, start, count = chunk_span(g.shape[0], gather.world, w)
+                if count:
+                    g.a[:, start:start + count].copy_(blocks[:, w, :count])
+
+
+def take_own_rows(ws) -> None:
+    """After Newton-Schulz: this rank's rows of each full result into its update slots."""
+    for gather in ws.gathers:
+        for g in gather.members:
+            if g.count:
+                g.send[:, :g.count].copy_(g.a[:, g.start:g.start + g.count])
 
 
 def newton_schulz(ws, coefficients: Sequence[float], steps: int, eps: float) -> None:
@@ -130,13 +183,15 @@ def muon(params: List[torch.Tensor], grads: List[torch.Tensor], muon_momentum_bu
         columns.append(Column("master", "master_params", MASTER, master_params))
     plan = prepare(_kmuon.MUON, params, grads, columns, labels=labels, state_dtype=state_dtype, plan=plan)
     scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
-    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn) for b in plan.batches]
+    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn, b.sources) for b in plan.batches]
 
     def run() -> None:
         for b, ws in zip(plan.batches, workspaces):
             s = scalars[b.table.device]
             _kmuon.launch_momentum(b.table, b.state_dtype, s, ws, momentum, nesterov)
-            _kmuon.update_norms(b.table, ws)
+            gather_full_matrices(ws)
+            _kmuon.update_norms(ws)
             newton_schulz(ws, ns_coefficients, ns_steps, eps)
+            take_own_rows(ws)
             _kmuon.launch_apply(b.table, b.state_dtype, s, ws, weight_decay)
     return finish(plan, columns, run, launch)

@@ -72,7 +72,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The functional entry takes stochastic_rounding and rounding_seed (SGD, Adam, LARS, LAMB).
     _supports_stochastic_rounding = False
     # Norm-scaled steps (LARS, LAMB) all-reduce norms between two kernel calls
-    # for FSDP2 params: under torch.compile such a step runs eagerly.
+    # for FSDP2 params, Muon all-gathers matrices: under torch.compile such a step runs eagerly.
     _eager_for_dtensors_when_compiled = False
 
     def __init__(self, params, defaults: dict, seed: Optional[int] = None):

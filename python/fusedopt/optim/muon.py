@@ -75,9 +75,28 @@ class Muon(FusedOptimizer):
     and the update, writes p: 8 + 4 or 2 bytes per element). Persistent memory: the
     buffer (4 bytes per element) and the workspace, kept between steps (two matrices
     and two Gram matrices per param, plus a bf16 copy when bf16 is emulated).
+
+    FSDP2 (``fully_shard``: params, grads and ``momentum_buffer`` are DTensors sharded
+    on dim 0, the last ranks with fewer rows or none): the momentum and apply passes
+    run on the local shards; between them each rank all-gathers the update rows of
+    every sharded matrix of the batch (one ``all_gather_into_tensor`` per process group
+    and (device, dtype) batch, in a fixed order, no host sync), runs Newton-Schulz on
+    the full matrices (every rank computes the same: simple and exact) and applies its
+    own rows. :math:`r(A, B)` and the norm use the full matrix, so a sharded step gives
+    the unsharded numbers (bit for bit, given the same grads; tests/test_distributed.py).
+    Cost per step: one all-gather of the update of each Muon matrix (each rank receives
+    the rows it lacks, in the Newton-Schulz storage dtype), all of the Newton-Schulz
+    flops on every rank, and a full-size workspace on every rank (two full matrices, the
+    gather's receive buffer, this rank's rows and two Gram matrices per sharded matrix).
+    Giving each rank whole matrices to orthogonalize and sending back the results would
+    divide the flops and the workspace by the ranks; it is a possible later optimization.
+    Replicated DTensors need no communication; other shardings (another dim, several
+    sharded mesh dims) are refused with NotImplementedError.
     """
 
     _functional = functional.muon
+    # FSDP2 params: the step gathers matrices between kernel passes (runs eagerly under compile)
+    _eager_for_dtensors_when_compiled = True
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
