@@ -146,6 +146,20 @@ struct LambApplyFunctor : LambBase {
   }
 };
 
+// fn(m, v, q, base, lane, mv, vv) for each quantization block of LAMB's chunk,
+// a warp per block, with this lane's m, v decoded into mv, vv (quant8.cuh).
+template <class Fn>
+__device__ __forceinline__ void for_each_lamb_q8_block(const TensorRow& row, int32_t chunk, Fn&& fn) {
+  const WarpQuantState<Code8::kSigned> m(row, kLambExpAvg, kLambAbsmax, 0);
+  const WarpQuantState<Code8::kUnsigned> v(row, kLambExpAvgSq, kLambAbsmax, 1);
+  for_each_warp_block(row, chunk, [&](int64_t q, int64_t base, int lane) {
+    float mv[kPerLane], vv[kPerLane];
+    m.load(q, base, lane, row.numel, mv);
+    v.load(q, base, lane, row.numel, vv);
+    fn(m, v, q, base, lane, mv, vv);
+  });
+}
+
 // LAMB pass 2 with 8-bit m, v (quant8.cuh): a warp per block decodes m, v, moves
 // them (lamb_moments), encodes them with their new scales and goes on with the
 // values as stored; then as LambMomentFunctor.
@@ -156,13 +170,9 @@ struct LambQ8MomentFunctor : LambBase {
   static constexpr bool kVisitsChunks = true;
   __device__ LambScalars<float> prepare(const TensorRow& r) const { return scalars<float>(r, 1.0); }
   __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s, Acc (&acc)[2]) const {
-    const WarpQuantState<Code8::kSigned> m(row, kLambExpAvg, kLambAbsmax, 0);
-    const WarpQuantState<Code8::kUnsigned> v(row, kLambExpAvgSq, kLambAbsmax, 1);
     const int64_t n = row.numel;
-    for_each_warp_block(row, chunk, [&](int64_t q, int64_t base, int lane) {
-      float mv[kPerLane], vv[kPerLane];
-      m.load(q, base, lane, n, mv);
-      v.load(q, base, lane, n, vv);
+    for_each_lamb_q8_block(row, chunk, [&](const auto& m, const auto& v, int64_t q, int64_t base, int lane,
+                                           float (&mv)[kPerLane], float (&vv)[kPerLane]) {
       for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
         float g[1];
         load_elems<1>(col<P>(row, kLambGrad), i, g);
@@ -201,13 +211,9 @@ struct LambQ8ApplyFunctor : LambBase {
     return scalars<float>(r, lamb_trust_ratio(h, n[0], n[1]));
   }
   __device__ void visit_chunk(const TensorRow& row, int32_t chunk, const LambScalars<float>& s) const {
-    const WarpQuantState<Code8::kSigned> m(row, kLambExpAvg, kLambAbsmax, 0);
-    const WarpQuantState<Code8::kUnsigned> v(row, kLambExpAvgSq, kLambAbsmax, 1);
     const int64_t n = row.numel;
-    for_each_warp_block(row, chunk, [&](int64_t q, int64_t base, int lane) {
-      float mv[kPerLane], vv[kPerLane];
-      m.load(q, base, lane, n, mv);
-      v.load(q, base, lane, n, vv);
+    for_each_lamb_q8_block(row, chunk, [&](const auto&, const auto&, int64_t, int64_t base, int lane,
+                                           float (&mv)[kPerLane], float (&vv)[kPerLane]) {
       for_each_lane_element(base, lane, n, [&](int k, int64_t i) {
         float p[1];
         load_param<1, P>(row, kLambParam, kLambMaster, i, p);
