@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "../common/chunk_table.h"
+#include "../common/packet_tier.h"
 #include "../cpu/simd.h"
 #include "../cpu/thread_pool.h"
 #include "../cuda/cuda_api.h"
@@ -41,6 +42,11 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
+  m.def(
+      "packet_tier",
+      [](uint64_t address, int elem_bytes, int vec) { return packet_tier(static_cast<uintptr_t>(address), elem_bytes, vec); },
+      "The word size (16, 8, 4; 0: element by element) in which the CUDA vector path moves a column's "
+      "packets of vec elements of elem_bytes at this base address (common/packet_tier.h)");
   bind::register_optim(m);
   bind::register_muon(m);
   bind::register_lanczos(m);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/chunk_table.h"
+#include "../common/packet_tier.h"
 #include "../ops/common.h"
 #include "../ops/stochastic_round.h"
 #include "../ops/tensor_row.h"
@@ -23,6 +24,10 @@ constexpr size_t kMaxParamBytes = 32764;
 
 constexpr int64_t kChunkElements = 65536;
 constexpr int kThreads = 512;
+// Two blocks per SM at least: every optimizer kernel at >= 50% occupancy, at most
+// 64 registers a thread (nvcc's own choice went to 84-104 for 16-bit Adam and
+// 8-bit amsgrad: 30-36%; tools/cuda_report.sh).
+constexpr int kMinBlocksPerSM = 2;
 constexpr int kMaxLaunchRows = 240;
 constexpr int kMaxLaunchBlocks = 1536;
 
@@ -94,29 +99,29 @@ template <class T> __device__ __forceinline__ T* col(const TensorRow& r, int c) 
   return reinterpret_cast<T*>(r.ptr[c]);
 }
 
-// V consecutive elements moved as one aligned packet: as 16-byte machine words
-// (uint4; two for fp32 state next to 16-bit params) or one word of the packet's
-// size, so every access is one vector instruction. (A struct of V elements is
-// split into 4- and 2-byte stores by nvcc where the store sits under a runtime
-// condition: the master column, amsgrad; tools/cuda_report.sh.)
+// V consecutive elements moved as one packet in machine words of kWord bytes
+// (uint4, uint2, uint32_t; the packet's size where smaller), so every access is
+// one vector instruction. (A struct of V elements is split into 4- and 2-byte
+// stores by nvcc where the store sits under a runtime condition: the master
+// column, amsgrad; tools/cuda_report.sh.)
 template <int kBytes> struct WordOf;
 template <> struct WordOf<16> { using type = uint4; };
 template <> struct WordOf<8> { using type = uint2; };
 template <> struct WordOf<4> { using type = uint32_t; };
 template <> struct WordOf<2> { using type = uint16_t; };
 
-template <class T, int V>
+template <class T, int V, int kWord = 16>
 struct PacketWords {
   static constexpr int kBytes = static_cast<int>(sizeof(T)) * V;
-  static constexpr int kWordBytes = kBytes >= 16 ? 16 : kBytes;
+  static constexpr int kWordBytes = kBytes >= kWord ? kWord : kBytes;
   static constexpr int kWords = kBytes / kWordBytes;
   using Word = typename WordOf<kWordBytes>::type;
   static_assert(kBytes % kWordBytes == 0, "a packet is whole words");
 };
 
-template <class T, int V>
-__device__ __forceinline__ void load_packet(const T* src, T (&v)[V]) {
-  using W = PacketWords<T, V>;
+template <int kWord, class T, int V>
+__device__ __forceinline__ void load_words(const T* src, T (&v)[V]) {
+  using W = PacketWords<T, V, kWord>;
   typename W::Word w[W::kWords];
 #pragma unroll
   for (int k = 0; k < W::kWords; ++k) w[k] = reinterpret_cast<const typename W::Word*>(src)[k];
@@ -135,13 +140,39 @@ __device__ __forceinline__ void store_word(uint2* dst, uint2 w) {
 }
 template <class W> __device__ __forceinline__ void store_word(W* dst, W w) { *dst = w; }
 
-template <class T, int V>
-__device__ __forceinline__ void store_packet(T* dst, const T (&v)[V]) {
-  using W = PacketWords<T, V>;
+template <int kWord, class T, int V>
+__device__ __forceinline__ void store_words(T* dst, const T (&v)[V]) {
+  using W = PacketWords<T, V, kWord>;
   typename W::Word w[W::kWords];
   memcpy(w, v, W::kBytes);
 #pragma unroll
   for (int k = 0; k < W::kWords; ++k) store_word(reinterpret_cast<typename W::Word*>(dst) + k, w[k]);
+}
+
+// A packet at its column's alignment tier (common/packet_tier.h): whole 16-, 8-
+// or 4-byte words, else element by element.
+template <class T, int V>
+__device__ __forceinline__ void load_packet(const T* base, int64_t i, T (&v)[V]) {
+  const int tier = packet_tier(reinterpret_cast<uintptr_t>(base), sizeof(T), V);
+  if (tier == 16) load_words<16>(base + i, v);
+  else if (tier == 8) load_words<8>(base + i, v);
+  else if (tier == 4) load_words<4>(base + i, v);
+  else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = base[i + k];
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_packet(T* base, int64_t i, const T (&v)[V]) {
+  const int tier = packet_tier(reinterpret_cast<uintptr_t>(base), sizeof(T), V);
+  if (tier == 16) store_words<16>(base + i, v);
+  else if (tier == 8) store_words<8>(base + i, v);
+  else if (tier == 4) store_words<4>(base + i, v);
+  else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) base[i + k] = v[k];
+  }
 }
 
 template <int V, class T, class C>
@@ -150,7 +181,7 @@ __device__ __forceinline__ void load_elems(const T* base, int64_t i, C (&out)[V]
     out[0] = load_as<T, C>(base[i]);
   } else {
     T raw[V];
-    load_packet(base + i, raw);
+    load_packet(base, i, raw);
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = load_as<T, C>(raw[k]);
   }
@@ -164,7 +195,7 @@ __device__ __forceinline__ void store_elems(T* base, int64_t i, const C (&in)[V]
     T raw[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) store_as(raw[k], in[k]);
-    store_packet(base + i, raw);
+    store_packet(base, i, raw);
   }
 }
 
@@ -190,7 +221,7 @@ __device__ __forceinline__ void store_param(const TensorRow& r, int param_column
 #pragma unroll
       for (int k = 0; k < V; ++k) store_stochastic(raw[k], p[k], rounding_bits(key, i + k));
       if constexpr (V == 1) base[i] = raw[0];
-      else store_packet(base + i, raw);
+      else store_packet(base, i, raw);
       return;
     }
   }
@@ -200,20 +231,17 @@ __device__ __forceinline__ void store_param(const TensorRow& r, int param_column
 template <int V> struct Width { static constexpr int value = V; };
 
 // The elements of one block's chunk: visit(Width<V>{}, i) over V-wide packets
-// when the row is 16-byte aligned, then visit(Width<1>{}, i) one element per
-// thread for the rest. Blocks run kThreads threads.
+// (each column at its own alignment tier: load_packet), then visit(Width<1>{}, i)
+// one element per thread for the tail. Blocks run kThreads threads.
 template <int V, class Visit>
 __device__ __forceinline__ void for_each_chunk_element(const TensorRow& row, int32_t chunk, Visit&& visit) {
+  static_assert(kChunkElements % V == 0, "packets start at multiples of V elements: load_packet");
   const int64_t begin = static_cast<int64_t>(chunk) * kChunkElements;
   const int64_t end = begin + kChunkElements < row.numel ? begin + kChunkElements : row.numel;
-  int64_t scalar_from = begin;
-  if (row.flags & kRowAligned16) {
-    const int64_t vec_end = begin + (end - begin) / V * V;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(kThreads) * V)
-      visit(Width<V>{}, i);
-    scalar_from = vec_end;
-  }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) visit(Width<1>{}, i);
+  const int64_t vec_end = begin + (end - begin) / V * V;
+  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(kThreads) * V)
+    visit(Width<V>{}, i);
+  for (int64_t i = vec_end + threadIdx.x; i < end; i += kThreads) visit(Width<1>{}, i);
 }
 
 // Whether F's prepare() is costly enough to run once per block (F::kPrepareOnce).
@@ -251,7 +279,7 @@ template <class F> struct VisitsChunks<F, std::void_t<decltype(F::kVisitsChunks)
 // F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars) (or
 // kVisitsChunks and visit_chunk), and optionally kPrepareOnce (row_scalars).
 template <class F>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
   if (f.skip()) return;  // the same for every thread of the grid: no thread waits in row_scalars alone
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];

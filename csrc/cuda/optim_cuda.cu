@@ -65,8 +65,10 @@ struct AdamQ8Scalars {
 
 // Adam with 8-bit moments: a warp decodes a block, steps it with adam_element
 // and encodes it with its new absmax (quant8.cuh).
+// With amsgrad a lane holds three moments' elements (3 x kPerLane floats): nvcc
+// took 100-104 registers (30%); at kMinBlocksPerSM it spills 4-10 of them.
 template <class P, bool kAmsgrad>
-__global__ void __launch_bounds__(kThreads) adam_q8_kernel(const __grid_constant__ LaunchTable t,
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) adam_q8_kernel(const __grid_constant__ LaunchTable t,
                                                            const AdamQ8Scalars f) {
   if (f.d.skip()) return;
   const BlockEntry be = t.blocks[blockIdx.x];

@@ -79,7 +79,7 @@ struct WarpQuantState {
 // The momentum loop of SGD and LARS (momentum.cuh) with an 8-bit buffer: Rule as
 // there, plus kAbsmaxColumn.
 template <class P, class Rule>
-__global__ void __launch_bounds__(kThreads) momentum_q8_kernel(const __grid_constant__ LaunchTable t,
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) momentum_q8_kernel(const __grid_constant__ LaunchTable t,
                                                                const Rule rule, const DeviceScalars d) {
   if (d.skip()) return;
   constexpr MomentumColumns c = Rule::kColumns;

@@ -91,7 +91,7 @@ inline int64_t reduction_blocks(const TensorRow* rows, int64_t n_rows) {
 // F provides: kVec, Acc (accumulation type), skip(), prepare(row) -> scalars,
 // apply<V>(row, i, scalars, Acc (&acc)[K]).
 template <int K, class F>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials, int64_t block_base) {
   if (f.skip()) return;
   using A = typename F::Acc;

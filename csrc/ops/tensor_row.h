@@ -18,7 +18,7 @@ static_assert(sizeof(TensorRow) == 80, "rows are shared with Python as int64[n, 
 
 enum RowFlag : int64_t {
   kRowFirstStep = 1,    // SGD/LARS: momentum buffer is initialised from this step's update
-  kRowAligned16 = 2,    // every pointer of the row is 16-byte aligned (CUDA vector path)
+  kRowAligned16 = 2,    // every pointer of the row is 16-byte aligned (informational: CUDA picks each column's tier, multi_tensor.cuh)
 };
 // Bits from here up of a row's flags: its salt for stochastic rounding (its
 // position in the call; ops/stochastic_round.h row_salt).
