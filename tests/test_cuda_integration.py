@@ -109,3 +109,29 @@ def test_master_weights_cuda_match_cpu(spec):
         oc.step(), og.step()
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(oc.state[c]["master"], og.state[g]["master"].cpu(), rtol=1e-6, atol=1e-7)
+
+
+@specs
+@pytest.mark.parametrize("count", [3, 300], ids=["small-table", "full-tables"])
+@pytest.mark.parametrize("offset", [0, 1, 2], ids=["aligned", "element-tier", "8-byte-tier"])
+def test_misaligned_grads_and_both_launch_tables_match_cpu(spec, count, offset):
+    # Grads as views at an element offset into one flat buffer, as DDP's gradient_as_bucket_view
+    # gives: offset 1 puts fp32 grads on the element-by-element path, 2 on the 8-byte words
+    # (common/packet_tier.h), while params and state stay 16-byte aligned. 3 tensors launch with
+    # the 1 152-byte table, 300 with full ones (two launches: 240 rows, then 60).
+    shapes = [(1 + (7 * k) % 300,) if k % 5 else (33, 9) for k in range(count)]
+    params = [torch.randn(s) for s in shapes]
+    cpu = [p.clone().requires_grad_() for p in params]
+    gpu = [p.cuda().requires_grad_() for p in params]
+    oc, og = spec.make(cpu, **spec.hyper), spec.make(gpu, **spec.hyper)
+    total = sum(p.numel() for p in params)
+    for _ in range(3):
+        flat = torch.randn(offset + total, device="cuda")
+        at = offset
+        for c, g in zip(cpu, gpu):
+            g.grad = flat[at:at + g.numel()].view(g.shape)
+            c.grad = g.grad.cpu()
+            at += g.numel()
+        oc.step(), og.step()
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.detach().cpu(), c.detach(), rtol=1e-5, atol=1e-6)

@@ -68,10 +68,24 @@ def test_report_table_names_the_spilling_kernels(tmp_path, capsys):
     assert tool.main(["unused.so", "--cuobjdump", fake_cuobjdump(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| `kernelA` | 62 | 0 | 0 | 50% | 16B:2 4B:1 | 16B:1 4B:1 |" in out
-    assert "2 kernels; 1 with stack or local memory (spills): kernelB" in out
+    assert "2 kernels in 2 rows; 1 of them with stack or local memory (spills): kernelB" in out
 
 
 def test_missing_cuobjdump_is_one_clear_line(capsys):
     tool = load_tool()
     assert tool.main(["unused.so", "--cuobjdump", "/nonexistent/cuobjdump"]) == 2
     assert "pip install nvidia-cuda-cuobjdump" in capsys.readouterr().err
+
+
+def test_table_variants_with_the_same_code_are_one_row():
+    tool = load_tool()
+
+    def row(name, regs, loads):
+        return dict(kernel=name, regs=regs, stack=0, local=0, loads={16: loads}, stores={16: 1}, occupancy=0.5)
+
+    rows = [row("void k<A, TableOf<240, 1536> >", 40, 3), row("void k<A, TableOf<8, 64> >", 40, 3),
+            row("void k<B, TableOf<240, 1536> >", 40, 3), row("void k<B, TableOf<8, 64> >", 48, 3),
+            row("void other<C>", 32, 1)]
+    merged = {r["kernel"]: r["regs"] for r in tool.merge_table_variants(rows)}
+    assert merged == {"void k<A> (both tables)": 40, "void k<B, TableOf<240, 1536> >": 40,
+                      "void k<B, TableOf<8, 64> >": 48, "void other<C>": 32}

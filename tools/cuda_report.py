@@ -76,6 +76,26 @@ def report(so: str, cuobjdump: str) -> List[dict]:
     return sorted(rows.values(), key=lambda r: r["kernel"])
 
 
+TABLE_ARG = re.compile(r", TableOf<\d+, \d+> ?>$")
+
+
+def merge_table_variants(rows: List[dict]) -> List[dict]:
+    """Kernels are built for two launch-table sizes (csrc/cuda/multi_tensor.cuh TableOf):
+    variants with the same registers, spills and accesses are one row, named without the
+    table argument and marked "(both tables)"; variants that differ keep their own rows."""
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for r in rows:
+        groups[TABLE_ARG.sub(">", r["kernel"])].append(r)
+    out = []
+    for name, rs in groups.items():
+        key = [(r["regs"], r["stack"], r["local"], dict(r["loads"]), dict(r["stores"])) for r in rs]
+        if len(rs) > 1 and all(k == key[0] for k in key):
+            out.append(dict(rs[0], kernel=f"{name} (both tables)"))
+        else:
+            out.extend(rs)
+    return sorted(out, key=lambda r: r["kernel"])
+
+
 def widths(counts: Dict[int, int]) -> str:
     return " ".join(f"{b}B:{counts[b]}" for b in (16, 8, 4, 2, 1) if counts.get(b))
 
@@ -98,13 +118,15 @@ def main(argv=None) -> int:
     if not rows:
         print(f"cuda_report: {so} has no CUDA kernels (a build without CUDA?)", file=sys.stderr)
         return 1
+    n_kernels = len(rows)
+    rows = merge_table_variants(rows)
     print("| kernel | regs | stack | local | occupancy bound | global loads by width | global stores by width |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| `{r['kernel']}` | {r['regs']} | {r['stack']} | {r['local']} | {r['occupancy']:.0%} | "
               f"{widths(r['loads'])} | {widths(r['stores'])} |")
     spilling = [r["kernel"] for r in rows if r["stack"] or r["local"]]
-    print(f"\n{len(rows)} kernels; {len(spilling)} with stack or local memory (spills)"
+    print(f"\n{n_kernels} kernels in {len(rows)} rows; {len(spilling)} of them with stack or local memory (spills)"
           + (": " + ", ".join(spilling) if spilling else ""))
     return 0
 

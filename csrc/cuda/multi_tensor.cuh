@@ -31,20 +31,50 @@ constexpr int kMinBlocksPerSM = 2;
 constexpr int kMaxLaunchRows = 240;
 constexpr int kMaxLaunchBlocks = 1536;
 
-struct LaunchTable {
-  TensorRow rows[kMaxLaunchRows];
-  BlockEntry blocks[kMaxLaunchBlocks];
+// A launch's rows and its block table (one entry per CUDA block), at most
+// kRows and kBlocks of them.
+template <int kRows, int kBlocks>
+struct TableOf {
+  static constexpr int kMaxRows = kRows;
+  static constexpr int kMaxBlocks = kBlocks;
+  TensorRow rows[kRows];
+  BlockEntry blocks[kBlocks];
 };
+using LaunchTable = TableOf<kMaxLaunchRows, kMaxLaunchBlocks>;
+// Launches of a few rows and blocks (small models, Muon's groups, LAMB's and
+// LARS's few-row passes, the last launch of a call) carry 1 152 bytes of table
+// instead of 31 488: every launch copies its parameters, and a CUDA graph keeps
+// them per node. Each kernel is built for both (with_launch_table).
+using SmallLaunchTable = TableOf<8, 64>;
 // 256 bytes stay free for the functor (hyperparameters and scalar pointers);
-// each launcher also checks its own functor.
+// each launcher also checks its own functor against the larger table.
 static_assert(sizeof(LaunchTable) + 256 <= kMaxParamBytes, "launch table must fit the kernel parameter space");
+static_assert(sizeof(SmallLaunchTable) == 1152, "8 rows of 80 bytes and 64 blocks of 8");
 
 struct PlannedLaunch {
-  LaunchTable table;
+  std::vector<TensorRow> rows;
+  std::vector<BlockEntry> blocks;
   int n_blocks;
   int n_rows;
   std::vector<uint8_t> row_is_last;
+
+  template <class Table>
+  Table table() const {
+    Table t{};
+    for (size_t i = 0; i < rows.size(); ++i) t.rows[i] = rows[i];
+    for (size_t i = 0; i < blocks.size(); ++i) t.blocks[i] = blocks[i];
+    return t;
+  }
 };
+
+// launch(table): the launch's rows and blocks in the smaller table type that holds them.
+template <class Launch>
+void with_launch_table(const PlannedLaunch& L, Launch&& launch) {
+  if (L.n_rows <= SmallLaunchTable::kMaxRows && L.n_blocks <= SmallLaunchTable::kMaxBlocks)
+    launch(L.table<SmallLaunchTable>());
+  else
+    launch(L.table<LaunchTable>());
+}
 
 inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
@@ -71,9 +101,8 @@ inline std::vector<PlannedLaunch> plan_launches(const TensorRow* rows, int64_t n
   for (const LaunchPlan& p : build_chunk_table(numels.data(), n_rows, chunk, kMaxLaunchRows, kMaxLaunchBlocks)) {
     launches.emplace_back();
     PlannedLaunch& L = launches.back();
-    L.table = LaunchTable{};
-    for (size_t i = 0; i < p.rows.size(); ++i) L.table.rows[i] = rows[p.rows[i]];
-    for (size_t i = 0; i < p.blocks.size(); ++i) L.table.blocks[i] = p.blocks[i];
+    for (int64_t r : p.rows) L.rows.push_back(rows[r]);
+    L.blocks = p.blocks;
     L.n_blocks = static_cast<int>(p.blocks.size());
     L.n_rows = static_cast<int>(p.rows.size());
     L.row_is_last = p.row_is_last;
@@ -278,8 +307,8 @@ template <class F> struct VisitsChunks<F, std::void_t<decltype(F::kVisitsChunks)
 // One block per table entry.
 // F provides: kVec, skip(), prepare(row) -> scalars, apply<V>(row, i, scalars) (or
 // kVisitsChunks and visit_chunk), and optionally kPrepareOnce (row_scalars).
-template <class F>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_kernel(const __grid_constant__ LaunchTable t, const F f) {
+template <class F, class Table>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_kernel(const __grid_constant__ Table t, const F f) {
   if (f.skip()) return;  // the same for every thread of the grid: no thread waits in row_scalars alone
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
@@ -297,7 +326,9 @@ template <class F>
 void launch_elementwise(const TensorRow* rows, int64_t n_rows, cudaStream_t stream, const F& f) {
   static_assert(sizeof(LaunchTable) + sizeof(F) <= kMaxParamBytes, "kernel parameters must fit the parameter space");
   for (const PlannedLaunch& L : plan_launches(rows, n_rows))
-    elementwise_kernel<F><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
+    with_launch_table(L, [&](const auto& table) {
+      elementwise_kernel<F, std::decay_t<decltype(table)>><<<L.n_blocks, kThreads, 0, stream>>>(table, f);
+    });
   check(cudaGetLastError(), "kernel launch");
 }
 
@@ -311,7 +342,12 @@ __device__ __forceinline__ double next_step(const TensorRow& r, int step_column)
 }
 
 constexpr int kMaxStepsPerLaunch = 4000;
-struct StepTable { float* steps[kMaxStepsPerLaunch]; };
+template <int kSteps> struct StepTableOf {
+  static constexpr int kMaxSteps = kSteps;
+  float* steps[kSteps];
+};
+using StepTable = StepTableOf<kMaxStepsPerLaunch>;  // 32 000 bytes
+using SmallStepTable = StepTableOf<64>;             // 512 bytes: up to 64 counters
 // advance_steps_kernel takes the table, an int count and the found_inf pointer.
 static_assert(sizeof(StepTable) + 2 * sizeof(int64_t) <= kMaxParamBytes, "step table must fit the parameter space");
 

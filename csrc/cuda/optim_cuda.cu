@@ -67,9 +67,9 @@ struct AdamQ8Scalars {
 // and encodes it with its new absmax (quant8.cuh).
 // With amsgrad a lane holds three moments' elements (3 x kPerLane floats): nvcc
 // took 100-104 registers (30%); at kMinBlocksPerSM it spills 4-10 of them.
-template <class P, bool kAmsgrad>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) adam_q8_kernel(const __grid_constant__ LaunchTable t,
-                                                           const AdamQ8Scalars f) {
+template <class P, bool kAmsgrad, class Table>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) adam_q8_kernel(const __grid_constant__ Table t,
+                                                                            const AdamQ8Scalars f) {
   if (f.d.skip()) return;
   const BlockEntry be = t.blocks[blockIdx.x];
   const TensorRow& row = t.rows[be.row];
@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) adam_q8_kernel(cons
   });
 }
 
-__global__ void advance_steps_kernel(const __grid_constant__ StepTable t, int n, const float* found_inf) {
+template <class Table>
+__global__ void advance_steps_kernel(const __grid_constant__ Table t, int n, const float* found_inf) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n && !(found_inf && *found_inf != 0.0f)) *t.steps[i] += 1.0f;
 }
@@ -108,7 +109,14 @@ void advance_steps(const TensorRow* rows, int64_t n_rows, int step_column, const
   StepTable t{};
   int n = 0;
   auto flush = [&] {
-    if (n) advance_steps_kernel<<<(n + 255) / 256, 256, 0, stream>>>(t, n, found_inf);
+    if (n == 0) return;
+    if (n <= SmallStepTable::kMaxSteps) {  // a few counters: 512 bytes of parameters, not 32 000
+      SmallStepTable small{};
+      for (int k = 0; k < n; ++k) small.steps[k] = t.steps[k];
+      advance_steps_kernel<<<(n + 255) / 256, 256, 0, stream>>>(small, n, found_inf);
+    } else {
+      advance_steps_kernel<<<(n + 255) / 256, 256, 0, stream>>>(t, n, found_inf);
+    }
     n = 0;
   };
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -127,9 +135,14 @@ void multi_tensor_adam(const OptimCall& call, const AdamHyper& h) {
     dispatch_q8_param(call.param_dtype, [&](auto ptag) {
       using P = typename decltype(ptag)::type;
       const AdamQ8Scalars f{h, device_scalars(call)};
+      static_assert(sizeof(LaunchTable) + sizeof(AdamQ8Scalars) <= kMaxParamBytes,
+                    "8-bit Adam kernel parameters must fit the parameter space");
       for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows)) {
-        if (h.flags & kAdamAmsgrad) adam_q8_kernel<P, true><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
-        else adam_q8_kernel<P, false><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f);
+        with_launch_table(L, [&](const auto& table) {
+          using Table = std::decay_t<decltype(table)>;
+          if (h.flags & kAdamAmsgrad) adam_q8_kernel<P, true, Table><<<L.n_blocks, kThreads, 0, stream>>>(table, f);
+          else adam_q8_kernel<P, false, Table><<<L.n_blocks, kThreads, 0, stream>>>(table, f);
+        });
       }
       check(cudaGetLastError(), "adam_q8 launch");
     });

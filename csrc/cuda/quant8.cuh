@@ -78,9 +78,9 @@ struct WarpQuantState {
 
 // The momentum loop of SGD and LARS (momentum.cuh) with an 8-bit buffer: Rule as
 // there, plus kAbsmaxColumn.
-template <class P, class Rule>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) momentum_q8_kernel(const __grid_constant__ LaunchTable t,
-                                                               const Rule rule, const DeviceScalars d) {
+template <class P, class Rule, class Table>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) momentum_q8_kernel(const __grid_constant__ Table t,
+                                                                                const Rule rule, const DeviceScalars d) {
   if (d.skip()) return;
   constexpr MomentumColumns c = Rule::kColumns;
   const BlockEntry be = t.blocks[blockIdx.x];
@@ -108,8 +108,13 @@ template <class Rule>
 void launch_momentum_q8(const OptimCall& call, const Rule& rule, cudaStream_t stream) {
   dispatch_q8_param(call.param_dtype, [&](auto ptag) {
     using P = typename decltype(ptag)::type;
+    static_assert(sizeof(LaunchTable) + sizeof(Rule) + sizeof(DeviceScalars) <= kMaxParamBytes,
+                  "8-bit momentum kernel parameters must fit the parameter space");
     for (const PlannedLaunch& L : plan_launches(call.rows, call.n_rows))
-      momentum_q8_kernel<P, Rule><<<L.n_blocks, kThreads, 0, stream>>>(L.table, rule, device_scalars(call));
+      with_launch_table(L, [&](const auto& table) {
+        momentum_q8_kernel<P, Rule, std::decay_t<decltype(table)>>
+            <<<L.n_blocks, kThreads, 0, stream>>>(table, rule, device_scalars(call));
+      });
     check(cudaGetLastError(), "8-bit momentum launch");
   });
 }

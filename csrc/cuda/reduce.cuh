@@ -90,9 +90,9 @@ inline int64_t reduction_blocks(const TensorRow* rows, int64_t n_rows) {
 
 // F provides: kVec, Acc (accumulation type), skip(), prepare(row) -> scalars,
 // apply<V>(row, i, scalars, Acc (&acc)[K]).
-template <int K, class F>
+template <int K, class F, class Table>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-reduce_kernel(const __grid_constant__ LaunchTable t, const F f, double* partials, int64_t block_base) {
+reduce_kernel(const __grid_constant__ Table t, const F f, double* partials, int64_t block_base) {
   if (f.skip()) return;
   using A = typename F::Acc;
   const BlockEntry be = t.blocks[blockIdx.x];
@@ -149,7 +149,10 @@ void launch_reduce(const TensorRow* rows, int64_t n_rows, cudaStream_t stream, c
                 "reduce kernel parameters must fit the parameter space");
   int64_t block_base = 0;
   for (const PlannedLaunch& L : plan_launches(rows, n_rows)) {
-    reduce_kernel<K, F><<<L.n_blocks, kThreads, 0, stream>>>(L.table, f, partials, block_base);
+    with_launch_table(L, [&](const auto& table) {
+      reduce_kernel<K, F, std::decay_t<decltype(table)>><<<L.n_blocks, kThreads, 0, stream>>>(table, f, partials,
+                                                                                              block_base);
+    });
     block_base += L.n_blocks;
   }
   check(cudaGetLastError(), "reduce kernel launch");
