@@ -180,3 +180,57 @@ def test_a_matmat_of_the_wrong_shape_is_refused(seed):
         apply_block(op, torch.randn(10, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="op.matmat must return"):
         trace(op, num_probes=8, block_size=4)
+
+
+class _Twice(torch.autograd.Function):
+    """d(x^2)/dx = 2x g, whose own backward goes through numpy: fine one vector at a time, but
+    not under the vmap of a batched backward (no batching rule for detach)."""
+
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.save_for_backward(g, x)
+        return 2 * x * g
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, x = ctx.saved_tensors
+        a = torch.from_numpy(gg.detach().numpy().copy())
+        return 2 * x * a, 2 * g * a
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _Twice.apply(g, x)
+
+
+class SquareNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return _Square.apply(self.linear(x))
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+def test_matmat_falls_back_to_matvecs_where_the_batched_backward_fails(cls, seed):
+    op = cls(SquareNet(), F.mse_loss, (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)))
+    V = torch.randn(op.shape[0], 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=rf"{cls.__name__}.matmat: the batched product failed .*falling back "
+                                            "to a loop of matvecs"):
+        got = op.matmat(V)
+    assert op.num_matvecs == 3
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next blocks loop without trying again
+        again = op.matmat(V)
+    close(got, loop(op, V))
+    close(again, got)
+    assert op.num_matvecs == 9

@@ -100,7 +100,9 @@ class GGNOperator(HessianOperator):
     closure form ``batch_output(model, batch) -> output`` with ``output_loss(output, batch) ->
     scalar loss`` for batches of any kind (each batch counts once), checked on the first batch
     at construction. ``method`` does not apply (only its default "auto" is accepted; ``.method``
-    is None). ``matmat(V)`` is a loop of matvecs (counted one per column)."""
+    is None). ``matmat(V)`` runs each of matvec's three backward passes once for the whole
+    block, vectorized over its columns (``is_grads_batched``; counted one product per column),
+    with HessianOperator.matmat's fallback to a loop of matvecs where that vmap fails."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Optional[Callable] = None, data=None, *,
                  params: Optional[Sequence] = None, mode: str = "eval", batch_output: Optional[Callable] = None,
@@ -161,8 +163,11 @@ class GGNOperator(HessianOperator):
                              f"method={method!r} is HessianOperator's choice of HVP: leave it out")
         return None
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        vs = self.unflatten(v.to(device=self.device, dtype=self.dtype))
+    def _products(self, vs, batched: bool):
+        """per (index, batch) for _mean_over_batches: ``J^T H_out J`` of one batch applied to vs,
+        one vector (param-shaped tensors) or, when ``batched``, a block (tensors of shape
+        (b, *p.shape), each backward vectorized over b by ``is_grads_batched``); per-param
+        results (None where a param does not reach the output)."""
         params = self.params
 
         def batch_product(batch):
@@ -172,20 +177,30 @@ class GGNOperator(HessianOperator):
             used = [(g, w) for g, w in zip(jt_u, vs) if g is not None]
             if not used:  # no parameter reaches the output
                 return [None] * len(params)
-            jv = torch.autograd.grad([g for g, _ in used], u, grad_outputs=[w for _, w in used])[0]
+            jv = torch.autograd.grad([g for g, _ in used], u, grad_outputs=[w for _, w in used],
+                                     is_grads_batched=batched)[0]
             loss = self._output_loss(out, batch)
             g_out = torch.autograd.grad(loss, out, create_graph=True)[0]
-            h_jv = torch.autograd.grad(g_out, out, grad_outputs=jv, retain_graph=True)[0]
-            return torch.autograd.grad(out, params, grad_outputs=h_jv, allow_unused=True)
+            h_jv = torch.autograd.grad(g_out, out, grad_outputs=jv, retain_graph=True, is_grads_batched=batched)[0]
+            return torch.autograd.grad(out, params, grad_outputs=h_jv, allow_unused=True, is_grads_batched=batched)
+        return batch_product
 
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        product = self._products(self.unflatten(v.to(device=self.device, dtype=self.dtype)), batched=False)
         self.num_matvecs += 1
         return self._run(lambda: self._mean_over_batches(
-            lambda _, batch: self.flatten(_zeros_for_none(batch_product(batch), params))))
+            lambda _, batch: self.flatten(_zeros_for_none(product(batch), self.params))))
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``[G v for v in V's columns]`` as an (n, b) tensor, by a loop of matvecs."""
-        V = self._check_block(V)
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+    def _batches_blocks(self) -> bool:
+        return True
+
+    def _block_product(self, V: torch.Tensor) -> torch.Tensor:
+        """matmat's product: the three backward passes of matvec, each once for the block
+        (vectorized over its columns); a loop of matvecs where that fails (HessianOperator.matmat)."""
+        b = V.shape[1]
+        product = self._products(self._block_rows(V), batched=True)
+        return self._run(lambda: self._mean_over_batches(
+            lambda _, batch: self._flatten_rows(product(batch), b))).T.contiguous()
 
     def _mean_over_batches(self, batch_product) -> torch.Tensor:
         """Weighted mean over the batches (and ranks) of batch_product(index, batch), a tensor."""
@@ -269,7 +284,5 @@ class EmpiricalFisherOperator(GGNOperator):
         self.num_matvecs += 1
         return self._product(v)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        V = self._check_block(V)
-        self.num_matvecs += V.shape[1]
+    def _block_product(self, V: torch.Tensor) -> torch.Tensor:
         return self._product(V)

@@ -328,27 +328,38 @@ class HessianOperator:
         does for method="forward_over_reverse". The columns equal matvec's to rounding."""
         V = self._check_block(V)
         b = V.shape[1]
-        if self.method != "double_backward" or b == 1 or getattr(self, "_matmat_unsupported", False):
+        if b == 1 or not self._batches_blocks() or getattr(self, "_matmat_unsupported", False):
             return torch.stack([self.matvec(V[:, j]) for j in range(b)], dim=1)
-        rows = V.T.contiguous()  # (b, n): column j of V is row j
-        vs, i = [], 0
-        for p in self.params:
-            vs.append(rows[:, i:i + p.numel()].reshape(b, *p.shape))
-            i += p.numel()
         try:
-            out = self._run(lambda: self._block_mean(self._double_backward_block(vs), b))
+            out = self._block_product(V)
         except RuntimeError as exc:
             if hasattr(self, "_matmat_unsupported"):
                 raise  # batched products worked before: not a vmap problem
             import warnings
-            warnings.warn(f"{type(self).__name__}.matmat: the batched double backward failed ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); falling back to "
-                          "a loop of matvecs", RuntimeWarning, stacklevel=2)
+            text = str(exc).strip()
+            warnings.warn(f"{type(self).__name__}.matmat: the batched product failed ({type(exc).__name__}: "
+                          f"{text.splitlines()[0][:200] if text else ''}); falling back to a loop of matvecs",
+                          RuntimeWarning, stacklevel=2)
             self._matmat_unsupported = True
             return torch.stack([self.matvec(V[:, j]) for j in range(b)], dim=1)
         self._matmat_unsupported = False
         self.num_matvecs += b
         return out
+
+    def _batches_blocks(self) -> bool:
+        """Whether matmat has a batched product (else it loops over matvec)."""
+        return self.method == "double_backward"
+
+    def _block_rows(self, V: torch.Tensor) -> List[torch.Tensor]:
+        """An (n, b) block as per-param tensors of shape (b, *p.shape): row j is column j of V."""
+        rows, out, i = V.T.contiguous(), [], 0
+        for p in self.params:
+            out.append(rows[:, i:i + p.numel()].reshape(V.shape[1], *p.shape))
+            i += p.numel()
+        return out
+
+    def _block_product(self, V: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda: self._block_mean(self._double_backward_block(self._block_rows(V)), V.shape[1]))
 
     def _double_backward_block(self, vs):
         """per_batch for _block_mean: the b HVPs of one batch, per param tensors of shape (b, *p.shape)."""
@@ -371,10 +382,14 @@ class HessianOperator:
         for batch in self.batches:
             tensors, _ = per_batch(batch)
             bs = self._weight(batch)
-            total += bs * torch.cat([(t if t is not None else torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device))
-                                     .reshape(b, -1) for t, p in zip(tensors, self.params)], dim=1)
+            total += bs * self._flatten_rows(tensors, b)
             weight += bs
         return self._reduce(total, weight).T.contiguous()
+
+    def _flatten_rows(self, tensors, b: int) -> torch.Tensor:
+        """Per-param tensors (b, *p.shape) (None: zeros) -> (b, n), the inverse of _block_rows."""
+        return torch.cat([(t if t is not None else torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device))
+                          .reshape(b, -1).to(self.dtype) for t, p in zip(tensors, self.params)], dim=1)
 
     # ---- method --------------------------------------------------------------------
     def _resolve_method(self, method: str) -> str:
