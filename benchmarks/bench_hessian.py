@@ -26,8 +26,8 @@ per HVP, the two methods interleaved, with the gradient alone (one backward) for
 
 Block products: trace(op, num_probes, method="hutchinson") with block_size=1 (a loop of
 matvecs) against block_size=8 and 16 (op.matmat: HessianOperator's batched double backward,
-EmpiricalFisherOperator's per-sample gradients shared by the block), on the MLP above (Hessian
-and Fisher) and the BatchNorm CNN (eval mode), at 1 and 2 threads, all in one run, interleaved.
+GGNOperator's batched backward passes, EmpiricalFisherOperator's per-sample gradients shared by
+the block), on the MLP above (Hessian, GGN, Fisher) and the BatchNorm CNN (eval mode), at 1 and 2 threads, all in one run, interleaved.
 The speed-up is the loop's time over the block's, repetition by repetition.
 
     python benchmarks/bench_hessian.py --only-blocks     # that section alone
@@ -49,7 +49,7 @@ from fusedopt.benchmarking.progress import Progress
 from fusedopt.benchmarking.timing import Summary
 from fusedopt.benchmarking.timing import measure_interleaved, ratios
 from fusedopt.benchmarking.workloads import bn_conv_net, tanh_conv_net, trained_mlp
-from fusedopt.hessian import EmpiricalFisherOperator, HessianOperator, eigsh, trace
+from fusedopt.hessian import EmpiricalFisherOperator, GGNOperator, HessianOperator, eigsh, trace
 
 TOL = 1e-3
 METHOD_NOTES = {"power + deflation": "PyHessian's method, written here",
@@ -311,6 +311,7 @@ def block_rows(mode, reps, bar) -> dict:
     cnn, Xc, yc = bn_conv_net(width, batch)
     loss_fn = torch.nn.functional.cross_entropy
     ops = {f"Hessian, MLP 20-32-32-10 (2058 params, batch {len(X)})": HessianOperator(mlp, loss_fn, (X, y)),
+           f"GGN, MLP 20-32-32-10 (batch {len(X)})": GGNOperator(mlp, loss_fn, (X, y)),
            f"Fisher, MLP 20-32-32-10 (batch {fisher_batch})":
                EmpiricalFisherOperator(mlp, loss_fn, (X[:fisher_batch], y[:fisher_batch])),
            f"Hessian, BatchNorm CNN width {width} ({sum(p.numel() for p in cnn.parameters()):,} params, "
@@ -373,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment.capture(torch.device("cpu"))
     block_reps = cli.pick(args.reps, args.mode, {mode: sizes[4] for mode, sizes in BLOCKS.items()})
     if args.only_blocks:
-        with Progress(len(THREADS) * 3 * block_reps, "hessian blocks", enabled=not args.no_progress) as bar:
+        with Progress(len(THREADS) * 4 * block_reps, "hessian blocks", enabled=not args.no_progress) as bar:
             blocks = block_rows(args.mode, block_reps, bar)
         print(f"\nHessian block products ({args.mode}) on {environment.headline(env)}")
         if environment.busy_warning(env):
@@ -384,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1 if any(r["status"] == "error" for r in blocks["rows"]) else 0
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
     method_reps = cli.pick(args.reps, args.mode, {mode: sizes[2] for mode, sizes in HVP_METHODS.items()})
-    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * 3 * block_reps, "hessian",
+    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * 4 * block_reps, "hessian",
                   enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)

@@ -100,22 +100,25 @@ def trace(op, num_probes: int = 64, seed: Optional[int] = 0, method: str = "hutc
     HessianOperator block_size times its second backward's intermediates). Default (None):
     ``DEFAULT_BLOCK_SIZE`` = 8 for an operator with matmat, 1 otherwise. Measured on CPU
     (benchmarks/bench_hessian.py --only-blocks, fp32, 16 Hutchinson probes, 2-core EPYC Zen 4
-    VM at load 2-3, medians of 5 interleaved repetitions, speed-up over block_size=1):
+    VM shared with other jobs (load 1.5-3), speed-up over block_size=1, medians of 5
+    interleaved repetitions, the range over two runs; the 2-thread rows were noisy):
 
-    ==============================================  ========  =========  =========
-    operator                                        threads   block 8    block 16
-    ==============================================  ========  =========  =========
-    Hessian, MLP 20-32-32-10 (2058 params, b 1024)  1         1.33x      1.37x
-    Hessian, MLP                                    2         2.38x      3.01x
-    Hessian, BatchNorm CNN (15,786 params, b 32)    1         1.26x      1.26x
-    Hessian, BatchNorm CNN                          2         1.26x      1.11x
-    Fisher, MLP (batch 256)                         1         5.38x      11.62x
-    Fisher, MLP                                     2         6.30x      12.85x
-    ==============================================  ========  =========  =========
+    ==============================================  ========  ==========  ===========
+    operator                                        threads   block 8     block 16
+    ==============================================  ========  ==========  ===========
+    Hessian, MLP 20-32-32-10 (2058 params, b 1024)  1         1.31-1.33x  1.37-1.39x
+    Hessian, MLP                                    2         1.90-2.38x  2.15-3.01x
+    Hessian, BatchNorm CNN (15,786 params, b 32)    1         1.22-1.26x  1.12-1.26x
+    Hessian, BatchNorm CNN                          2         1.26-1.34x  1.11-1.33x
+    GGN, MLP (batch 1024), one run                  1 / 2     1.80x/2.51x 1.79x/4.37x
+    Fisher, MLP (batch 256)                         1         4.50-5.38x  9.43-11.62x
+    Fisher, MLP                                     2         6.30-6.67x  11.80-12.85x
+    ==============================================  ========  ==========  ===========
 
     Blocks paid in every case measured; 16 gained little over 8 for the Hessian (nothing on
     the CNN) at twice the memory, hence 8. The Fisher's product is its per-sample gradients,
     taken once per block, so its gain grows with the block: pass block_size=16 or more there.
+    (density() uses the same block products; not timed separately.)
 
     Every rank of a distributed run must use the same ``seed`` (and block size).
     """
