@@ -89,7 +89,8 @@ class HessianOperator:
     The operator's ``shape`` is (n, n) with n the total number of parameter elements; its
     ``dtype``/``device`` are those of the first parameter (all must share them).
     ``num_matvecs`` counts HVPs. ``method`` is the method in use: "double_backward" or
-    "forward_over_reverse" ("auto" resolved).
+    "forward_over_reverse" ("auto" resolved). ``matmat(V)`` takes the HVPs of the b columns of
+    an (n, b) block together (see there; :func:`trace` and :func:`density` use it) and counts b.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Optional[Callable] = None, data=None, *,
