@@ -234,3 +234,23 @@ def test_matmat_falls_back_to_matvecs_where_the_batched_backward_fails(cls, seed
     close(got, loop(op, V))
     close(again, got)
     assert op.num_matvecs == 9
+
+
+def test_density_default_block_keeps_the_lanczos_vectors_bounded(monkeypatch, seed):
+    """With DENSITY_BLOCK_BYTES room for 2 runs' vectors, the default takes 2 runs per block."""
+    from fusedopt.hessian import stochastic
+
+    a = spd(20, seed)
+    blocks = []
+
+    class Recording(MatrixOperator):
+        def matmat(self, X):
+            blocks.append(X.shape[1])
+            return super().matmat(X)
+
+    monkeypatch.setattr(stochastic, "DENSITY_BLOCK_BYTES", 2 * 10 * 20 * 8 + 7)
+    r = density(Recording(a), num_runs=5, num_steps=10, num_points=20, seed=seed)
+    assert max(blocks) == 2
+    want = density(MatrixOperator(a), num_runs=5, num_steps=10, num_points=20, seed=seed, block_size=1)
+    assert r.num_matvecs == want.num_matvecs
+    assert abs(r.positive_fraction - want.positive_fraction) < 1e-9

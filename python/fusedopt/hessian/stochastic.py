@@ -19,6 +19,8 @@ def _rademacher(n: int, dtype, device, generator) -> torch.Tensor:
 # Probes per block product (op.matmat) where the operator has one; the numbers behind it are in
 # trace()'s docstring.
 DEFAULT_BLOCK_SIZE = 8
+# density()'s default runs in flight keep their Lanczos vectors under this many bytes.
+DENSITY_BLOCK_BYTES = 1 << 30
 
 
 def _probes(n: int, count: int, dtype, device, generator) -> torch.Tensor:
@@ -268,7 +270,8 @@ def density(op, num_runs: int = 10, num_steps: int = 80, num_points: int = 1000,
     block_size times num_steps vectors. The runs and their probes are the same for a seed
     whatever the block size, so the result changes only by rounding (amplified by Lanczos's
     loss of orthogonality, which full reorthogonalization keeps small). Default (None):
-    ``DEFAULT_BLOCK_SIZE`` for an operator with matmat, 1 otherwise.
+    ``DEFAULT_BLOCK_SIZE`` runs at once for an operator with matmat, fewer where their Lanczos
+    vectors (block * num_steps * n) would pass ``DENSITY_BLOCK_BYTES`` (1 GiB), 1 without matmat.
     """
     op = as_operator(op)
     for name, val, lo in (("num_runs", num_runs, 1), ("num_steps", num_steps, 1), ("num_points", num_points, 2)):
@@ -281,6 +284,9 @@ def density(op, num_runs: int = 10, num_steps: int = 80, num_points: int = 1000,
         raise ValueError(f"sigma must be a positive finite number or None; got {sigma!r}")
     block = _resolve_block_size(op, block_size)
     n, dtype, g = op.shape[0], basis_dtype(op.dtype), _generator(seed)
+    if block_size is None:  # the basis of every run in flight: keep the default's memory bounded
+        per_run = min(num_steps, n) * n * torch.tensor([], dtype=dtype).element_size()
+        block = max(1, min(block, DENSITY_BLOCK_BYTES // per_run))
     runs = [ab for k in _block_sizes(num_runs, block)
             for ab in lanczos_tridiagonals(op, _probes(n, k, dtype, op.device, g), num_steps)]
     nodes, weights, matvecs = [], [], 0
