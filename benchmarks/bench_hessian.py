@@ -23,6 +23,14 @@ autograd graph's bookkeeping other than tensors are not counted). It is determin
 and a batch; on this CNN it agreed with the process's RSS high-water mark to 0.2 MiB (a separate
 check, with glibc's mmap threshold fixed so that freed tensors leave the RSS). Time: wall seconds
 per HVP, the two methods interleaved, with the gradient alone (one backward) for scale.
+
+Block products: trace(op, num_probes, method="hutchinson") with block_size=1 (a loop of
+matvecs) against block_size=8 and 16 (op.matmat: HessianOperator's batched double backward,
+GGNOperator's batched backward passes, EmpiricalFisherOperator's per-sample gradients shared by
+the block), on the MLP above (Hessian, GGN, Fisher) and the BatchNorm CNN (eval mode), at 1 and 2 threads, all in one run, interleaved.
+The speed-up is the loop's time over the block's, repetition by repetition.
+
+    python benchmarks/bench_hessian.py --only-blocks     # that section alone
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ from fusedopt.benchmarking.progress import Progress
 from fusedopt.benchmarking.timing import Summary
 from fusedopt.benchmarking.timing import measure_interleaved, ratios
 from fusedopt.benchmarking.workloads import bn_conv_net, tanh_conv_net, trained_mlp
-from fusedopt.hessian import HessianOperator, eigsh
+from fusedopt.hessian import EmpiricalFisherOperator, GGNOperator, HessianOperator, eigsh, trace
 
 TOL = 1e-3
 METHOD_NOTES = {"power + deflation": "PyHessian's method, written here",
@@ -52,6 +60,10 @@ OVERHEAD = {"quick": (16, 8, 20, 3), "default": (24, 16, 30, 3), "full": (96, 32
 # BatchNorm CNN of the HVP-method comparison per mode: (width, batch, repetitions).
 HVP_METHODS = {"quick": (8, 16, 3), "default": (16, 64, 5), "full": (32, 64, 7)}
 METHODS = ("double_backward", "forward_over_reverse")
+# Block products per mode: (probes, CNN width, CNN batch, Fisher batch, repetitions).
+BLOCKS = {"quick": (16, 4, 16, 128, 3), "default": (16, 8, 32, 256, 5), "full": (32, 8, 64, 512, 7)}
+BLOCK_SIZES = (8, 16)
+THREADS = (1, 2)
 
 
 def power_deflation(op, k, tol, max_iter=1000, seed=0):
@@ -289,17 +301,96 @@ def print_method_rows(result, reps) -> None:
                                "flag", "note"], table))
 
 
+def block_rows(mode, reps, bar) -> dict:
+    """Seconds of trace() by a loop of matvecs (block_size=1) and by blocks of 8 and 16, per
+    operator and thread count; the thread counts are restored afterwards."""
+    import fusedopt
+
+    probes, width, batch, fisher_batch, _ = BLOCKS[mode]
+    mlp, X, y = trained_mlp()
+    cnn, Xc, yc = bn_conv_net(width, batch)
+    loss_fn = torch.nn.functional.cross_entropy
+    ops = {f"Hessian, MLP 20-32-32-10 (2058 params, batch {len(X)})": HessianOperator(mlp, loss_fn, (X, y)),
+           f"GGN, MLP 20-32-32-10 (batch {len(X)})": GGNOperator(mlp, loss_fn, (X, y)),
+           f"Fisher, MLP 20-32-32-10 (batch {fisher_batch})":
+               EmpiricalFisherOperator(mlp, loss_fn, (X[:fisher_batch], y[:fisher_batch])),
+           f"Hessian, BatchNorm CNN width {width} ({sum(p.numel() for p in cnn.parameters()):,} params, "
+           f"batch {batch}x3x32x32, eval)": HessianOperator(cnn, loss_fn, (Xc, yc))}
+    before = (torch.get_num_threads(), fusedopt.get_num_threads())
+    rows = []
+    try:
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            fusedopt.set_num_threads(threads)
+            for name, op in ops.items():
+                fns = {f"block {b}": (lambda b=b: trace(op, probes, seed=0, block_size=b)) for b in (1,) + BLOCK_SIZES}
+                estimates = {k: fn().estimate for k, fn in fns.items()}  # also the warm-up
+                timed = measure_interleaved(fns, reps=reps, warmup=0, device=torch.device("cpu"), iters=1,
+                                            after_rep=lambda _: bar.update(f"blocks ({threads} thr)"))
+                base = timed["block 1"].summary
+                for key in fns:
+                    summary = timed[key].summary
+                    row = dict(operator=name, threads=threads, block_size=int(key.split()[1]),
+                               status="ok" if summary else "error",
+                               relative_difference=abs(estimates[key] - estimates["block 1"]) /
+                               max(abs(estimates["block 1"]), 1e-300))
+                    if summary is None:
+                        row["reason"] = timed[key].error
+                    else:
+                        row.update(seconds_per_probe=Summary.of([t / probes for t in summary.samples]).as_dict(),
+                                   _summary=summary, _speedup=ratios(base, summary) if base else None)
+                        if row["_speedup"] is not None:
+                            row["speedup_vs_loop"] = row["_speedup"].as_dict()
+                    rows.append(row)
+    finally:
+        torch.set_num_threads(before[0])
+        fusedopt.set_num_threads(before[1])
+    return dict(probes=probes, rows=rows)
+
+
+def print_block_rows(result, reps) -> None:
+    print(f"\nBlock products: trace(op, {result['probes']} probes) by a loop of matvecs (block 1) and by "
+          f"op.matmat blocks, median of {reps} interleaved repetitions")
+    table = []
+    for r in result["rows"]:
+        summary, speedup = r.pop("_summary", None), r.pop("_speedup", None)
+        if summary is None:
+            table.append([r["operator"], str(r["threads"]), str(r["block_size"]), "", "", "", r["status"],
+                          r.get("reason", "")[:60]])
+            continue
+        per_probe = Summary.of([t / result["probes"] for t in summary.samples])
+        table.append([r["operator"], str(r["threads"]), str(r["block_size"]), report.median_cell(per_probe, "s"),
+                      report.spread_cell(summary, "s"), report.ratio_cell(speedup) if r["block_size"] > 1 else "",
+                      report.noisy_cell(summary), f"{r['relative_difference']:.0e}" if r["block_size"] > 1 else ""])
+    print(report.format_table(["operator", "threads", "block", "s/probe median", "trace s spread min-max (%)",
+                               report.speedup_header("block 1"), "flag", "estimate rel. diff"], table))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = cli.benchmark_parser("bench_hessian.py", __doc__, devices=("cpu",), calls=False)
+    ap.add_argument("--only-blocks", action="store_true", help="run only the block-products section")
     args = cli.parse(ap, argv)
     cli.apply_threads(args.threads)
     env = environment.capture(torch.device("cpu"))
+    block_reps = cli.pick(args.reps, args.mode, {mode: sizes[4] for mode, sizes in BLOCKS.items()})
+    if args.only_blocks:
+        with Progress(len(THREADS) * 4 * block_reps, "hessian blocks", enabled=not args.no_progress) as bar:
+            blocks = block_rows(args.mode, block_reps, bar)
+        print(f"\nHessian block products ({args.mode}) on {environment.headline(env)}")
+        if environment.busy_warning(env):
+            print(environment.busy_warning(env))
+        print_block_rows(blocks, block_reps)
+        report.save(report.results_payload("hessian_blocks", env, dict(mode=args.mode, reps=block_reps), [],
+                                           blocks=blocks), name="hessian_blocks", device="cpu", out=args.out)
+        return 1 if any(r["status"] == "error" for r in blocks["rows"]) else 0
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
     method_reps = cli.pick(args.reps, args.mode, {mode: sizes[2] for mode, sizes in HVP_METHODS.items()})
-    with Progress(2 + len(TASKS) + reps + 2 * method_reps, "hessian", enabled=not args.no_progress) as bar:
+    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * 4 * block_reps, "hessian",
+                  enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)
         methods = method_rows(args.mode, method_reps, bar)
+        blocks = block_rows(args.mode, block_reps, bar)
     print(f"\nHessian eigenvalues ({args.mode}) on {environment.headline(env)}")
     if environment.busy_warning(env):
         print(environment.busy_warning(env))
@@ -316,13 +407,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 f"{100 * outside.median:.2f}% ({100 * outside.low:.2f}-{100 * outside.high:.2f})",
                                 report.noisy_cell(total)]]))
     print_method_rows(methods, method_reps)
+    print_block_rows(blocks, block_reps)
     width, batch, cap, _ = OVERHEAD[args.mode]
     m_width, m_batch, _ = HVP_METHODS[args.mode]
     settings = dict(mode=args.mode, tol=TOL, overhead=dict(width=width, batch=batch, hvp_cap=cap, reps=reps),
-                    hvp_methods=dict(width=m_width, batch=m_batch, reps=method_reps))
-    report.save(report.results_payload("hessian", env, settings, counts, overhead=overhead, hvp_methods=methods),
+                    hvp_methods=dict(width=m_width, batch=m_batch, reps=method_reps),
+                    blocks=dict(zip(("probes", "cnn_width", "cnn_batch", "fisher_batch"), BLOCKS[args.mode][:4]),
+                                reps=block_reps, block_sizes=BLOCK_SIZES, threads=THREADS))
+    report.save(report.results_payload("hessian", env, settings, counts, overhead=overhead, hvp_methods=methods,
+                                       blocks=blocks),
                 name="hessian", device="cpu", out=args.out)
-    return 1 if any(r["status"] == "error" for r in counts + methods["rows"]) else 0
+    return 1 if any(r["status"] == "error" for r in counts + methods["rows"] + blocks["rows"]) else 0
 
 
 if __name__ == "__main__":

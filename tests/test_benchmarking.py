@@ -280,6 +280,36 @@ def test_hvp_method_rows_at_a_tiny_size(monkeypatch, capsys):
     assert "forward_over_reverse" in out and "speed-up vs double_backward" in out
 
 
+def test_block_rows_at_a_tiny_size(monkeypatch, capsys):
+    """The block-products section: every operator, thread count and block size, estimates equal
+    to fp32 rounding, thread counts restored."""
+    import fusedopt
+
+    hessian = load_script("bench_hessian")
+    monkeypatch.setitem(hessian.BLOCKS, "quick", (4, 2, 4, 16, 2))
+    monkeypatch.setattr(hessian, "trained_mlp", _tiny_mlp)
+    before = (torch.get_num_threads(), fusedopt.get_num_threads())
+
+    class Bar:
+        def update(self, _):
+            pass
+
+    result = hessian.block_rows("quick", 2, Bar())
+    assert (torch.get_num_threads(), fusedopt.get_num_threads()) == before
+    rows = result["rows"]
+    assert [(r["threads"], r["block_size"]) for r in rows] == [
+        (t, b) for t in hessian.THREADS for _ in range(4) for b in (1,) + hessian.BLOCK_SIZES]
+    assert all(r["status"] == "ok" and r["relative_difference"] < 1e-4 for r in rows)
+    hessian.print_block_rows(result, 2)
+    assert "speed-up vs block 1" in capsys.readouterr().out
+
+
+def _tiny_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    return model, torch.randn(32, 20), torch.randint(0, 10, (32,))
+
+
 # ---- peers ------------------------------------------------------------------------------------------
 def test_a_missing_peer_is_unavailable_with_its_install_command():
     from fusedopt.benchmarking.peers import OptimizerPeer, import_peer

@@ -93,11 +93,11 @@ def test_operators_work_with_eigsh_and_count_products(seed):
 
 
 def test_fisher_needs_the_models_own_parameters(seed):
+    """Refused at construction now (it was at the first matvec)."""
     model, loss_fn, batches, _, _ = problem(seed, "mse")
-    stranger = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    op = EmpiricalFisherOperator(model, loss_fn, batches, params=[stranger])
+    stranger = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"params\[0\] is not a parameter of the model"):
-        op.matvec(torch.zeros(3, dtype=torch.float64))
+        EmpiricalFisherOperator(model, loss_fn, batches, params=[stranger])
 
 
 @pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator])
@@ -140,7 +140,8 @@ def test_bad_batch_loss_is_refused_before_any_product(seed):
         HessianOperator(model, data=dicts, batch_loss=lambda m, b: m(b["x"]))
     with pytest.raises(TypeError, match="not both"):
         HessianOperator(model, loss_fn, dicts, batch_loss=lambda m, b: m(b["x"]).sum())
-    with pytest.raises(TypeError, match="GGNOperator needs the model's output apart from the loss"):
+    with pytest.raises(TypeError, match="GGNOperator needs the model's output apart from the loss: instead of "
+                                        "batch_loss, give batch_output"):
         GGNOperator(model, data=dicts, batch_loss=lambda m, b: m(b["x"]).sum())
 
 
@@ -177,3 +178,157 @@ def test_hutchpp_is_exact_on_a_low_rank_matrix(seed):
     assert abs(r.estimate - float(torch.trace(a))) < 1e-9 * float(torch.trace(a))
     with pytest.raises(ValueError, match="method must be 'hutchinson' or 'hutch\\+\\+'"):
         trace(a, method="girard")
+
+
+# ---- the closure form: batch_output(model, batch) and output_loss(output, batch) -----------------
+
+class DictModel(torch.nn.Module):
+    """A Hugging Face style model: called with keyword tensors, a per-sample scale on the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+
+    def forward(self, features, scale):
+        return self.net(features) * scale[:, None]
+
+
+def dict_problem(seed: int, loss: str, sizes=(7, 5)):
+    """Nested dict batches of different sizes, with a non-tensor leaf ("tag") and the labels
+    beside the inputs; the closure pair that reads them."""
+    torch.manual_seed(seed)
+    model = DictModel().double()
+    batches = []
+    for b in sizes:
+        labels = torch.randint(0, 4, (b,)) if loss == "cross_entropy" else torch.randn(b, 4, dtype=torch.float64)
+        batches.append({"inputs": {"features": torch.randn(b, 3, dtype=torch.float64),
+                                   "scale": torch.rand(b, dtype=torch.float64) + 0.5},
+                        "labels": labels, "tag": "train"})
+    batch_output = lambda m, b: m(**b["inputs"])  # noqa: E731
+    output_loss = lambda out, b: LOSSES[loss](out, b["labels"])  # noqa: E731
+    return model, batches, batch_output, output_loss
+
+
+def sample_of(batch, i):
+    """Sample i of a dict batch as a batch of one (dim 0 of every tensor leaf)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i:i + 1]
+    if isinstance(batch, dict):
+        return {k: sample_of(v, i) for k, v in batch.items()}
+    return batch
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_ggn_closure_equals_jt_hout_j_per_batch(loss, seed):
+    """Each batch counts once: G = mean over batches of J_b^T H_out,b J_b, dense per batch."""
+    model, batches, batch_output, output_loss = dict_problem(seed, loss)
+    theta = flat_params(model)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def output_of(t, batch):
+        from torch.func import functional_call
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            params[n] = t[i:i + k].view(s)
+            i += k
+        return functional_call(model, params, (), batch["inputs"])
+
+    want = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for batch in batches:
+        J = torch.autograd.functional.jacobian(lambda t: output_of(t, batch), theta).reshape(-1, theta.numel())
+        out = output_of(theta, batch).detach()
+        H_out = torch.autograd.functional.hessian(lambda o: output_loss(o.view_as(out), batch), out.reshape(-1))
+        want += J.T @ H_out @ J / len(batches)
+    op = GGNOperator(model, data=batches, batch_output=batch_output, output_loss=output_loss)
+    torch.testing.assert_close(dense(op), want, rtol=1e-10, atol=1e-12)
+    assert op.num_matvecs == theta.numel()
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_fisher_closure_equals_per_sample_outer_products(loss, seed):
+    """Per-sample gradients over dim 0 of every tensor leaf of a nested dict batch: F = mean over
+    batches of (1/B_b) sum_i g_i g_i^T, g_i taken one sample at a time."""
+    model, batches, batch_output, output_loss = dict_problem(seed, loss)
+    n = sum(p.numel() for p in model.parameters())
+    want = torch.zeros(n, n, dtype=torch.float64)
+    for batch in batches:
+        size = len(batch["labels"])
+        for i in range(size):
+            one = sample_of(batch, i)
+            grads = torch.autograd.grad(output_loss(batch_output(model, one), one), list(model.parameters()))
+            g = torch.cat([t.reshape(-1) for t in grads])
+            want += torch.outer(g, g) / size / len(batches)
+    op = EmpiricalFisherOperator(model, data=batches, batch_output=batch_output, output_loss=output_loss)
+    torch.testing.assert_close(dense(op), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, EmpiricalFisherOperator])
+def test_closure_form_equals_the_loss_fn_form_on_equal_batches(cls, seed):
+    model, loss_fn, _, x, y = problem(seed, "cross_entropy")
+    pairs = [(x[:6], y[:6]), (x[6:], y[6:])]
+    dicts = [{"pixels": a, "labels": b} for a, b in pairs]
+    op = cls(model, data=dicts, batch_output=lambda m, b: m(b["pixels"]),
+             output_loss=lambda out, b: loss_fn(out, b["labels"]))
+    torch.testing.assert_close(dense(op), dense(cls(model, loss_fn, pairs)), rtol=1e-10, atol=1e-12)
+
+
+def count_gradients(model):
+    """A list that grows by one each time autograd computes a gradient for a parameter."""
+    seen = []
+    for p in model.parameters():
+        p.register_hook(lambda g: seen.append(1))
+    return seen
+
+
+BAD_CLOSURES = [
+    (dict(batch_output=lambda m, b: m(**b["inputs"])), TypeError,
+     r"closure form needs both batch_output and output_loss; output_loss is missing"),
+    (dict(batch_output="model", output_loss=lambda o, b: o.sum()), TypeError,
+     r"batch_output must be callable as batch_output\(model, batch\) -> output tensor; got str"),
+    (dict(batch_output=lambda m, b: m(**b["inputs"]), output_loss=3), TypeError,
+     r"output_loss must be callable as output_loss\(output, batch\) -> scalar loss; got int"),
+    (dict(batch_output=lambda m, b: {"logits": m(**b["inputs"])}, output_loss=lambda o, b: o.sum()), ValueError,
+     r"batch_output\(model, batch\) must return the model's output as a floating-point tensor "
+     r"\(e.g. model\(\*\*batch\).logits\); got dict"),
+    (dict(batch_output=lambda m, b: m(**b["inputs"]).argmax(1), output_loss=lambda o, b: o.sum()), ValueError,
+     r"must return the model's output as a floating-point tensor .*got a tensor of shape \[7\], dtype torch.int64"),
+    (dict(batch_output=lambda m, b: m(**b["inputs"]),
+          output_loss=lambda o, b: torch.nn.functional.cross_entropy(o, b["labels"], reduction="none")), ValueError,
+     r"output_loss\(output, batch\) must return a scalar floating-point loss; got a tensor of shape \[7\]"),
+    (dict(batch_output=lambda m, b: m(**b["inputs"]), output_loss=lambda o, b: 1.5), ValueError,
+     r"output_loss\(output, batch\) must return a scalar floating-point loss; got float"),
+    (dict(batch_loss=lambda m, b: m(**b["inputs"]).sum()), TypeError,
+     r"needs the model's output apart from the loss: instead of batch_loss, give batch_output"),
+]
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, EmpiricalFisherOperator])
+@pytest.mark.parametrize("case", range(len(BAD_CLOSURES)))
+def test_a_bad_closure_is_refused_before_any_product(cls, case, seed):
+    kwargs, error, message = BAD_CLOSURES[case]
+    model, batches, _, _ = dict_problem(seed, "cross_entropy")
+    seen = count_gradients(model)
+    with pytest.raises(error, match=message):
+        cls(model, data=batches, **kwargs)
+    assert not seen  # no gradient, let alone a product, was computed
+    with pytest.raises(TypeError, match="not both"):
+        cls(model, torch.nn.functional.cross_entropy, batches, batch_output=lambda m, b: m(**b["inputs"]),
+            output_loss=lambda o, b: o.sum())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["inputs"].update(scale=b["inputs"]["scale"][:4]),
+     r"batch 1: the empirical Fisher takes per-sample gradients over dim 0 of every tensor in a batch, so their "
+     r"sizes along dim 0 must agree; got \['inputs'\]\['features'\]: 5, \['inputs'\]\['scale'\]: 4, \['labels'\]: 5"),
+    (lambda b: b.update(temperature=torch.tensor(2.0, dtype=torch.float64)),
+     r"batch 1: \['temperature'\] is a 0-d tensor"),
+])
+def test_fisher_refuses_batches_without_one_batch_dimension(edit, message, seed):
+    model, batches, batch_output, output_loss = dict_problem(seed, "cross_entropy")
+    edit(batches[1])
+    seen = count_gradients(model)
+    with pytest.raises(ValueError, match=message):
+        EmpiricalFisherOperator(model, data=batches, batch_output=batch_output, output_loss=output_loss)
+    assert not seen

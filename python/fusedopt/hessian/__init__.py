@@ -3,7 +3,8 @@
 - :class:`HessianOperator`: Hessian-vector products of a model's loss (double backward);
   :class:`GGNOperator` (J^T H_out J) and :class:`EmpiricalFisherOperator` (per-sample grads).
 - :func:`eigsh`: thick-restart Lanczos, scipy-like (k, which, tol, ncv, v0).
-- :func:`trace`: Hutchinson estimate; :func:`density`: stochastic Lanczos quadrature.
+- :func:`trace`: Hutchinson / Hutch++ estimate; :func:`density`: stochastic Lanczos quadrature;
+  both take their probes' products in blocks (``block_size``, the operators' ``matmat``).
 - :func:`preconditioned`: ``P^-1/2 H P^-1/2`` for a fusedopt optimizer's diagonal preconditioner;
   :func:`stability_threshold`: the edge-of-stability threshold of its hyperparameters.
 - :func:`analyze`: minimum / saddle / maximum (flat directions told apart, see :func:`classify`),

@@ -89,7 +89,8 @@ class HessianOperator:
     The operator's ``shape`` is (n, n) with n the total number of parameter elements; its
     ``dtype``/``device`` are those of the first parameter (all must share them).
     ``num_matvecs`` counts HVPs. ``method`` is the method in use: "double_backward" or
-    "forward_over_reverse" ("auto" resolved).
+    "forward_over_reverse" ("auto" resolved). ``matmat(V)`` takes the HVPs of the b columns of
+    an (n, b) block together (see there; :func:`trace` and :func:`density` use it) and counts b.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Optional[Callable] = None, data=None, *,
@@ -102,9 +103,6 @@ class HessianOperator:
                 raise TypeError("give loss_fn (with (inputs, targets) batches) or batch_loss, not both")
             if not callable(batch_loss):
                 raise TypeError("batch_loss must be callable as batch_loss(model, batch) -> scalar loss")
-            if not self._supports_batch_loss:
-                raise TypeError(f"{type(self).__name__} needs the model's output apart from the loss: give "
-                                "loss_fn(output, targets) and (inputs, targets) batches")
         elif not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(output, targets)")
         if data is None:
@@ -132,8 +130,6 @@ class HessianOperator:
         self.device = p0.device
         self.num_matvecs = 0
         self.method = self._resolve_method(method)
-
-    _supports_batch_loss = True  # GGN and Fisher need the output apart from the loss
 
     @staticmethod
     def _closure_batches(data) -> list:
@@ -241,7 +237,7 @@ class HessianOperator:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             buf = torch.cat([vecs.reshape(-1), torch.tensor([weight], dtype=vecs.dtype, device=vecs.device)])
             dist.all_reduce(buf)
-            return buf[:-1] / buf[-1]
+            return (buf[:-1] / buf[-1]).view_as(vecs)
         return vecs / weight
 
     def _batch_mean(self, per_batch, with_loss: bool = False):
@@ -313,6 +309,88 @@ class HessianOperator:
         vs = self.unflatten(v.to(device=self.device, dtype=self.dtype))
         self.num_matvecs += 1
         return self._run(lambda: self._batch_mean(self._per_batch_hvp(vs)))
+
+    def _check_block(self, V: torch.Tensor) -> torch.Tensor:
+        """V as an (n, b) tensor of the operator's dtype and device, b >= 1."""
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.shape[0] or V.shape[1] < 1:
+            got = list(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"V must be a 2-D tensor of shape ({self.shape[0]}, b) with b >= 1; got {got}")
+        return V.to(device=self.device, dtype=self.dtype)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for an (n, b) block of vectors (columns), as an (n, b) tensor; counts b products.
+
+        With method="double_backward" one batch's b products share one forward pass and one
+        gradient graph: the second backward runs once for all columns, vectorized over them
+        (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. torch.func.vmap of the
+        backward). Memory: b times that backward's intermediate tensors. Where the vmap of the
+        backward is not supported by some operation of the model (a RuntimeError on the first
+        block), the operator warns once and falls back to a loop of matvecs from then on, as it
+        does for method="forward_over_reverse". The columns equal matvec's to rounding."""
+        V = self._check_block(V)
+        b = V.shape[1]
+        if b == 1 or not self._batches_blocks() or getattr(self, "_matmat_unsupported", False):
+            return torch.stack([self.matvec(V[:, j]) for j in range(b)], dim=1)
+        try:
+            out = self._block_product(V)
+        except RuntimeError as exc:
+            if hasattr(self, "_matmat_unsupported"):
+                raise  # batched products worked before: not a vmap problem
+            import warnings
+            text = str(exc).strip()
+            warnings.warn(f"{type(self).__name__}.matmat: the batched product failed ({type(exc).__name__}: "
+                          f"{text.splitlines()[0][:200] if text else ''}); falling back to a loop of matvecs",
+                          RuntimeWarning, stacklevel=2)
+            self._matmat_unsupported = True
+            return torch.stack([self.matvec(V[:, j]) for j in range(b)], dim=1)
+        self._matmat_unsupported = False
+        self.num_matvecs += b
+        return out
+
+    def _batches_blocks(self) -> bool:
+        """Whether matmat has a batched product (else it loops over matvec)."""
+        return self.method == "double_backward"
+
+    def _block_rows(self, V: torch.Tensor) -> List[torch.Tensor]:
+        """An (n, b) block as per-param tensors of shape (b, *p.shape): row j is column j of V."""
+        rows, out, i = V.T.contiguous(), [], 0
+        for p in self.params:
+            out.append(rows[:, i:i + p.numel()].reshape(V.shape[1], *p.shape))
+            i += p.numel()
+        return out
+
+    def _block_product(self, V: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda: self._block_mean(self._double_backward_block(self._block_rows(V)), V.shape[1]))
+
+    def _double_backward_block(self, vs):
+        """per_batch for _block_mean: the b HVPs of one batch, per param tensors of shape (b, *p.shape)."""
+        def hvp(loss):
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            # A gradient that does not depend on the params (a zero Hessian block row) cannot be
+            # differentiated again: it contributes nothing.
+            pairs = [(g, u) for g, u in zip(grads, vs) if g.requires_grad]
+            if not pairs:
+                return [None] * len(self.params)
+            return torch.autograd.grad([g for g, _ in pairs], self.params, grad_outputs=[u for _, u in pairs],
+                                       is_grads_batched=True, allow_unused=True)
+        return self._of_loss(hvp)
+
+    def _block_mean(self, per_batch, b: int) -> torch.Tensor:
+        """_batch_mean for b columns: per_batch(batch) gives per-param tensors (b, *p.shape) (None:
+        zeros); returns the weighted mean over the data (and the ranks) as an (n, b) tensor."""
+        total = torch.zeros(b, self.shape[0], dtype=self.dtype, device=self.device)
+        weight = 0.0
+        for batch in self.batches:
+            tensors, _ = per_batch(batch)
+            bs = self._weight(batch)
+            total += bs * self._flatten_rows(tensors, b)
+            weight += bs
+        return self._reduce(total, weight).T.contiguous()
+
+    def _flatten_rows(self, tensors, b: int) -> torch.Tensor:
+        """Per-param tensors (b, *p.shape) (None: zeros) -> (b, n), the inverse of _block_rows."""
+        return torch.cat([(t if t is not None else torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device))
+                          .reshape(b, -1).to(self.dtype) for t, p in zip(tensors, self.params)], dim=1)
 
     # ---- method --------------------------------------------------------------------
     def _resolve_method(self, method: str) -> str:

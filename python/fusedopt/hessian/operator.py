@@ -4,6 +4,11 @@ An operator is any object with ``.shape == (n, n)``, ``.dtype``, ``.device``
 and ``.matvec(x)`` mapping a 1-D tensor of n elements to a 1-D tensor of n
 elements. It must be symmetric (all tools here assume it). A square
 ``torch.Tensor`` is accepted too and wrapped in :class:`MatrixOperator`.
+
+Optionally ``.matmat(X)`` maps an (n, b) block of vectors (columns) to the (n, b) block of
+their products, counting b products in ``num_matvecs``: :func:`trace` and :func:`density`
+then take their probes' products in blocks (:func:`apply_block`); without it they loop over
+``matvec``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,10 @@ class MatrixOperator:
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         self.num_matvecs += 1
         return self.matrix @ x
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += X.shape[1]
+        return self.matrix @ X
 
 
 def as_operator(op):
@@ -68,3 +77,17 @@ def apply(op, x: torch.Tensor, what: str = "op.matvec") -> torch.Tensor:
         raise ValueError(f"{what} must return a 1-D tensor of {x.shape[0]} elements; got "
                          f"{list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
     return y.to(device=x.device, dtype=x.dtype).contiguous()
+
+
+def apply_block(op, X: torch.Tensor) -> torch.Tensor:
+    """The products of the columns of X (n, b): one ``op.matmat(X)`` where op has it (and b > 1),
+    else a loop of :func:`apply`; checked for shape, returned as a contiguous (n, b) tensor of
+    X's dtype."""
+    matmat = getattr(op, "matmat", None)
+    if X.shape[1] == 1 or not callable(matmat):
+        return torch.stack([apply(op, X[:, j]) for j in range(X.shape[1])], dim=1)
+    Y = matmat(X if op.dtype is X.dtype else X.to(op.dtype))
+    if not isinstance(Y, torch.Tensor) or tuple(Y.shape) != tuple(X.shape):
+        raise ValueError(f"op.matmat must return a tensor of shape {list(X.shape)}; got "
+                         f"{list(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__}")
+    return Y.to(device=X.device, dtype=X.dtype).contiguous()

@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from .. import optim
+from .operator import apply_block
 
 _ADAPTIVE = (optim.Adam, optim.LAMB)  # AdamW is an Adam subclass
 _MOMENTUM = (optim.SGD, optim.LARS)
@@ -36,6 +37,11 @@ class PreconditionedOperator:
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         d = self.d.to(device=x.device, dtype=x.dtype)
         return d * self.op.matvec(d * x).to(x.dtype)
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """The columns' products in one block product of the wrapped operator (or its loop)."""
+        d = self.d.to(device=X.device, dtype=X.dtype)[:, None]
+        return d * apply_block(self.op, d * X)
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Optional[dict]:
