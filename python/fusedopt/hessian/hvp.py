@@ -333,6 +333,8 @@ class HessianOperator:
             return torch.stack([self.matvec(V[:, j]) for j in range(b)], dim=1)
         try:
             out = self._block_product(V)
+        except torch.OutOfMemoryError:
+            raise  # not a vmap problem: a smaller block_size is the fix, not a silent loop
         except RuntimeError as exc:
             if hasattr(self, "_matmat_unsupported"):
                 raise  # batched products worked before: not a vmap problem
