@@ -58,7 +58,6 @@ from .. import _kernels
 from .operator import apply, as_operator, basis_dtype
 
 WHICH = ("LA", "SA", "LM", "BE")
-CRITERIA = ("residual", "eigenvalue")
 
 
 @dataclass
@@ -80,8 +79,6 @@ class EigshResult:
     converged: torch.Tensor
     num_matvecs: int
     num_restarts: int
-    error_bounds: Optional[torch.Tensor] = None
-    criterion: str = "residual"
 
     @property
     def all_converged(self) -> bool:
@@ -109,9 +106,7 @@ def _ranking(theta: np.ndarray, which: str) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _validate(op, k, which, tol, ncv, max_matvecs, v0, criterion="residual"):
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+def _validate(op, k, which, tol, ncv, max_matvecs, v0):
     op = as_operator(op)
     n = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -149,8 +144,7 @@ def _validate(op, k, which, tol, ncv, max_matvecs, v0, criterion="residual"):
 
 def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[int] = None,
           max_matvecs: Optional[int] = None, v0: Optional[torch.Tensor] = None,
-          generator: Optional[torch.Generator] = None, multiplicity_check: bool = False,
-          criterion: str = "residual") -> EigshResult:
+          generator: Optional[torch.Generator] = None, multiplicity_check: bool = False) -> EigshResult:
     """``k`` eigenpairs of the symmetric operator ``op`` by thick-restart Lanczos.
 
     Args:
@@ -171,7 +165,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
     Raises:
         FloatingPointError: the operator returned a non-finite vector.
     """
-    op, n, ncv, max_matvecs = _validate(op, k, which, tol, ncv, max_matvecs, v0, criterion)
+    op, n, ncv, max_matvecs = _validate(op, k, which, tol, ncv, max_matvecs, v0)
     dtype = basis_dtype(op.dtype)
     dev = op.device
     eps = float(torch.finfo(dtype).eps)
@@ -235,8 +229,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
         res = res + np.abs(dropped[:m] @ U)  # triangle inequality: an upper bound after a lock
         order = _ranking(theta, which)
         wanted = order[:k]
-        bound = error_bounds(theta, res)
-        conv = (res if criterion == "residual" else bound) <= tol * np.maximum(np.abs(theta), eps * anorm)
+        conv = res <= tol * np.maximum(np.abs(theta), eps * anorm)
         need = order[:k + 1] if checking else wanted
         done = len(wanted) == k and conv[need].all()
         if m == n or matvecs >= max_matvecs:  # whole space spanned (T exact) or out of budget
@@ -280,17 +273,14 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
     Y = torch.from_numpy(np.ascontiguousarray(U[:, pick])).to(device=dev, dtype=dtype)
     vectors = V[:m].T @ Y
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    bound = error_bounds(theta, res)
-    conv = (res if criterion == "residual" else bound) <= tol * np.maximum(np.abs(theta), eps * float(np.abs(theta).max()))
+    conv = res <= tol * np.maximum(np.abs(theta), eps * float(np.abs(theta).max()))
     result = EigshResult(
         eigenvalues=torch.from_numpy(theta[pick].copy()),
         eigenvectors=vectors,
         residuals=torch.from_numpy(res[pick].copy()),
-        error_bounds=torch.from_numpy(bound[pick].copy()),
         converged=torch.from_numpy(conv[pick].copy()),
         num_matvecs=matvecs,
         num_restarts=restarts,
-        criterion=criterion,
     )
     if len(pick) < k or not result.all_converged:
         warnings.warn(
@@ -298,30 +288,6 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
             f"tol={tol} within max_matvecs={max_matvecs}; see result.converged and result.residuals",
             RuntimeWarning, stacklevel=2)
     return result
-
-
-def error_bounds(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
-    """Eigenvalue error bounds of the Ritz values ``theta`` with residuals ``res``.
-
-    ``min(r_i, r_i^2 / gap_i)``: ``r_i`` bounds the distance from ``theta_i`` to the nearest
-    eigenvalue (Weyl / Bauer-Fike for a symmetric matrix, no assumption); ``r_i^2 / gap_i`` is the
-    quadratic (Kato-Temple) bound, valid when no eigenvalue other than the one ``theta_i``
-    approximates lies within ``gap_i`` of ``theta_i``. ``gap_i = min_j (|theta_i - theta_j| - r_j)``
-    over the other Ritz values: each ``theta_j`` has an eigenvalue within ``r_j``, so this is the
-    distance to those eigenvalues, estimated from below. It is used only when it exceeds ``r_i``
-    (the Ritz value's interval is apart from every other one); it assumes the Krylov space has not
-    missed an eigenvalue inside the gap (the same assumption that says which eigenvalues are wanted).
-    """
-    m = len(theta)
-    if m < 2:
-        return res.copy()
-    dist = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
-    np.fill_diagonal(dist, np.inf)
-    gap = dist.min(axis=1)
-    out = res.copy()
-    ok = gap > res
-    out[ok] = res[ok] ** 2 / gap[ok]
-    return out
 
 
 def _restart(V, T, theta, U, order, k, ncv, m, beta, w, dtype, dropped, lock_beta=0.0) -> int:
