@@ -152,7 +152,17 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-3, ncv: Optional[in
         k: number of eigenpairs.
         which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude,
             "BE" both ends (half from each; one more from the top when k is odd).
-        tol: relative residual: converged when ``||A x - l x|| <= tol * max(|l|, eps ||T||)``.
+        tol: relative residual: a Ritz pair ``(l, x)`` (``||x|| = 1``) is converged when
+            ``||A x - l x|| <= tol * max(|l|, eps ||T||)``, ``eps`` the basis dtype's machine epsilon
+            and ``||T||`` the largest ``|Ritz value|`` (the floor lets values near 0 converge).
+            For a symmetric operator that residual bounds the distance from ``l`` to the nearest
+            eigenvalue of ``A`` (Weyl): a converged ``l`` is within ``tol * max(|l|, eps ||T||)`` of one;
+            the eigenvalue error is usually far smaller (quadratic in the residual when the
+            eigenvalue is isolated), but no cheaper bound is claimed: an estimate ``r^2 / gap`` with
+            the gap taken from the other Ritz values was tried and failed against dense spectra
+            (the Krylov space had not yet seen the eigenvalues inside the gap). Which eigenvalue
+            ``l`` approximates is a Krylov matter: at loose ``tol`` an extreme value that the start
+            vector barely touches can be missed, as with scipy/ARPACK.
         ncv: basis size (memory ~ncv vectors); default ``min(n, max(2k + 1, 20))``.
         max_matvecs: cap on operator applications (at least k); default ``max(100 ncv, 10 n)`` (``100 ncv`` for n > 10^4).
         v0: start vector (warm start, e.g. last step's top eigenvector); random normal by default.
