@@ -53,3 +53,9 @@ def test_the_tiers_of_a_ddp_bucket_grad():
     assert [_C.packet_tier(bucket + 2 * k, 2, 8) for k in range(8)] == [16, 0, 4, 0, 8, 0, 4, 0]
     # fp64: a packet is two elements; no word between an element and the packet
     assert [_C.packet_tier(bucket + 8 * k, 8, 2) for k in range(2)] == [16, 0]
+
+
+@pytest.mark.parametrize("elem_bytes,vec", [(-1, 4), (0, 4), (3, 4), (16, 1), (4, 0)])
+def test_bad_sizes_are_refused(elem_bytes, vec):
+    with pytest.raises(ValueError, match="elem_bytes must be 1, 2, 4 or 8 and vec >= 1"):
+        _C.packet_tier(16, elem_bytes, vec)

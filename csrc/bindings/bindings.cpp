@@ -44,7 +44,13 @@ PYBIND11_MODULE(_C, m) {
       "The CUDA launch plan for tensors of these sizes: [(rows, row_is_last, [(row, chunk)])]");
   m.def(
       "packet_tier",
-      [](uint64_t address, int elem_bytes, int vec) { return packet_tier(static_cast<uintptr_t>(address), elem_bytes, vec); },
+      [](uint64_t address, int elem_bytes, int vec) {
+        // the kernels' element sizes; another value would loop to a word of 0 bytes
+        if (!(elem_bytes == 1 || elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8) || vec < 1)
+          throw py::value_error("packet_tier: elem_bytes must be 1, 2, 4 or 8 and vec >= 1; got elem_bytes=" +
+                                std::to_string(elem_bytes) + ", vec=" + std::to_string(vec));
+        return packet_tier(static_cast<uintptr_t>(address), elem_bytes, vec);
+      },
       "The word size (16, 8, 4; 0: element by element) in which the CUDA vector path moves a column's "
       "packets of vec elements of elem_bytes at this base address (common/packet_tier.h)");
   bind::register_optim(m);
