@@ -242,6 +242,26 @@ def test_capped_lanczos_run_does_not_warn(recwarn):
     assert not [w for w in recwarn if "converge" in str(w.message)]
 
 
+def test_eigsh_within_tol_is_the_fewest_hvps_that_reach_it(seed, recwarn):
+    hessian = load_script("bench_hessian")
+    from fusedopt.hessian import MatrixOperator, eigsh
+
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    spectrum = torch.linspace(1.0, 50.0, 120, dtype=torch.float64) ** 2 / 50  # decaying gaps at the top
+    op = MatrixOperator(q @ torch.diag(spectrum) @ q.T)
+    k, exact = 3, spectrum[-3:].tolist()
+    values, hvps, _ = hessian.eigsh_within_tol(op, k, "LA", exact)
+    assert hessian.relative_error(values, exact) <= hessian.TOL
+    with pytest.warns(RuntimeWarning, match="converge"):  # one fewer is not converged either
+        r = eigsh(op, k=k, which="LA", tol=hessian.TOL, max_matvecs=hvps - 1,
+                  generator=torch.Generator().manual_seed(0))
+    assert hessian.relative_error(r.eigenvalues.tolist(), exact) > hessian.TOL  # one fewer does not reach it
+    certified = eigsh(op, k=k, which="LA", tol=hessian.TOL, generator=torch.Generator().manual_seed(0))
+    assert hvps <= certified.num_matvecs
+    assert not [w for w in recwarn if "converge" in str(w.message)]  # the search's capped runs are silent
+
+
 def test_peak_allocated_bytes_counts_tensors_freed_inside():
     hessian = load_script("bench_hessian")
     kept = torch.empty(4 << 20, dtype=torch.uint8)  # live before: not counted
