@@ -34,7 +34,9 @@ per HVP, the two methods interleaved, with the gradient alone (one backward) for
 Block products: trace(op, num_probes, method="hutchinson") with block_size=1 (a loop of
 matvecs) against block_size=8 and 16 (op.matmat: HessianOperator's batched double backward,
 GGNOperator's batched backward passes, EmpiricalFisherOperator's per-sample gradients shared by
-the block), on the MLP above (Hessian, GGN, Fisher) and the BatchNorm CNN (eval mode), at 1 and 2 threads, all in one run, interleaved.
+the block, the forward-over-reverse Hessian's vmap over tangents), on the MLP above (Hessian
+both ways, GGN, Fisher) and the BatchNorm CNN (eval mode, Hessian both ways), at 1 and 2
+threads, all in one run, interleaved.
 The speed-up is the loop's time over the block's, repetition by repetition.
 
     python benchmarks/bench_hessian.py --only-blocks     # that section alone
@@ -73,6 +75,7 @@ METHODS = ("double_backward", "forward_over_reverse")
 # Block products per mode: (probes, CNN width, CNN batch, Fisher batch, repetitions).
 BLOCKS = {"quick": (16, 4, 16, 128, 3), "default": (16, 8, 32, 256, 5), "full": (32, 8, 64, 512, 7)}
 BLOCK_SIZES = (8, 16)
+BLOCK_OPERATORS = 6  # rows of block_rows per thread count (the progress bar's total)
 THREADS = (1, 2)
 
 
@@ -357,7 +360,10 @@ def block_rows(mode, reps, bar) -> dict:
            f"Fisher, MLP 20-32-32-10 (batch {fisher_batch})":
                EmpiricalFisherOperator(mlp, loss_fn, (X[:fisher_batch], y[:fisher_batch])),
            f"Hessian, BatchNorm CNN width {width} ({sum(p.numel() for p in cnn.parameters()):,} params, "
-           f"batch {batch}x3x32x32, eval)": HessianOperator(cnn, loss_fn, (Xc, yc))}
+           f"batch {batch}x3x32x32, eval)": HessianOperator(cnn, loss_fn, (Xc, yc)),
+           "Hessian forward-over-reverse, MLP": HessianOperator(mlp, loss_fn, (X, y), method="forward_over_reverse"),
+           "Hessian forward-over-reverse, CNN eval": HessianOperator(cnn, loss_fn, (Xc, yc),
+                                                                     method="forward_over_reverse")}
     before = (torch.get_num_threads(), fusedopt.get_num_threads())
     rows = []
     try:
@@ -431,7 +437,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment.capture(torch.device("cpu"))
     block_reps = cli.pick(args.reps, args.mode, {mode: sizes[4] for mode, sizes in BLOCKS.items()})
     if args.only_blocks:
-        with Progress(len(THREADS) * 4 * block_reps, "hessian blocks", enabled=not args.no_progress) as bar:
+        with Progress(len(THREADS) * BLOCK_OPERATORS * block_reps, "hessian blocks", enabled=not args.no_progress) as bar:
             blocks = block_rows(args.mode, block_reps, bar)
         print(f"\nHessian block products ({args.mode}) on {environment.headline(env)}")
         if environment.busy_warning(env):
@@ -450,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1 if any(r["status"] == "error" for r in counts) else 0
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
     method_reps = cli.pick(args.reps, args.mode, {mode: sizes[2] for mode, sizes in HVP_METHODS.items()})
-    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * 4 * block_reps, "hessian",
+    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * BLOCK_OPERATORS * block_reps, "hessian",
                   enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)

@@ -51,6 +51,12 @@ def operators():
         "hessian bn cnn train": lambda: HessianOperator(bn_cnn(), F.cross_entropy, batches((2, 6, 6)), mode="train"),
         "hessian forward_over_reverse": lambda: HessianOperator(mlp(), F.cross_entropy, batches((4,)),
                                                                 method="forward_over_reverse"),
+        "hessian forward_over_reverse, a param block": lambda: HessianOperator(
+            mlp(), F.cross_entropy, batches((4,)), params=["2.weight", "0.bias"], method="forward_over_reverse"),
+        "hessian forward_over_reverse bn cnn eval": lambda: HessianOperator(
+            bn_cnn(), F.cross_entropy, batches((2, 6, 6)), method="forward_over_reverse"),
+        "hessian forward_over_reverse bn cnn train": lambda: HessianOperator(
+            bn_cnn(), F.cross_entropy, batches((2, 6, 6)), mode="train", method="forward_over_reverse"),
         "hessian batch_loss dicts": lambda: HessianOperator(
             mlp(), data=[{"x": x, "y": y} for x, y in batches((4,))],
             batch_loss=lambda m, b: F.cross_entropy(m(b["x"]), b["y"])),
@@ -77,6 +83,22 @@ def test_matmat_equals_the_loop_of_matvecs(name, make, b, seed):
     want = loop(op, V)
     assert op.num_matvecs == 2 * b
     close(got, want)
+
+
+@pytest.mark.parametrize("model, mode, vectorized", [(mlp, "train", True), (bn_cnn, "eval", True),
+                                                    (bn_cnn, "train", False)])
+def test_forward_over_reverse_blocks_are_one_vmap_where_no_buffer_changes(model, mode, vectorized, seed, recwarn):
+    op = HessianOperator(model(), F.cross_entropy, batches((4,) if model is mlp else (2, 6, 6)), mode=mode,
+                         method="forward_over_reverse")
+    calls = []
+    single = op._forward_over_reverse
+    op._forward_over_reverse = lambda vs: calls.append(1) or single(vs)
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64)
+    got = op.matmat(V)
+    assert len(calls) == (0 if vectorized else 4)  # the loop makes one single product per column
+    assert not [w for w in recwarn if "falling back" in str(w.message)]
+    op._forward_over_reverse = single
+    close(got, loop(op, V))
 
 
 def test_matmat_of_a_preconditioned_operator(seed):

@@ -323,10 +323,14 @@ class HessianOperator:
         With method="double_backward" one batch's b products share one forward pass and one
         gradient graph: the second backward runs once for all columns, vectorized over them
         (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. torch.func.vmap of the
-        backward). Memory: b times that backward's intermediate tensors. Where the vmap of the
-        backward is not supported by some operation of the model (a RuntimeError on the first
-        block), the operator warns once and falls back to a loop of matvecs from then on, as it
-        does for method="forward_over_reverse". The columns equal matvec's to rounding."""
+        backward). Memory: b times that backward's intermediate tensors. With
+        method="forward_over_reverse" the b products of a batch are one ``torch.func.vmap`` over
+        the tangents of ``jvp(grad(loss))`` (b times the forward-mode intermediates), in eval
+        mode or for a model without buffers; in train mode with buffers (BatchNorm's running
+        stats, updated in place per product) it stays a loop of matvecs. Where the vmap is not
+        supported by some operation of the model (a RuntimeError on the first block), the
+        operator warns once and falls back to a loop of matvecs from then on. The columns equal
+        matvec's to rounding."""
         V = self._check_block(V)
         b = V.shape[1]
         if b == 1 or not self._batches_blocks() or getattr(self, "_matmat_unsupported", False):
@@ -351,7 +355,9 @@ class HessianOperator:
 
     def _batches_blocks(self) -> bool:
         """Whether matmat has a batched product (else it loops over matvec)."""
-        return self.method == "double_backward"
+        if self.method == "double_backward":
+            return True
+        return self.mode != "train" or next(self.model.buffers(), None) is None
 
     def _block_rows(self, V: torch.Tensor) -> List[torch.Tensor]:
         """An (n, b) block as per-param tensors of shape (b, *p.shape): row j is column j of V."""
@@ -362,7 +368,31 @@ class HessianOperator:
         return out
 
     def _block_product(self, V: torch.Tensor) -> torch.Tensor:
-        return self._run(lambda: self._block_mean(self._double_backward_block(self._block_rows(V)), V.shape[1]))
+        block = self._forward_over_reverse_block if self.method == "forward_over_reverse" else self._double_backward_block
+        return self._run(lambda: self._block_mean(block(self._block_rows(V)), V.shape[1]))
+
+    def _forward_over_reverse_block(self, vs):
+        """per_batch for _block_mean: the b HVPs of one batch as one torch.func.vmap over the
+        tangents (rows of ``vs``, shapes (b, *p.shape)) of ``jvp(grad(loss))``. Only where no
+        buffer is updated (see _batches_blocks), so the loss is a pure function of the params.
+        Random operations (dropout in train mode) draw one mask for all b columns, as the
+        shared forward pass of double backward's block does."""
+        from torch.func import functional_call, grad, jvp, vmap
+
+        wrapper, keys = self._functional
+        primals = tuple(p.detach() for p in self.params)
+
+        def per_batch(batch):
+            state = {name: p.detach() for name, p in wrapper.named_parameters()}
+
+            def loss_of(chosen):
+                return functional_call(wrapper, {**state, **dict(zip(keys, chosen))}, (batch,)).reshape(())
+
+            def product(tangents):
+                return jvp(grad(loss_of), (primals,), (tangents,))[1]
+
+            return vmap(product, randomness="same")(tuple(vs)), None
+        return per_batch
 
     def _double_backward_block(self, vs):
         """per_batch for _block_mean: the b HVPs of one batch, per param tensors of shape (b, *p.shape)."""
