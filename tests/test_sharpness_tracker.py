@@ -17,9 +17,11 @@ def problem(seed):
     return model, torch.nn.functional.cross_entropy, x, y
 
 
-def dense_top(op) -> float:
+def dense_top(op, k=1):
+    """The top eigenvalue (k = 1) or the k largest, largest first, of the dense operator."""
     h = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))  # column i: H e_i
-    return float(torch.linalg.eigvalsh(0.5 * (h + h.T))[-1])
+    top = torch.linalg.eigvalsh(0.5 * (h + h.T)).flip(0)[:k]
+    return float(top[0]) if k == 1 else top.tolist()
 
 
 def track(seed, steps=80, every=4, check_every=5):
@@ -52,25 +54,53 @@ def test_tracks_the_dense_top_eigenvalue_in_few_hvps_per_warm_estimate(seed):
     assert all(sum(h[1:]) / len(h[1:]) < h[0] for h in runs), runs  # warm starts are cheaper than cold ones
 
 
+def test_top_two_start_from_both_eigenvectors(seed):
+    # k = 2 starts from the sum of both extrapolated eigenvectors: 4.9 +- 0.9 HVPs per warm
+    # estimate over 60 seeds (max 7.7), against 9.7 from the top eigenvector alone.
+    hvps = []
+    for run in range(3):
+        model, loss_fn, x, y = problem(seed * 3 + run)
+        opt = fusedopt.SGD(model.parameters(), lr=0.05)
+        tracker = SharpnessTracker(model, loss_fn, (x, y), optimizer=opt, k=2, tol=1e-3)
+        for step in range(80):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if step % 4 == 0:
+                record = tracker.update(step)
+                assert record.converged
+                if step % 40 == 0:
+                    want = dense_top(HessianOperator(model, loss_fn, (x, y)), k=2)
+                    for got, w in zip(record.sharpness, want):
+                        assert abs(got - w) <= 2e-3 * abs(w), (run, step, record.sharpness, want)
+        hvps += [r.num_hvps for r in tracker.history[1:]]
+    assert sum(hvps) / len(hvps) <= 7, hvps
+
+
 def test_extrapolated_start_follows_the_step_spacing(seed):
     model, loss_fn, x, y = problem(seed)
     tracker = SharpnessTracker(model, loss_fn, (x, y))
     assert tracker.warm_start(0) is None  # first estimate: random
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(tracker.op.shape[0], dtype=torch.float64, generator=g)
-    x0 /= x0.norm()
-    x1 = x0 + 0.1 * torch.randn(x0.shape, dtype=torch.float64, generator=g)
-    x1 /= x1.norm()
-    tracker._anchors = [(10, x1)]
-    assert torch.equal(tracker.warm_start(14), x1)  # one anchor: the old eigenvector
-    tracker._anchors = [(6, -x0), (10, x1)]  # eigenvectors have no sign: -x0 is x0
-    assert torch.allclose(tracker.warm_start(14), 2 * x1 - x0, rtol=0, atol=1e-15)
-    assert torch.allclose(tracker.warm_start(12), 1.5 * x1 - 0.5 * x0, rtol=0, atol=1e-15)
-    assert torch.allclose(tracker.warm_start(100), 3 * x1 - 2 * x0, rtol=0, atol=1e-15)  # capped at 2
-    far = torch.randn(x0.shape, dtype=torch.float64, generator=g)
-    far -= (far @ x1) * x1
-    tracker._anchors = [(6, far / far.norm()), (10, x1)]  # the top eigenvector changed places
-    assert torch.equal(tracker.warm_start(14), x1)
+    n = tracker.op.shape[0]
+    x0, _ = torch.linalg.qr(torch.randn(n, 2, dtype=torch.float64, generator=g))
+    x1, _ = torch.linalg.qr(x0 + 0.1 * torch.randn(n, 2, dtype=torch.float64, generator=g))
+    x1 *= torch.sign((x0 * x1).sum(0))
+    top0, top1 = x0[:, 1:], x1[:, 1:]  # k = 1: one column
+    tracker._anchors = [(10, top1)]
+    assert torch.equal(tracker.warm_start(14), top1[:, 0])  # one anchor: the old eigenvector
+    tracker._anchors = [(6, -top0), (10, top1)]  # eigenvectors have no sign: -x0 is x0
+    close = dict(rtol=0, atol=1e-15)
+    assert torch.allclose(tracker.warm_start(14), (2 * top1 - top0)[:, 0], **close)
+    assert torch.allclose(tracker.warm_start(12), (1.5 * top1 - 0.5 * top0)[:, 0], **close)
+    assert torch.allclose(tracker.warm_start(100), (3 * top1 - 2 * top0)[:, 0], **close)  # capped at 2
+    far = torch.randn(n, 1, dtype=torch.float64, generator=g)
+    far -= (far.T @ top1) * top1
+    tracker._anchors = [(6, far / far.norm()), (10, top1)]  # the top eigenvector changed places
+    assert torch.equal(tracker.warm_start(14), top1[:, 0])
+    # k = 2: the sum of the two extrapolated eigenvectors, each signed on its own.
+    tracker._anchors = [(6, x0 * torch.tensor([1.0, -1.0], dtype=torch.float64)), (10, x1)]
+    assert torch.allclose(tracker.warm_start(14), (2 * x1 - x0).sum(1), **close)
 
 
 def test_preconditioned_tracker_follows_adams_preconditioner(seed):
