@@ -437,20 +437,41 @@ def test_emulated_bf16_matmul_equals_torch_bf16_matmul_to_rounding():
     torch.testing.assert_close(upd[0].bfloat16(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
 
 
-def test_deterministic_across_thread_counts():
+# Shapes whose single matmuls gave other bits at 2-4 torch threads than at one (torch 2.13,
+# MKL 2024.2; fewer matrices of a shape than threads): one matrix of a shape, and pairs.
+THREAD_SENSITIVE = [(17, 17), (31, 31), (33, 65), (24, 40), (40, 24), (7, 300), (7, 300), (300, 7), (300, 7)]
+
+
+@pytest.mark.parametrize("ns_dtype,dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float32)])
+def test_deterministic_across_thread_counts(ns_dtype, dtype, seed):
+    """Regression: torch's CPU bmm of a batch with fewer matrices than threads depends on
+    the thread count; fusedopt caps a shape's matmul threads at its matrix count, so the
+    bits are the same for any count of fusedopt's and torch's threads, which it restores."""
+    torch_threads, own_threads = torch.get_num_threads(), fusedopt.get_num_threads()
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES + THREAD_SENSITIVE]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=dtype) for p in init] for _ in range(3)]
     results = []
-    for threads in (1, 2):
-        fusedopt.set_num_threads(threads)
-        torch.manual_seed(5)
-        params = params_like(SHAPES)
-        opt = fusedopt.Muon(params, lr=0.02)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        results.append([p.detach().clone() for p in params])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    try:
+        for threads in (1, 2, 3, 4, 1):
+            fusedopt.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            params = [torch.nn.Parameter(p.clone()) for p in init]
+            opt = fusedopt.Muon(params, lr=0.02, ns_dtype=ns_dtype)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+            assert torch.get_num_threads() == threads, "the step left torch's thread count changed"
+            results.append([p.detach().clone() for p in params])
+    finally:
+        fusedopt.set_num_threads(own_threads)
+        torch.set_num_threads(torch_threads)
+    for threads, result in zip((2, 3, 4, 1), results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], result)):
+            assert torch.equal(a, b), f"{list(a.shape)} (param {i}): {threads} threads changed the bits"
+    assert not torch.equal(results[0][0], init[0])
 
 
 def test_bad_hyperparameters_are_refused():
