@@ -232,6 +232,30 @@ def test_channels_last_and_transposed_give_the_contiguous_update(ns_dtype):
     assert b.state[laid[0]]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_empty_matrices_step_with_the_others(ns_dtype, seed):
+    """Regression (the fuzz suite): a matrix with no columns, (4, 0) or (3, 0, 2), made the
+    step raise ZeroDivisionError in the lr factor sqrt(max(1, A / B)). Empty matrices now
+    step with the others, which move as they do without them."""
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randn(s, generator=gen) for s in [(5, 4), (4, 9)]]
+    grads = [[torch.randn(p.shape, generator=gen) for p in full] for _ in range(2)]
+    with_empty = [torch.nn.Parameter(p.clone()) for p in full] + [
+        torch.nn.Parameter(torch.empty(s)) for s in [(4, 0), (3, 0, 2), (0, 4)]]
+    alone = [torch.nn.Parameter(p.clone()) for p in full]
+    for adjust_lr_fn in (None, "match_rms_adamw"):
+        opts = [fusedopt.Muon(ps, lr=0.02, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn) for ps in (with_empty, alone)]
+        for step_grads in grads:
+            for ps, opt in zip((with_empty, alone), opts):
+                for p, g in zip(ps, step_grads):
+                    p.grad = g.clone()
+                for p in ps[2:]:
+                    p.grad = torch.empty(p.shape)
+                opt.step()
+    for p, q, p0 in zip(with_empty, alone, full):
+        assert torch.equal(p, q) and not torch.equal(p, p0)
+
+
 def test_layout_with_dim0_inside_is_refused_before_writing():
     t = torch.randn(3, 4, 5).permute(1, 0, 2)  # shape (4, 3, 5), dim 0 not outermost
     p = torch.nn.Parameter(t)

@@ -76,9 +76,11 @@ def matrix_of(p: torch.Tensor) -> Optional[Tuple[int, int]]:
 
 
 def adjust_lr_ratio(adjust_lr_fn: Optional[str], a: int, b: int) -> float:
-    """torch.optim._muon._adjust_lr's factor for an (A, B) matrix (lr is multiplied by it)."""
+    """torch.optim._muon._adjust_lr's factor for an (A, B) matrix (lr is multiplied by it).
+    An empty matrix (B = 0, e.g. shape (4, 0)) has nothing to scale: 1 (torch's A / B
+    raises ZeroDivisionError there)."""
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, a / b))
+        return math.sqrt(max(1.0, a / b)) if b else 1.0
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(a, b))
     return 1.0
