@@ -528,3 +528,77 @@ def test_round_to_bf16_inplace_equals_torch_conversion(seed):
     assert torch.isnan(got[1002]) and int(finite.logical_not().sum()) == 1
     with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
         round_bf16_(torch.ones(4, dtype=torch.float64))
+
+
+# ---- CUDA graph capture, emulated on CPU ----------------------------------------------
+# Under capture a graph replays the step with the workspace it was captured with: that
+# workspace must outlive any later rebuild, and nothing new may be made inside capture.
+# fusedopt.functional.muon asks ``capturing(plan)``; here it answers True on CPU.
+
+def emulate_capture(monkeypatch, on: bool):
+    import sys
+    fmuon = sys.modules["fusedopt.functional.muon"]  # the module (fusedopt.functional.muon is the function)
+    monkeypatch.setattr(fmuon, "capturing", lambda plan: on)
+
+
+def muon_and_adamw(seed):
+    gen = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (5, 8), (4, 3, 2)]]
+    vecs = [torch.nn.Parameter(torch.randn(7, generator=gen))]
+    opt = fusedopt.Muon([{"params": mats}, {"params": vecs, "use_muon": False}], lr=0.02, ns_dtype=torch.float32)
+    return opt, mats + vecs
+
+
+def new_grads(params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+
+@pytest.mark.parametrize("rebuild", ["grad_disappears", "ns_dtype_changes"])
+def test_workspace_a_capture_used_outlives_rebuilds(rebuild, monkeypatch, seed):
+    import gc
+    import weakref
+    for captured in (False, True):
+        opt, params = muon_and_adamw(seed)
+        new_grads(params)
+        opt.step()
+        plan = opt._plans[0]
+        ws = weakref.ref(kmuon._WORKSPACES[plan.batches[0].table])
+        emulate_capture(monkeypatch, captured)
+        new_grads(params)
+        opt.step()  # the "captured" step uses the workspace
+        emulate_capture(monkeypatch, False)
+        new_grads(params)
+        if rebuild == "grad_disappears":
+            params[1].grad = None  # another set of params with grads: new row tables
+        else:
+            opt.param_groups[0]["ns_dtype"] = torch.float64  # same table, a new workspace
+        opt.step()
+        gc.collect()
+        assert kmuon._WORKSPACES.get(plan.batches[0].table) is not ws()
+        assert (ws() is not None) == captured, "a captured workspace was freed, or an uncaptured one kept"
+        assert any(r is ws() for r in plan.retired) == captured
+
+
+@pytest.mark.parametrize("change", ["ns_dtype", "adjust_lr_fn", "grad_disappears"])
+def test_new_workspace_inside_capture_is_refused_before_writing(change, monkeypatch, seed):
+    opt, params = muon_and_adamw(seed)
+    new_grads(params)
+    opt.step()
+    new_grads(params)
+    if change == "ns_dtype":
+        opt.param_groups[0]["ns_dtype"] = torch.bfloat16
+    elif change == "adjust_lr_fn":
+        opt.param_groups[0]["adjust_lr_fn"] = "match_rms_adamw"  # its lr factors are not made yet
+    else:
+        params[0].grad = None
+    emulate_capture(monkeypatch, True)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="cannot be made inside CUDA graph capture.*eager step"):
+        opt.step()
+    assert snapshot(opt) == before, "a refused step changed params, grads or state"
+    emulate_capture(monkeypatch, False)
+    opt.step()  # eagerly it is made; a capture after that reuses it
+    emulate_capture(monkeypatch, True)
+    new_grads([p for p in params if p.grad is not None])
+    opt.step()

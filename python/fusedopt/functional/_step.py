@@ -140,3 +140,9 @@ def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], 
 
 def compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def capturing(plan: StepPlan) -> bool:
+    """Whether this call of ``plan`` is being captured into a CUDA graph (a CUDA batch,
+    the current stream capturing)."""
+    return any(b.table.device.type == "cuda" for b in plan.batches) and torch.cuda.is_current_stream_capturing()

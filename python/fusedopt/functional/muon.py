@@ -39,7 +39,7 @@ from .._dtensor import all_gather_into, chunk_span, is_dtensor, local_tensor, ro
 from .._kernels import MASTER, STATE, Column, Labels, StepPlan, prepare
 from .._kernels import muon as _kmuon
 from .._kernels.checks import is_flat_run
-from ._step import compiling, device_scalars, finish
+from ._step import capturing, compiling, device_scalars, finish
 
 _NOT_A_MATRIX = ("Muon orthogonalizes weight matrices; put 0-D and 1-D params (biases, norm weights, scalars) "
                  "in a param group with use_muon=False, which fusedopt.Muon steps with AdamW "
@@ -217,7 +217,14 @@ def muon(params: List[torch.Tensor], grads: List[torch.Tensor], muon_momentum_bu
         columns.append(Column("master", "master_params", MASTER, master_params))
     plan = prepare(_kmuon.MUON, params, grads, columns, labels=labels, state_dtype=state_dtype, plan=plan)
     scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
-    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn, b.sources) for b in plan.batches]
+    # Under CUDA graph capture: no new workspace (its zero fill and the lr factors' host
+    # copy would be captured; refused, before anything is written), and the ones the graph
+    # uses stay alive with the plan, whatever later rebuilds drop (_kernels/muon.py).
+    under_capture = capturing(plan)
+    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn, b.sources, may_create=not under_capture)
+                  for b in plan.batches]
+    if under_capture:
+        plan.keep_alive(workspaces)
 
     def run() -> None:
         for b, ws in zip(plan.batches, workspaces):
