@@ -51,8 +51,8 @@ def buffer_optional(spec, p) -> bool:
 
 def same_group_pair(opt, params):
     """The first two of params that are in one param group, as (aliased, other): the
-    per-step checks compare a group's tensors with each other. (Tensors of two groups
-    are not compared: test_aliasing_across_param_groups_is_not_detected.)"""
+    per-step checks of a group compare its tensors with each other; across groups:
+    test_aliasing_across_param_groups)."""
     for k, a in enumerate(params):
         for b in params[k + 1:]:
             if group_index(opt, a)[0] == group_index(opt, b)[0]:
@@ -311,18 +311,33 @@ def test_grad_overlaps_another_param(spec):
                                                r"with a parameter or optimizer state")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the checks compare the tensors of one param group (one "
-                   "functional call); a grad aliasing another group's param is not detected (found when "
-                   "Muon's split put the suite's params into two groups)")
-@pytest.mark.parametrize("name", ["Adam", "Muon-ns-fp64"])
-def test_aliasing_across_param_groups_is_not_detected(name):
-    spec = BY_NAME[name]
+@ids
+@pytest.mark.parametrize("kind", ["grad_is_param", "grad_is_state", "state_is_state"])
+@pytest.mark.parametrize("trained", [1, 2])
+def test_aliasing_across_param_groups(spec, kind, trained):
+    """Regression (found when Muon's split put the suite's params into two groups): the
+    checks compared only the tensors of one group, so a grad aliasing another group's
+    param or state, or a state aliasing another group's state, was stepped; the second
+    group read memory the first had just written. trained=2: the plans are kept."""
+    if kind != "grad_is_param" and (not spec.state_keys or spec.param_dtypes is not None):
+        pytest.skip("no float state to alias")
     a, b = torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(4, 6))
     opt = spec.make([{"params": [a]}, {"params": [b]}], **spec.hyper)
-    new_grads([a, b])
-    opt.step()
-    a.grad = view_into(b, a)
-    assert_rejected_unchanged(opt, ValueError, rf"grad of {at(opt, a)} shares memory")
+    for _ in range(trained):
+        new_grads([a, b])
+        opt.step()
+    assert group_index(opt, a)[0] != group_index(opt, b)[0]
+    if kind == "grad_is_param":
+        a.grad = view_into(b, a)
+    elif kind == "grad_is_state":
+        a.grad = view_into(opt.state[b][spec.keys_of(b)[0]], a)
+    else:
+        opt.state[a][spec.keys_of(a)[0]] = view_into(opt.state[b][spec.keys_of(b)[-1]], a)
+    what = rf"grad of {at(opt, a)}" if kind != "state_is_state" else ""
+    assert_rejected_unchanged(opt, ValueError, rf"{what}.* shares memory with (a|another) parameter or optimizer state")
+    if kind != "state_is_state":
+        a.grad = torch.randn_like(a)
+        opt.step()  # usable once the grad has its own memory
 
 
 @ids_stateful

@@ -9,6 +9,7 @@ import torch
 
 from .. import _C, _hyper
 from .._kernels import Column, DeviceScalars, StepPlan
+from .._kernels.rows import check_tables_apart
 from .._kernels.checks import check_scalar_tensor
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -121,6 +122,12 @@ class PreparedStep:
     def launch(self, **options) -> None:
         self._run(**options)
         self.created = self.plan.commit_created(self._columns)
+
+
+def check_calls_apart(calls: Sequence[PreparedStep]) -> None:
+    """Prepared calls of one step (an optimizer's param groups) write no memory that
+    another reads or writes (each call checked its own tensors). Raises before any runs."""
+    check_tables_apart([b.table for c in calls for b in c.plan.batches])
 
 
 def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], launch: bool):

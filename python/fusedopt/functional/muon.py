@@ -114,7 +114,7 @@ def _cpu_matmul_threads_at_most(n: int, device: torch.device):
     and MKL 2024.2 in fp64 and fp32, e.g. one 17 x 17 fp64 matrix at 2 threads, or two
     7 x 300 at 3; README "Muon"). With at least as many matrices as threads each
     matrix is one thread's, and the bits are those of one thread whatever the count
-    (checked for batches of 2 to 8 in fp64, fp32 and bf16; tests/test_muon.py). So a
+    (measured for batches of 2 to 8 in fp64, fp32 and bf16; tests/test_muon.py holds a step to it). So a
     batch of k matrices runs on at most k threads: results independent of the thread
     count, at the price of idle cores while fewer matrices than cores share a shape.
     The cap is torch's global setting, restored on exit (torch ops that other Python
