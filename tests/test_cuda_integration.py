@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedopt
-from helpers import assert_params_close, tiny_model, twin
+from helpers import assert_capture_refused, assert_params_close, tiny_model, twin
 from optim_registry import BY_NAME, TRAINING
 
 pytestmark = pytest.mark.cuda
@@ -18,6 +18,30 @@ def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def eager_step(m, o, x, y):
+    o.zero_grad(set_to_none=True)
+    loss_fn(m, x, y).backward()
+    o.step()
+
+
+def warm_up_and_capture(model, opt, ref, ref_opt, data, static_x, static_y):
+    """Three eager steps of both twins on a side stream (they create the state, which
+    cannot be created during capture), then a training step of ``model`` captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for x, y in data:
+            eager_step(model, opt, x, y)
+            eager_step(ref, ref_opt, x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_fn(model, static_x, static_y).backward()
+        opt.step()
+    return graph
+
+
 @captured_specs
 def test_captured_train_step_replays_like_eager(spec):
     model = tiny_model().cuda()
@@ -28,26 +52,7 @@ def test_captured_train_step_replays_like_eager(spec):
     ref_opt = spec.make(ref.parameters(), **dict(spec.hyper, lr=ref_lr))
     data = [(torch.randn(8, 6, device="cuda"), torch.randn(8, 3, device="cuda")) for _ in range(9)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
-
-    def eager(m, o, x, y):
-        o.zero_grad(set_to_none=True)
-        loss_fn(m, x, y).backward()
-        o.step()
-
-    # Warm up on a side stream (creates the state: it cannot be created during capture).
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for x, y in data[:3]:
-            eager(model, opt, x, y)
-            eager(ref, ref_opt, x, y)
-    torch.cuda.current_stream().wait_stream(s)
-
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss_fn(model, static_x, static_y).backward()
-        opt.step()
+    graph = warm_up_and_capture(model, opt, ref, ref_opt, data[:3], static_x, static_y)
     # Capture recorded but did not run the step: params still equal the reference.
     assert_params_close(model, ref, rtol=0, atol=0)
 
@@ -57,7 +62,7 @@ def test_captured_train_step_replays_like_eager(spec):
             ref_lr.fill_(spec.hyper["lr"] * 0.5)
         static_x.copy_(x), static_y.copy_(y)
         graph.replay()
-        eager(ref, ref_opt, x, y)
+        eager_step(ref, ref_opt, x, y)
         torch.cuda.synchronize()
         assert_params_close(model, ref, rtol=0, atol=0)
     if "step" in opt.state[next(model.parameters())]:
@@ -174,25 +179,8 @@ def test_captured_muon_step_replays_like_eager(ns_dtype):
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
     data = [(torch.randn(4, 3, 8, 8, device="cuda"), torch.randn(4, 3, device="cuda")) for _ in range(9)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
-
-    def eager(m, o, x, y):
-        o.zero_grad(set_to_none=True)
-        loss_fn(m, x, y).backward()
-        o.step()
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up: state and Newton-Schulz workspaces are made here
-        for x, y in data[:3]:
-            eager(model, opt, x, y)
-            eager(ref, ref_opt, x, y)
-    torch.cuda.current_stream().wait_stream(s)
-
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss_fn(model, static_x, static_y).backward()
-        opt.step()
+    # the warm-up makes the state and the Newton-Schulz workspaces
+    graph = warm_up_and_capture(model, opt, ref, ref_opt, data[:3], static_x, static_y)
     assert_params_close(model, ref, rtol=0, atol=0)  # capture records, does not run
     for i, (x, y) in enumerate(data[3:]):
         if i in (2, 4):  # a scheduler's in-place change of either group's lr is seen by the replay
@@ -201,7 +189,7 @@ def test_captured_muon_step_replays_like_eager(ns_dtype):
                     t.mul_(0.5 if use_muon == (i == 2) else 0.8)
         static_x.copy_(x), static_y.copy_(y)
         graph.replay()
-        eager(ref, ref_opt, x, y)
+        eager_step(ref, ref_opt, x, y)
         torch.cuda.synchronize()
         assert_params_close(model, ref, rtol=0, atol=0)
         for p, q in zip(model.parameters(), ref.parameters()):
@@ -212,12 +200,4 @@ def test_captured_muon_step_replays_like_eager(ns_dtype):
 def test_muon_capture_refuses_a_float_lr():
     """Under capture a float lr would be fixed into the graph: refused, nothing written."""
     p = torch.nn.Parameter(torch.randn(8, 5, device="cuda"))
-    opt = fusedopt.Muon([p], lr=0.02)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    before = p.detach().clone()
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="under CUDA graph capture lr must be a CUDA tensor"):
-        with torch.cuda.graph(graph):
-            opt.step()
-    assert torch.equal(p, before)
+    assert_capture_refused(fusedopt.Muon([p], lr=0.02), p, "under CUDA graph capture lr must be a CUDA tensor")
