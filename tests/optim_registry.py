@@ -21,7 +21,9 @@ An ``OptimSpec`` holds:
   (keyword dicts) for the fuzz test;
 - ``bad_hyper``: (changes, exception, message regex): settings that must be
   rejected, as a dict of the hyperparameters that change;
-- ``state_keys``: the state tensors (same shape as the param) a step creates.
+- ``state_keys``: the state tensors (same shape as the param) a step creates;
+- Muon's Newton-Schulz settings also carry ``matrices`` (shapes the suites that draw
+  flat params add) and ``update_rtol`` (the per-step bound of Newton-Schulz below fp64).
 
 To cover a new optimizer, write its builder and add it to both lists.
 """
@@ -374,17 +376,13 @@ def group_index(opt: torch.optim.Optimizer, p: torch.Tensor) -> Tuple[int, int]:
     raise KeyError("not a param of this optimizer")
 
 
-def home_group(opt: torch.optim.Optimizer, p: torch.Tensor, near: int = 0) -> int:
-    """The group a new param p joins: ``near`` for every optimizer but Muon; for Muon
-    the first group from ``near`` on that steps p's kind (Muon for matrices, AdamW for
-    0-D and 1-D params, which a Muon group refuses), ``near`` when there is none."""
+def home_group(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """The group a new param p joins: the first, but for Muon the first that steps p's
+    kind (Muon for matrices, AdamW for 0-D and 1-D params, which a Muon group refuses)."""
     if not isinstance(opt, fusedopt.Muon):
-        return near
+        return 0
     want = p.dim() >= 2
-    for gi in range(near, len(opt.param_groups)):
-        if opt.param_groups[gi]["use_muon"] == want:
-            return gi
-    return near
+    return next((gi for gi, g in enumerate(opt.param_groups) if g["use_muon"] == want), 0)
 
 
 def muon_adamw(params, **hyper):
@@ -410,7 +408,7 @@ def muon_update_rtol(p: torch.Tensor, hyper: Dict[str, Any]) -> float:
 
 
 # The matrices the flat-param suites add for Muon: wide, tall, square, a 1 x n row, one
-# large enough for several of the kernels' 32768-element chunks; conv-like weights (more
+# of more than one of the kernels' 32768-element chunks; conv-like weights (more
 # than 2 dims, orthogonalized as (shape[0], -1)) for the "-conv" setting.
 MUON_MATRICES = ((24, 40), (40, 24), (17, 17), (1, 19), (96, 513))
 MUON_CONV = ((8, 3, 3, 3), (16, 4, 3, 3), (6, 4, 5), (96, 19, 3, 3))
