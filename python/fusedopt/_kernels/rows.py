@@ -161,22 +161,23 @@ class RowTable:
 _NONE = np.zeros(0, np.int64)
 
 
-# The last set of tables ``check_tables_apart`` saw and their merged written ranges, one
-# tuple (read and replaced whole): they change only when a plan is rebuilt, so a kept
-# step merges nothing.
-_LAST_APART: list = [((), _NONE, _NONE)]
+# The last set of tables ``check_tables_apart`` saw, their merged written ranges and
+# their rows' grad sizes, one tuple (read and replaced whole): they change only when a
+# plan is rebuilt, so a kept step merges nothing.
+_LAST_APART: list = [((), _NONE, _NONE, _NONE)]
 
 
 def check_tables_apart(tables: Sequence[RowTable]) -> None:
     """Several tables of one step (an optimizer's param groups, and the dtypes of one):
     no param or state of one shares a byte with a param or state of another, and no
     grad of any shares a byte with any of them. Each table checks its own tensors
-    (``check_no_overlap``, the per-step grad check); this compares across them, with one
-    sorted merge per set of tables and one searchsorted per table and step. A grad
-    aliasing another group's param would be read after, or while, that group writes it."""
+    (``check_no_overlap``, the per-step grad check); this compares across them: one
+    sorted merge per set of tables, and per step one searchsorted of all their grads.
+    A grad aliasing another group's param would be read after, or while, that group
+    writes it."""
     if len(tables) < 2:
         return
-    last_tables, starts, ends = _LAST_APART[0]
+    last_tables, starts, ends, nbytes = _LAST_APART[0]
     if len(last_tables) != len(tables) or not all(a is b for a, b in zip(last_tables, tables)):
         starts = np.concatenate([t._written[0] for t in tables])
         ends = np.concatenate([t._written[1] for t in tables])
@@ -190,14 +191,18 @@ def check_tables_apart(tables: Sequence[RowTable]) -> None:
             raise ValueError(f"{tables[owner[k]].names[rows[k]]} shares memory with another parameter or optimizer "
                              "state of this step (of another param group or dtype); fusedopt needs every parameter "
                              "and state tensor to own its memory")
-        _LAST_APART[0] = (tuple(tables), starts, ends)
+        nbytes = np.concatenate([t.nbytes for t in tables])
+        _LAST_APART[0] = (tuple(tables), starts, ends, nbytes)
     if starts.size == 0:
         return
-    for t in tables:  # as RowTable._check_grads_do_not_alias, against every table's ranges
-        gs = t.rows[:, t.layout.column("grad")]
-        k = np.searchsorted(starts, gs + t.nbytes, side="left") - 1
-        clash = (t.nbytes > 0) & (k >= 0) & (ends[np.maximum(k, 0)] > gs)
-        if clash.any():
-            i = int(np.argmax(clash))
-            raise ValueError(f"grad of {t.names[i]} shares memory with a parameter or optimizer state "
-                             "that this step writes; give every grad its own memory")
+    # as RowTable._check_grads_do_not_alias, every table's grads against every table's ranges
+    gs = np.concatenate([t.rows[:, t.layout.column("grad")] for t in tables])
+    k = np.searchsorted(starts, gs + nbytes, side="left") - 1
+    clash = (nbytes > 0) & (k >= 0) & (ends[np.maximum(k, 0)] > gs)
+    if clash.any():
+        i = int(np.argmax(clash))
+        for t in tables:  # the name of grad i
+            if i < len(t):
+                raise ValueError(f"grad of {t.names[i]} shares memory with a parameter or optimizer state "
+                                 "that this step writes; give every grad its own memory")
+            i -= len(t)
