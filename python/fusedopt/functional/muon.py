@@ -29,6 +29,7 @@ optimization. Replicated DTensors need no gather; other placements are refused.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import List, Optional, Sequence
 
@@ -104,6 +105,11 @@ def take_own_rows(ws) -> None:
                 g.send[:, :g.count].copy_(g.a[:, g.start:g.start + g.count])
 
 
+@functools.lru_cache(maxsize=None)
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 @contextmanager
 def _cpu_matmul_threads_at_most(n: int, device: torch.device):
     """torch's CPU intra-op threads capped at ``n`` (the batch of the matmuls) inside.
@@ -118,8 +124,10 @@ def _cpu_matmul_threads_at_most(n: int, device: torch.device):
     batch of k matrices runs on at most k threads: results independent of the thread
     count, at the price of idle cores while fewer matrices than cores share a shape.
     The cap is torch's global setting, restored on exit (torch ops that other Python
-    threads run meanwhile see it too)."""
-    before = torch.get_num_threads() if device.type == "cpu" else 0
+    threads run meanwhile see it too). torch's native (non-OpenMP) parallel backend
+    cannot change its thread count once work has run, so there nothing is capped and
+    the bits may depend on the thread count (README "Muon")."""
+    before = torch.get_num_threads() if device.type == "cpu" and _openmp_backend() else 0
     if before <= n:
         yield
         return
