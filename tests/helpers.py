@@ -19,6 +19,19 @@ def assert_params_close(a, b, rtol=2e-6, atol=2e-7):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
 
 
+def assert_capture_refused(opt, p, match):
+    """After one eager step, a captured step of opt raises RuntimeError(match) and leaves p as it was."""
+    import pytest
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = p.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=match):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 def snapshot(params, opt):
     """Copies of params and of their optimizer state ({index: {key: value}})."""
     params = list(params)

@@ -21,7 +21,9 @@ An ``OptimSpec`` holds:
   (keyword dicts) for the fuzz test;
 - ``bad_hyper``: (changes, exception, message regex): settings that must be
   rejected, as a dict of the hyperparameters that change;
-- ``state_keys``: the state tensors (same shape as the param) a step creates.
+- ``state_keys``: the state tensors (same shape as the param) a step creates;
+- Muon's Newton-Schulz settings also carry ``matrices`` (shapes the suites that draw
+  flat params add) and ``update_rtol`` (the per-step bound of Newton-Schulz below fp64).
 
 To cover a new optimizer, write its builder and add it to both lists.
 """
@@ -164,9 +166,26 @@ class OptimSpec:
     state_keys_fn: Optional[Callable[[torch.Tensor], Tuple[str, ...]]] = None
     # The param dtypes the setting takes (None: all four); 8-bit state refuses fp64.
     param_dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    # Shapes of params that the suites drawing flat (1-D) params add for this setting:
+    # Muon's Newton-Schulz path steps only matrices (its 1-D params go to AdamW), so
+    # without them those suites would never reach it. () for the others: every
+    # element of theirs is updated alike whatever the shape.
+    matrices: Tuple[Tuple[int, ...], ...] = ()
+    # p, its group's hyperparameters -> the difference from the reference allowed per
+    # step on p beyond the suites' rounding bounds, as a fraction of the largest element
+    # of the reference's update that step (None: 0): Muon's Newton-Schulz in a lower
+    # ns_dtype than its fp64 reference (``muon_update_rtol``).
+    update_rtol_fn: Optional[Callable[[torch.Tensor, Dict[str, Any]], float]] = None
 
     def keys_of(self, p: torch.Tensor) -> Tuple[str, ...]:
         return self.state_keys_fn(p) if self.state_keys_fn is not None else self.state_keys
+
+    def update_rtol(self, p: torch.Tensor, hyper: Optional[Dict[str, Any]] = None) -> float:
+        """The extra difference allowed per step on p, a fraction of the reference's largest
+        update element (0 for every setting computed at the param's precision)."""
+        if self.update_rtol_fn is None:
+            return 0.0
+        return self.update_rtol_fn(p, {**self.hyper, **(hyper or {})})
 
     def __repr__(self) -> str:  # short test ids
         return self.name
@@ -326,15 +345,44 @@ def lamb(name: str, **hyper) -> OptimSpec:
 
 
 def split_muon(params, **hyper):
-    """fusedopt.Muon over params of any shapes, as a user splits them: matrices (2 or more
-    dims) in a Muon group, the rest in a use_muon=False (AdamW) group."""
+    """fusedopt.Muon over params of any shapes, as a user splits them: in each group (a
+    list of params is one group) the matrices (2 or more dims) stay in a Muon group and
+    the rest go to a use_muon=False (AdamW) group right after it, with the group's
+    hyperparameters; empty parts are left out (a group empty as given stays, as Muon
+    part). The suites find a param's group with ``group_index``."""
     params = list(params)
+    if not params or not isinstance(params[0], dict):
+        params = [{"params": params}]
     lr = hyper.get("lr")
-    groups = [{"params": [p for p in params if p.dim() >= 2]},
-              {"params": [p for p in params if p.dim() < 2], "use_muon": False}]
-    if isinstance(lr, torch.Tensor):  # each group its own lr tensor, as a scheduler changes each in place
-        groups[1]["lr"] = lr.clone()
-    return fusedopt.Muon([g for g in groups if g["params"]], **hyper)
+    groups = []
+    for given in params:
+        ps = list(given["params"])
+        rest = {k: v for k, v in given.items() if k != "params"}
+        parts = [{**rest, "params": [p for p in ps if p.dim() >= 2]},
+                 {**rest, "params": [p for p in ps if p.dim() < 2], "use_muon": False}]
+        if isinstance(parts[1].get("lr", lr), torch.Tensor):
+            # each group its own lr tensor, as a scheduler changes each in place
+            parts[1]["lr"] = parts[1].get("lr", lr).clone()
+        groups += [g for g in parts if g["params"]] or parts[:1]
+    return fusedopt.Muon(groups, **hyper)
+
+
+def group_index(opt: torch.optim.Optimizer, p: torch.Tensor) -> Tuple[int, int]:
+    """(group, position) of p in opt.param_groups."""
+    for gi, g in enumerate(opt.param_groups):
+        for i, q in enumerate(g["params"]):
+            if q is p:
+                return gi, i
+    raise KeyError("not a param of this optimizer")
+
+
+def home_group(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """The group a new param p joins: the first, but for Muon the first that steps p's
+    kind (Muon for matrices, AdamW for 0-D and 1-D params, which a Muon group refuses)."""
+    if not isinstance(opt, fusedopt.Muon):
+        return 0
+    want = p.dim() >= 2
+    return next((gi for gi, g in enumerate(opt.param_groups) if g["use_muon"] == want), 0)
 
 
 def muon_adamw(params, **hyper):
@@ -346,12 +394,39 @@ def _torch_adamw_of_muon(params, **hyper):
     return torch.optim.AdamW(params, foreach=False, **hyper)
 
 
-def muon(name: str, **hyper) -> OptimSpec:
+# Newton-Schulz in ns_dtype against the fp64 reference, as a fraction of the largest element
+# of a step's update: bf16 is tests/test_muon.py's bf16_close bound (2^-3: one bf16 rounding
+# that went the other way, amplified by five quintic steps), fp32 ten times its fp32 bound
+# (1e-5 there, on other shapes and settings here); fp64 needs none beyond the suites' bounds.
+NS_UPDATE_ERROR = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 2 ** -3}
+
+
+def muon_update_rtol(p: torch.Tensor, hyper: Dict[str, Any]) -> float:
+    if p.dim() < 2:  # AdamW's params
+        return 0.0
+    return NS_UPDATE_ERROR[hyper.get("ns_dtype", torch.bfloat16)]
+
+
+# The matrices the flat-param suites add for Muon: wide, tall, square, a 1 x n row, one
+# of more than one of the kernels' 32768-element chunks; conv-like weights (more
+# than 2 dims, orthogonalized as (shape[0], -1)) for the "-conv" setting.
+MUON_MATRICES = ((24, 40), (40, 24), (17, 17), (1, 19), (96, 513))
+MUON_CONV = ((8, 3, 3, 3), (16, 4, 3, 3), (6, 4, 5), (96, 19, 3, 3))
+
+
+def _with_ns_dtype(space, ns_dtype):
+    """A setting's ns_dtype in every fuzzed setting of its space (the reference ignores it)."""
+    return space.map(lambda h: {**h, "ns_dtype": ns_dtype})
+
+
+def muon(name: str, matrices=MUON_MATRICES, **hyper) -> OptimSpec:
     """ns_dtype=float64 by default here: the suites compare against fp64 references at fp32
-    tolerances (tests/test_muon.py covers bf16 and fp32 Newton-Schulz against torch)."""
+    tolerances; a lower ns_dtype widens the bound on the matrices by ``muon_update_rtol``
+    (tests/test_muon.py compares bf16 and fp32 Newton-Schulz with torch step by step)."""
     hyper = {"ns_dtype": torch.float64, **hyper}
-    return OptimSpec(name, split_muon, RefMuon, hyper, _muon_space(), MUON_BAD, ("momentum_buffer",),
-                     lambda p: ("momentum_buffer",) if p.dim() >= 2 else ("exp_avg", "exp_avg_sq"))
+    return OptimSpec(name, split_muon, RefMuon, hyper, _with_ns_dtype(_muon_space(), hyper["ns_dtype"]), MUON_BAD,
+                     ("momentum_buffer",), lambda p: ("momentum_buffer",) if p.dim() >= 2 else ("exp_avg", "exp_avg_sq"),
+                     matrices=tuple(matrices), update_rtol_fn=muon_update_rtol)
 
 
 def muon_adamw_spec(name: str, **hyper) -> OptimSpec:
@@ -403,7 +478,8 @@ _BUILDERS = {split_muon: muon, muon_adamw: muon_adamw_spec, fusedopt.SGD: sgd, f
 
 def variant(spec: OptimSpec, name: str, **hyper) -> OptimSpec:
     """spec's optimizer under another name with some hyperparameters changed."""
-    return _BUILDERS[spec.make](name, **{**spec.hyper, **hyper})
+    extra = {"matrices": spec.matrices} if spec.make is split_muon else {}
+    return _BUILDERS[spec.make](name, **extra, **{**spec.hyper, **hyper})
 
 
 OPTIMIZERS: List[OptimSpec] = [
@@ -418,6 +494,14 @@ OPTIMIZERS: List[OptimSpec] = [
     lamb("LAMB-decoupled-noclip", lr=1e-2, weight_decay=0.05, max_grad_norm=None, decoupled_decay=True,
          trust_clip=True, bias_correction=False),
     muon_adamw_spec("Muon-adamw", lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8),
+    # Muon's Newton-Schulz path (matrices; 1-D params go to an AdamW group, split_muon):
+    # fp64 Newton-Schulz (the reference's precision), fp32 with the other options, the
+    # default bf16, and conv-like weights.
+    muon("Muon-ns-fp64", lr=0.02, weight_decay=0.05, momentum=0.9, eps=1e-8, betas=(0.9, 0.95)),
+    muon("Muon-ns-fp32-nonesterov-rms", ns_dtype=torch.float32, lr=0.02, weight_decay=0.1, momentum=0.95,
+         nesterov=False, adjust_lr_fn="match_rms_adamw"),
+    muon("Muon-ns-bf16", ns_dtype=torch.bfloat16, lr=0.02, weight_decay=0.05),
+    muon("Muon-ns-fp32-conv", MUON_CONV, ns_dtype=torch.float32, lr=0.02, weight_decay=0.05, momentum=0.9),
     sgd8("SGD-momentum-int8", lr=0.05, momentum=0.9, weight_decay=1e-3),
     adam8("Adam-int8", lr=1e-2, weight_decay=1e-3),
     adam8("AdamW-int8-amsgrad", decoupled=True, lr=1e-2, weight_decay=0.05, amsgrad=True),

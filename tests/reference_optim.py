@@ -200,7 +200,7 @@ def muon_matrix_step(p, g, buf, *, lr, weight_decay, momentum, nesterov, ns_coef
         x = a * x + (b * gram + c * gram @ gram) @ x
     x = (x.T if tall else x).reshape(p.shape)
     rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
-    ratio = 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
+    ratio = 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else (math.sqrt(max(1, rows / cols)) if cols else 1.0)
     return p * (1 - lr * weight_decay) - lr * ratio * x, buf
 
 

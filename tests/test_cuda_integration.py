@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedopt
-from helpers import assert_params_close, tiny_model, twin
+from helpers import assert_capture_refused, assert_params_close, tiny_model, twin
 from optim_registry import BY_NAME, TRAINING
 
 pytestmark = pytest.mark.cuda
@@ -18,6 +18,30 @@ def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def eager_step(m, o, x, y):
+    o.zero_grad(set_to_none=True)
+    loss_fn(m, x, y).backward()
+    o.step()
+
+
+def warm_up_and_capture(model, opt, ref, ref_opt, data, static_x, static_y):
+    """Three eager steps of both twins on a side stream (they create the state, which
+    cannot be created during capture), then a training step of ``model`` captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for x, y in data:
+            eager_step(model, opt, x, y)
+            eager_step(ref, ref_opt, x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_fn(model, static_x, static_y).backward()
+        opt.step()
+    return graph
+
+
 @captured_specs
 def test_captured_train_step_replays_like_eager(spec):
     model = tiny_model().cuda()
@@ -28,26 +52,7 @@ def test_captured_train_step_replays_like_eager(spec):
     ref_opt = spec.make(ref.parameters(), **dict(spec.hyper, lr=ref_lr))
     data = [(torch.randn(8, 6, device="cuda"), torch.randn(8, 3, device="cuda")) for _ in range(9)]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
-
-    def eager(m, o, x, y):
-        o.zero_grad(set_to_none=True)
-        loss_fn(m, x, y).backward()
-        o.step()
-
-    # Warm up on a side stream (creates the state: it cannot be created during capture).
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for x, y in data[:3]:
-            eager(model, opt, x, y)
-            eager(ref, ref_opt, x, y)
-    torch.cuda.current_stream().wait_stream(s)
-
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss_fn(model, static_x, static_y).backward()
-        opt.step()
+    graph = warm_up_and_capture(model, opt, ref, ref_opt, data[:3], static_x, static_y)
     # Capture recorded but did not run the step: params still equal the reference.
     assert_params_close(model, ref, rtol=0, atol=0)
 
@@ -57,7 +62,7 @@ def test_captured_train_step_replays_like_eager(spec):
             ref_lr.fill_(spec.hyper["lr"] * 0.5)
         static_x.copy_(x), static_y.copy_(y)
         graph.replay()
-        eager(ref, ref_opt, x, y)
+        eager_step(ref, ref_opt, x, y)
         torch.cuda.synchronize()
         assert_params_close(model, ref, rtol=0, atol=0)
     if "step" in opt.state[next(model.parameters())]:
@@ -135,3 +140,64 @@ def test_misaligned_grads_and_both_launch_tables_match_cpu(spec, count, offset):
         oc.step(), og.step()
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.detach().cpu(), c.detach(), rtol=1e-5, atol=1e-6)
+
+
+class ConvNet(torch.nn.Module):
+    """A conv weight (4-D, orthogonalized as (16, 27)), a wide and a tall matrix for
+    Muon; biases and the head for its AdamW group (fusedopt.muon_param_groups)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.hidden = torch.nn.Linear(16, 40)
+        self.narrow = torch.nn.Linear(40, 12)
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.narrow(torch.tanh(self.hidden(h)))))
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_captured_muon_step_replays_like_eager(ns_dtype):
+    """A whole training step of fusedopt.Muon (Muon and AdamW groups, each with its own CUDA
+    tensor lr, both changed between replays) captured once: every replay gives the bits of
+    the same step run eagerly on a twin."""
+    model = ConvNet().cuda()
+    ref = twin(model)
+    lrs = {"muon": 0.02, "adamw": 3e-3}
+
+    def make(m):
+        groups = fusedopt.muon_param_groups(m, head="head")
+        tensors = {g["use_muon"]: torch.tensor(lrs["muon" if g["use_muon"] else "adamw"], device="cuda")
+                   for g in groups}
+        for g in groups:
+            g["lr"] = tensors[g["use_muon"]]
+        return fusedopt.Muon(groups, weight_decay=0.05, ns_dtype=ns_dtype), tensors
+
+    (opt, lr), (ref_opt, ref_lr) = make(model), make(ref)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    data = [(torch.randn(4, 3, 8, 8, device="cuda"), torch.randn(4, 3, device="cuda")) for _ in range(9)]
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    # the warm-up makes the state and the Newton-Schulz workspaces
+    graph = warm_up_and_capture(model, opt, ref, ref_opt, data[:3], static_x, static_y)
+    assert_params_close(model, ref, rtol=0, atol=0)  # capture records, does not run
+    for i, (x, y) in enumerate(data[3:]):
+        if i in (2, 4):  # a scheduler's in-place change of either group's lr is seen by the replay
+            for use_muon in (True, False):
+                for t in (lr[use_muon], ref_lr[use_muon]):
+                    t.mul_(0.5 if use_muon == (i == 2) else 0.8)
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+        eager_step(ref, ref_opt, x, y)
+        torch.cuda.synchronize()
+        assert_params_close(model, ref, rtol=0, atol=0)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            for key, v in opt.state[p].items():
+                assert torch.equal(v, ref_opt.state[q][key]), key
+
+
+def test_muon_capture_refuses_a_float_lr():
+    """Under capture a float lr would be fixed into the graph: refused, nothing written."""
+    p = torch.nn.Parameter(torch.randn(8, 5, device="cuda"))
+    assert_capture_refused(fusedopt.Muon([p], lr=0.02), p, "under CUDA graph capture lr must be a CUDA tensor")

@@ -5,6 +5,13 @@ whatever the thread count, and every element's update depends only on its own
 inputs, so results must be bit-identical for 1, 2 and all threads. The inputs
 mix tensors large enough for many chunks (and odd sizes that end mid-chunk)
 with many small tensors, in fp32, bf16 and fp64. On CUDA: run to run.
+
+Muon's Newton-Schulz path also runs torch's batched matmuls (bmm, baddbmm), which
+use torch's own CPU threads: the thread count is changed for both (fusedopt's and
+torch's), and the spec's matrices (``OptimSpec.matrices``) join the inputs.
+torch's CPU matmuls do not promise thread-count independence in general; on the
+MKL/oneDNN builds this was checked on (README "Muon") their results were the same
+bits for 1 to 8 threads in fp64, fp32 and bf16, and this test holds them to it.
 """
 import pytest
 import torch
@@ -21,14 +28,23 @@ def make_inputs(seed, spec):
     dtypes = [torch.float32, torch.bfloat16, torch.float64]
     if spec.param_dtypes is not None:  # 8-bit state: fp16 in place of fp64
         dtypes = [d if d in spec.param_dtypes else torch.float16 for d in dtypes]
-    params = [torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)]
-    grads = [[torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)] for _ in range(3)]
+    shapes = [(n,) for n in sizes] + list(spec.matrices)
+    params = [torch.randn(s, generator=gen).to(dtypes[i % 3]) for i, s in enumerate(shapes)]
+    grads = [[torch.randn(s, generator=gen).to(dtypes[i % 3]) for i, s in enumerate(shapes)] for _ in range(3)]
     return params, grads
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def run(spec, threads, params, grads):
     if threads is not None:
         fusedopt.set_num_threads(threads)
+        torch.set_num_threads(threads or fusedopt.get_num_threads())
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = spec.make([{"params": ps[::2]}, {"params": ps[1::2]}], **spec.hyper)
     for step_grads in grads:

@@ -53,15 +53,17 @@ def test_no_host_memory_growth(spec, seed):
 
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
 def test_no_host_memory_growth_when_plans_are_rebuilt(spec, seed):
-    """A param that has a grad every other step: the kept lists, row tables and
-    their C++ checks (fast_checks.py) are rebuilt at every step; the old ones go."""
+    """A vector and a matrix that have a grad every other step: the kept lists, row
+    tables and their C++ checks (fast_checks.py) are rebuilt at every step, and so is
+    Muon's Newton-Schulz workspace (its vectors go to AdamW); the old ones go."""
     params = small_model("cpu")
     opt = spec.make(params, **spec.hyper)
-    grad = params[1].grad
+    grads = [p.grad for p in params]
 
     def churn(n):
         for i in range(n):
-            params[1].grad = grad if i % 2 else None
+            for k in (0, 1):
+                params[k].grad = grads[k] if i % 2 else None
             opt.step()
     churn(500)
     before = rss_bytes()

@@ -232,6 +232,30 @@ def test_channels_last_and_transposed_give_the_contiguous_update(ns_dtype):
     assert b.state[laid[0]]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_empty_matrices_step_with_the_others(ns_dtype, seed):
+    """Regression (the fuzz suite): a matrix with no columns, (4, 0) or (3, 0, 2), made the
+    step raise ZeroDivisionError in the lr factor sqrt(max(1, A / B)). Empty matrices now
+    step with the others, which move as they do without them."""
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randn(s, generator=gen) for s in [(5, 4), (4, 9)]]
+    grads = [[torch.randn(p.shape, generator=gen) for p in full] for _ in range(2)]
+    with_empty = [torch.nn.Parameter(p.clone()) for p in full] + [
+        torch.nn.Parameter(torch.empty(s)) for s in [(4, 0), (3, 0, 2), (0, 4)]]
+    alone = [torch.nn.Parameter(p.clone()) for p in full]
+    for adjust_lr_fn in (None, "match_rms_adamw"):
+        opts = [fusedopt.Muon(ps, lr=0.02, ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn) for ps in (with_empty, alone)]
+        for step_grads in grads:
+            for ps, opt in zip((with_empty, alone), opts):
+                for p, g in zip(ps, step_grads):
+                    p.grad = g.clone()
+                for p in ps[2:]:
+                    p.grad = torch.empty(p.shape)
+                opt.step()
+    for p, q, p0 in zip(with_empty, alone, full):
+        assert torch.equal(p, q) and not torch.equal(p, p0)
+
+
 def test_layout_with_dim0_inside_is_refused_before_writing():
     t = torch.randn(3, 4, 5).permute(1, 0, 2)  # shape (4, 3, 5), dim 0 not outermost
     p = torch.nn.Parameter(t)
@@ -437,20 +461,41 @@ def test_emulated_bf16_matmul_equals_torch_bf16_matmul_to_rounding():
     torch.testing.assert_close(upd[0].bfloat16(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
 
 
-def test_deterministic_across_thread_counts():
+# Shapes whose single matmuls gave other bits at 2-4 torch threads than at one (torch 2.13,
+# MKL 2024.2; fewer matrices of a shape than threads): one matrix of a shape, and pairs.
+THREAD_SENSITIVE = [(17, 17), (31, 31), (33, 65), (24, 40), (40, 24), (7, 300), (7, 300), (300, 7), (300, 7)]
+
+
+@pytest.mark.parametrize("ns_dtype,dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float32)])
+def test_deterministic_across_thread_counts(ns_dtype, dtype, seed):
+    """Regression: torch's CPU bmm of a batch with fewer matrices than threads depends on
+    the thread count; fusedopt caps a shape's matmul threads at its matrix count, so the
+    bits are the same for any count of fusedopt's and torch's threads, which it restores."""
+    torch_threads, own_threads = torch.get_num_threads(), fusedopt.get_num_threads()
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES + THREAD_SENSITIVE]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=dtype) for p in init] for _ in range(3)]
     results = []
-    for threads in (1, 2):
-        fusedopt.set_num_threads(threads)
-        torch.manual_seed(5)
-        params = params_like(SHAPES)
-        opt = fusedopt.Muon(params, lr=0.02)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        results.append([p.detach().clone() for p in params])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    try:
+        for threads in (1, 2, 3, 4, 1):
+            fusedopt.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            params = [torch.nn.Parameter(p.clone()) for p in init]
+            opt = fusedopt.Muon(params, lr=0.02, ns_dtype=ns_dtype)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+            assert torch.get_num_threads() == threads, "the step left torch's thread count changed"
+            results.append([p.detach().clone() for p in params])
+    finally:
+        fusedopt.set_num_threads(own_threads)
+        torch.set_num_threads(torch_threads)
+    for threads, result in zip((2, 3, 4, 1), results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], result)):
+            assert torch.equal(a, b), f"{list(a.shape)} (param {i}): {threads} threads changed the bits"
+    assert not torch.equal(results[0][0], init[0])
 
 
 def test_bad_hyperparameters_are_refused():
@@ -483,3 +528,77 @@ def test_round_to_bf16_inplace_equals_torch_conversion(seed):
     assert torch.isnan(got[1002]) and int(finite.logical_not().sum()) == 1
     with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
         round_bf16_(torch.ones(4, dtype=torch.float64))
+
+
+# ---- CUDA graph capture, emulated on CPU ----------------------------------------------
+# Under capture a graph replays the step with the workspace it was captured with: that
+# workspace must outlive any later rebuild, and nothing new may be made inside capture.
+# fusedopt.functional.muon asks ``capturing(plan)``; here it answers True on CPU.
+
+def emulate_capture(monkeypatch, on: bool):
+    import sys
+    fmuon = sys.modules["fusedopt.functional.muon"]  # the module (fusedopt.functional.muon is the function)
+    monkeypatch.setattr(fmuon, "capturing", lambda plan: on)
+
+
+def muon_and_adamw(seed):
+    gen = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (5, 8), (4, 3, 2)]]
+    vecs = [torch.nn.Parameter(torch.randn(7, generator=gen))]
+    opt = fusedopt.Muon([{"params": mats}, {"params": vecs, "use_muon": False}], lr=0.02, ns_dtype=torch.float32)
+    return opt, mats + vecs
+
+
+def new_grads(params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+
+@pytest.mark.parametrize("rebuild", ["grad_disappears", "ns_dtype_changes"])
+def test_workspace_a_capture_used_outlives_rebuilds(rebuild, monkeypatch, seed):
+    import gc
+    import weakref
+    for captured in (False, True):
+        opt, params = muon_and_adamw(seed)
+        new_grads(params)
+        opt.step()
+        plan = opt._plans[0]
+        ws = weakref.ref(kmuon._WORKSPACES[plan.batches[0].table])
+        emulate_capture(monkeypatch, captured)
+        new_grads(params)
+        opt.step()  # the "captured" step uses the workspace
+        emulate_capture(monkeypatch, False)
+        new_grads(params)
+        if rebuild == "grad_disappears":
+            params[1].grad = None  # another set of params with grads: new row tables
+        else:
+            opt.param_groups[0]["ns_dtype"] = torch.float64  # same table, a new workspace
+        opt.step()
+        gc.collect()
+        assert kmuon._WORKSPACES.get(plan.batches[0].table) is not ws()
+        assert (ws() is not None) == captured, "a captured workspace was freed, or an uncaptured one kept"
+        assert any(r is ws() for r in plan.retired) == captured
+
+
+@pytest.mark.parametrize("change", ["ns_dtype", "adjust_lr_fn", "grad_disappears"])
+def test_new_workspace_inside_capture_is_refused_before_writing(change, monkeypatch, seed):
+    opt, params = muon_and_adamw(seed)
+    new_grads(params)
+    opt.step()
+    new_grads(params)
+    if change == "ns_dtype":
+        opt.param_groups[0]["ns_dtype"] = torch.bfloat16
+    elif change == "adjust_lr_fn":
+        opt.param_groups[0]["adjust_lr_fn"] = "match_rms_adamw"  # its lr factors are not made yet
+    else:
+        params[0].grad = None
+    emulate_capture(monkeypatch, True)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="cannot be made inside CUDA graph capture.*eager step"):
+        opt.step()
+    assert snapshot(opt) == before, "a refused step changed params, grads or state"
+    emulate_capture(monkeypatch, False)
+    opt.step()  # eagerly it is made; a capture after that reuses it
+    emulate_capture(monkeypatch, True)
+    new_grads([p for p in params if p.grad is not None])
+    opt.step()

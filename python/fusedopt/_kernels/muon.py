@@ -76,9 +76,11 @@ def matrix_of(p: torch.Tensor) -> Optional[Tuple[int, int]]:
 
 
 def adjust_lr_ratio(adjust_lr_fn: Optional[str], a: int, b: int) -> float:
-    """torch.optim._muon._adjust_lr's factor for an (A, B) matrix (lr is multiplied by it)."""
+    """torch.optim._muon._adjust_lr's factor for an (A, B) matrix (lr is multiplied by it).
+    An empty matrix (B = 0, e.g. shape (4, 0)) has nothing to scale: 1 (torch's A / B
+    raises ZeroDivisionError there)."""
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, a / b))
+        return math.sqrt(max(1.0, a / b)) if b else 1.0
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(a, b))
     return 1.0
@@ -214,12 +216,15 @@ class Workspace:
         table.set_column_pointers("update", update)
         _refresh_aligned(table)
 
-    def point_ratios(self, table: RowTable, adjust_lr_fn: Optional[str]) -> None:
-        """The rows' lr_ratio column at the factors of ``adjust_lr_fn`` (made once per fn)."""
+    def point_ratios(self, table: RowTable, adjust_lr_fn: Optional[str], may_create: bool = True) -> None:
+        """The rows' lr_ratio column at the factors of ``adjust_lr_fn`` (made once per fn;
+        ``may_create=False``: refused when they are not made yet)."""
         if self.ratio_fn == adjust_lr_fn and self.ratio_fn != ():
             return
         t = self._ratios.get(adjust_lr_fn)
         if t is None:
+            if not may_create:
+                raise RuntimeError(_NOT_UNDER_CAPTURE.format(what=f"the lr factors of adjust_lr_fn={adjust_lr_fn!r}"))
             per_slot = _RATIO_SLOT_BYTES // 8
             host = torch.zeros((len(table), per_slot), dtype=torch.float64)
             host[:, 0] = torch.tensor([adjust_lr_ratio(adjust_lr_fn, a, b) for a, b in self.logical],
@@ -236,18 +241,30 @@ def _refresh_aligned(table: RowTable) -> None:
     table.rows[:, FLAGS_COLUMN] = np.where(aligned, flags | _ALIGNED16, flags & ~_ALIGNED16)
 
 
+# A workspace lives as long as its row table: a rebuilt plan (new tables) or another
+# ns_dtype drops it. A step captured into a CUDA graph keeps using the workspace it was
+# captured with, so the functional layer keeps those alive with the plan
+# (StepPlan.keep_alive), as it does LARS/LAMB's norm slots.
 _WORKSPACES: "weakref.WeakKeyDictionary[RowTable, Workspace]" = weakref.WeakKeyDictionary()
+
+_NOT_UNDER_CAPTURE = ("fusedopt.Muon: {what} cannot be made inside CUDA graph capture (its zero fill and "
+                      "host-to-device copy would be captured): run an eager step with the same params, grads, "
+                      "ns_dtype and adjust_lr_fn before capturing")
 
 
 def workspace(table: RowTable, ns_dtype: torch.dtype, adjust_lr_fn: Optional[str],
-              sources: Optional[Sequence[torch.Tensor]] = None) -> Workspace:
+              sources: Optional[Sequence[torch.Tensor]] = None, may_create: bool = True) -> Workspace:
     """The table's workspace (made at its first use, or when ns_dtype changed),
     its rows pointed at it and at the lr factors of ``adjust_lr_fn``. ``sources``:
-    as for Workspace (the same for every call with this table: its plan's)."""
+    as for Workspace (the same for every call with this table: its plan's).
+    ``may_create=False`` (CUDA graph capture): RuntimeError where anything new is
+    needed (checked before anything is made)."""
     ws = _WORKSPACES.get(table)
     if ws is None or ws.ns_dtype is not ns_dtype:
+        if not may_create:
+            raise RuntimeError(_NOT_UNDER_CAPTURE.format(what=f"the Newton-Schulz workspace (ns_dtype={ns_dtype})"))
         ws = _WORKSPACES[table] = Workspace(table, ns_dtype, sources)
-    ws.point_ratios(table, adjust_lr_fn)
+    ws.point_ratios(table, adjust_lr_fn, may_create)
     return ws
 
 

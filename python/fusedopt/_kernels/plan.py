@@ -93,9 +93,10 @@ class StepPlan:
         # Set when a call was prepared during CUDA graph capture: a graph may then
         # write the norm slots of these tables on every replay, so a rebuild keeps
         # the old buffers alive (``retired``, for the plan's lifetime) instead of
-        # freeing memory a graph still writes.
+        # freeing memory a graph still writes. ``keep_alive`` adds other such
+        # buffers (Muon's Newton-Schulz workspaces), at the capture that used them.
         self.captured = False
-        self.retired: List[torch.Tensor] = []
+        self.retired: List[object] = []
         self._sources: Optional[tuple] = None  # the list objects the plan was built from
         self.layout: Optional[KernelLayout] = None
         self.key: Tuple[str, ...] = ()
@@ -125,6 +126,13 @@ class StepPlan:
                 if any(local_tensor(params[i]) is not t for i, t in zip(b.index, b.table.params)):
                     return False
         return True
+
+    def keep_alive(self, buffers: Sequence[object]) -> None:
+        """Keeps ``buffers`` (used by a step being captured) for the plan's lifetime:
+        a rebuild of the cache that made them must not free memory a graph replays."""
+        for b in buffers:
+            if not any(r is b for r in self.retired):
+                self.retired.append(b)
 
     def commit_created(self, columns: Sequence[Column]) -> List[int]:
         """After the kernels ran: zero state made for None entries goes into the

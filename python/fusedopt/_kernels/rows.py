@@ -52,8 +52,10 @@ class RowTable:
         self.layouts = None if all(k is None for k in layouts) else layouts
         self.nbytes = self.rows[:, NUMEL_COLUMN] * p0.element_size()
         self.norms: Optional[torch.Tensor] = None  # per-row norm slots (norm-scaled kernels)
-        # Sorted (starts, ends) of the bytes the kernel writes; set by check_no_overlap.
+        # Sorted (starts, ends) of the bytes the kernel writes, and the row of each;
+        # set by check_no_overlap.
         self._written = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self._written_rows = np.zeros(0, np.int64)
         self._scanner = None  # the C++ per-step checks (enable_fast_checks)
 
     def __len__(self) -> int:
@@ -144,7 +146,7 @@ class RowTable:
         s, e, o = np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(owners, np.int64)
         order = np.argsort(s, kind="stable")
         s, e, o = s[order], e[order], o[order]
-        self._written = (s, e)
+        self._written, self._written_rows = (s, e), o
         if not starts:
             return
         bad = np.nonzero(s[1:] < np.maximum.accumulate(e)[:-1])[0]
@@ -154,3 +156,53 @@ class RowTable:
                 f"{self.names[i]} shares memory with another parameter or optimizer state of the same "
                 "call; fusedopt needs every parameter and state tensor to own its memory"
             )
+
+
+_NONE = np.zeros(0, np.int64)
+
+
+# The last set of tables ``check_tables_apart`` saw, their merged written ranges and
+# their rows' grad sizes, one tuple (read and replaced whole): they change only when a
+# plan is rebuilt, so a kept step merges nothing.
+_LAST_APART: list = [((), _NONE, _NONE, _NONE)]
+
+
+def check_tables_apart(tables: Sequence[RowTable]) -> None:
+    """Several tables of one step (an optimizer's param groups, and the dtypes of one):
+    no param or state of one shares a byte with a param or state of another, and no
+    grad of any shares a byte with any of them. Each table checks its own tensors
+    (``check_no_overlap``, the per-step grad check); this compares across them: one
+    sorted merge per set of tables, and per step one searchsorted of all their grads.
+    A grad aliasing another group's param would be read after, or while, that group
+    writes it."""
+    if len(tables) < 2:
+        return
+    last_tables, starts, ends, nbytes = _LAST_APART[0]
+    if len(last_tables) != len(tables) or not all(a is b for a, b in zip(last_tables, tables)):
+        starts = np.concatenate([t._written[0] for t in tables])
+        ends = np.concatenate([t._written[1] for t in tables])
+        owner = np.concatenate([np.full(len(t._written[0]), k, np.int64) for k, t in enumerate(tables)])
+        rows = np.concatenate([t._written_rows for t in tables])
+        order = np.argsort(starts, kind="stable")
+        starts, ends, owner, rows = starts[order], ends[order], owner[order], rows[order]
+        bad = np.nonzero(starts[1:] < np.maximum.accumulate(ends)[:-1])[0] if starts.size else _NONE
+        if bad.size:
+            k = bad[0] + 1
+            raise ValueError(f"{tables[owner[k]].names[rows[k]]} shares memory with another parameter or optimizer "
+                             "state of this step (of another param group or dtype); fusedopt needs every parameter "
+                             "and state tensor to own its memory")
+        nbytes = np.concatenate([t.nbytes for t in tables])
+        _LAST_APART[0] = (tuple(tables), starts, ends, nbytes)
+    if starts.size == 0:
+        return
+    # as RowTable._check_grads_do_not_alias, every table's grads against every table's ranges
+    gs = np.concatenate([t.rows[:, t.layout.column("grad")] for t in tables])
+    k = np.searchsorted(starts, gs + nbytes, side="left") - 1
+    clash = (nbytes > 0) & (k >= 0) & (ends[np.maximum(k, 0)] > gs)
+    if clash.any():
+        i = int(np.argmax(clash))
+        for t in tables:  # the name of grad i
+            if i < len(t):
+                raise ValueError(f"grad of {t.names[i]} shares memory with a parameter or optimizer state "
+                                 "that this step writes; give every grad its own memory")
+            i -= len(t)

@@ -9,6 +9,7 @@ import torch
 
 from .. import _C, _hyper
 from .._kernels import Column, DeviceScalars, StepPlan
+from .._kernels.rows import check_tables_apart
 from .._kernels.checks import check_scalar_tensor
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -123,6 +124,12 @@ class PreparedStep:
         self.created = self.plan.commit_created(self._columns)
 
 
+def check_calls_apart(calls: Sequence[PreparedStep]) -> None:
+    """Prepared calls of one step (an optimizer's param groups) write no memory that
+    another reads or writes (each call checked its own tensors). Raises before any runs."""
+    check_tables_apart([b.table for c in calls for b in c.plan.batches])
+
+
 def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], launch: bool):
     """Runs the prepared call now (``launch=True``, returns None as torch's
     functional forms do) or hands it back as a ``PreparedStep``."""
@@ -140,3 +147,9 @@ def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], 
 
 def compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def capturing(plan: StepPlan) -> bool:
+    """Whether this call of ``plan`` is being captured into a CUDA graph (a CUDA batch,
+    the current stream capturing)."""
+    return any(b.table.device.type == "cuda" for b in plan.batches) and torch.cuda.is_current_stream_capturing()

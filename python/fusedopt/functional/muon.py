@@ -29,6 +29,8 @@ optimization. Replicated DTensors need no gather; other placements are refused.
 """
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,7 +40,7 @@ from .._dtensor import all_gather_into, chunk_span, is_dtensor, local_tensor, ro
 from .._kernels import MASTER, STATE, Column, Labels, StepPlan, prepare
 from .._kernels import muon as _kmuon
 from .._kernels.checks import is_flat_run
-from ._step import compiling, device_scalars, finish
+from ._step import capturing, compiling, device_scalars, finish
 
 _NOT_A_MATRIX = ("Muon orthogonalizes weight matrices; put 0-D and 1-D params (biases, norm weights, scalars) "
                  "in a param group with use_muon=False, which fusedopt.Muon steps with AdamW "
@@ -103,40 +105,80 @@ def take_own_rows(ws) -> None:
                 g.send[:, :g.count].copy_(g.a[:, g.start:g.start + g.count])
 
 
+@functools.lru_cache(maxsize=None)
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextmanager
+def _cpu_matmul_threads_at_most(n: int, device: torch.device):
+    """torch's CPU intra-op threads capped at ``n`` (the batch of the matmuls) inside.
+
+    Why: torch's CPU bmm/baddbmm (MKL's batched gemm) give bits that depend on the
+    thread count when a batch has fewer matrices than threads: the spare threads
+    split single gemms, in a reduction order of their own (measured with torch 2.13
+    and MKL 2024.2 in fp64 and fp32, e.g. one 17 x 17 fp64 matrix at 2 threads, or two
+    7 x 300 at 3; README "Muon"). With at least as many matrices as threads each
+    matrix is one thread's, and the bits are those of one thread whatever the count
+    (measured for batches of 2 to 8 in fp64, fp32 and bf16; tests/test_muon.py holds a step to it). So a
+    batch of k matrices runs on at most k threads: results independent of the thread
+    count, at the price of idle cores while fewer matrices than cores share a shape.
+    The cap is torch's global setting, restored on exit (torch ops that other Python
+    threads run meanwhile see it too). torch's native (non-OpenMP) parallel backend
+    cannot change its thread count once work has run, so there nothing is capped and
+    the bits may depend on the thread count (README "Muon")."""
+    before = torch.get_num_threads() if device.type == "cpu" and _openmp_backend() else 0
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def newton_schulz(ws, coefficients: Sequence[float], steps: int, eps: float) -> None:
     """Orthogonalizes every workspace slot in place, batched per shape: X <- A / max(||A||_F, eps),
     then ``steps`` times X <- a X + (b G + c G^2) X with G = X X^T (X^T X and X (b G + c G^2)
     for a tall X: the transposed iteration torch runs, without a transpose). The result lands
-    in each group's ``a`` buffer: the normalization writes into ``b`` when ``steps`` is odd."""
+    in each group's ``a`` buffer: the normalization writes into ``b`` when ``steps`` is odd.
+    On CPU a shape's matmuls use at most as many threads as it has matrices
+    (``_cpu_matmul_threads_at_most``: the same bits for every thread count)."""
+    for g in ws.groups:
+        with _cpu_matmul_threads_at_most(len(g.rows), g.a.device):
+            _newton_schulz_group(ws, g, coefficients, steps, eps)
+
+
+def _newton_schulz_group(ws, g, coefficients: Sequence[float], steps: int, eps: float) -> None:
     a, b, c = (float(x) for x in coefficients)
     bf16 = ws.ns_dtype is torch.bfloat16
-    for g in ws.groups:
-        n = g.norms
-        if bf16:  # torch: grad.bfloat16().norm().clamp(min=eps), all bf16
-            n = n.to(torch.bfloat16).clamp(min=eps)
-            n = n.float() if ws.emulate_bf16 else n
+    n = g.norms
+    if bf16:  # torch: grad.bfloat16().norm().clamp(min=eps), all bf16
+        n = n.to(torch.bfloat16).clamp(min=eps)
+        n = n.float() if ws.emulate_bf16 else n
+    else:
+        n = n.clamp(min=eps)
+    n = n.view(-1, 1, 1)
+    x, other = (g.b, g.a) if steps % 2 else (g.a, g.b)
+    torch.div(g.a, n, out=x)
+    rnd = _kmuon.round_bf16_ if ws.emulate_bf16 else (lambda t: None)
+    rnd(x)
+    wide = g.shape[0] <= g.shape[1]
+    for _ in range(steps):
+        if wide:
+            torch.bmm(x, x.mT, out=g.gram)
         else:
-            n = n.clamp(min=eps)
-        n = n.view(-1, 1, 1)
-        x, other = (g.b, g.a) if steps % 2 else (g.a, g.b)
-        torch.div(g.a, n, out=x)
-        rnd = _kmuon.round_bf16_ if ws.emulate_bf16 else (lambda t: None)
-        rnd(x)
-        wide = g.shape[0] <= g.shape[1]
-        for _ in range(steps):
-            if wide:
-                torch.bmm(x, x.mT, out=g.gram)
-            else:
-                torch.bmm(x.mT, x, out=g.gram)
-            rnd(g.gram)
-            torch.baddbmm(g.gram, g.gram, g.gram, beta=b, alpha=c, out=g.gram2)
-            rnd(g.gram2)
-            if wide:
-                torch.baddbmm(x, g.gram2, x, beta=a, out=other)
-            else:
-                torch.baddbmm(x, x, g.gram2, beta=a, out=other)
-            rnd(other)
-            x, other = other, x
+            torch.bmm(x.mT, x, out=g.gram)
+        rnd(g.gram)
+        torch.baddbmm(g.gram, g.gram, g.gram, beta=b, alpha=c, out=g.gram2)
+        rnd(g.gram2)
+        if wide:
+            torch.baddbmm(x, g.gram2, x, beta=a, out=other)
+        else:
+            torch.baddbmm(x, x, g.gram2, beta=a, out=other)
+        rnd(other)
+        x, other = other, x
 
 
 def muon(params: List[torch.Tensor], grads: List[torch.Tensor], muon_momentum_bufs: List[torch.Tensor], *,
@@ -183,7 +225,14 @@ def muon(params: List[torch.Tensor], grads: List[torch.Tensor], muon_momentum_bu
         columns.append(Column("master", "master_params", MASTER, master_params))
     plan = prepare(_kmuon.MUON, params, grads, columns, labels=labels, state_dtype=state_dtype, plan=plan)
     scalars = device_scalars(plan, lr, grad_scale, found_inf)  # checked now, before anything is written
-    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn, b.sources) for b in plan.batches]
+    # Under CUDA graph capture: no new workspace (its zero fill and the lr factors' host
+    # copy would be captured; refused, before anything is written), and the ones the graph
+    # uses stay alive with the plan, whatever later rebuilds drop (_kernels/muon.py).
+    under_capture = capturing(plan)
+    workspaces = [_kmuon.workspace(b.table, ns_dtype, adjust_lr_fn, b.sources, may_create=not under_capture)
+                  for b in plan.batches]
+    if under_capture:
+        plan.keep_alive(workspaces)
 
     def run() -> None:
         for b, ws in zip(plan.batches, workspaces):

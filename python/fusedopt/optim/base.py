@@ -31,6 +31,7 @@ from .. import _C, _hyper
 from .._dtensor import is_dtensor, local_tensor
 from .._kernels.checks import check_param
 from ..functional import StepPlan, stochastic_rounding_seed
+from ..functional._step import check_calls_apart
 from . import state as _state
 from .state import TrackedState
 
@@ -228,6 +229,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                               _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32,
                               **self._rounding_kwargs(group, gi))
             prepared.append((group, entry, call))
+        check_calls_apart([call for _, _, call in prepared])  # across groups: each checked its own tensors
         # Everything is checked: commit new state, then write.
         if pending:
             if any(p.device.type == "cuda" for p in pending) and torch.cuda.is_current_stream_capturing():

@@ -92,6 +92,15 @@ class Muon(FusedOptimizer):
     divide the flops and the workspace by the ranks; it is a possible later optimization.
     Replicated DTensors need no communication; other shardings (another dim, several
     sharded mesh dims) are refused with NotImplementedError.
+
+    Thread counts: on CPU each shape's matmuls run on at most as many of torch's
+    threads as the shape has matrices (torch's bmm gives other bits at other thread
+    counts otherwise), so results do not depend on the thread count (README "Muon").
+
+    CUDA graphs: capturable after an eager warm-up, with CUDA tensor lrs; the
+    workspaces a captured step used stay alive with its plan, and a step that would
+    need a new one inside capture is refused before anything is written (README
+    "CUDA graphs").
     """
 
     _functional = functional.muon
