@@ -124,6 +124,37 @@ def test_compiled_step_uses_custom_op_and_matches_eager(spec, master):
     assert ("grad_sq_norms" in code) == spec.clips
 
 
+@pytest.mark.parametrize("spec", [BY_NAME[n] for n in ("SGD-sr", "Adam-sr", "AdamW-sr", "LARS-sr", "LAMB-sr")],
+                         ids=repr)
+def test_compiled_stochastic_rounding_step_has_no_graph_break(spec):
+    """Stochastic rounding under torch.compile: the seed travels as the group's device
+    words (an input of the op) and their advance is an in-place add in the graph, so
+    the step traces as one graph (fullgraph=True), with the bits of the eager steps and
+    words that count every step (a seed frozen into the graph would repeat its bits)."""
+    torch._dynamo.reset()
+    model = tiny_model().bfloat16()
+    ref = twin(model)
+    opt = spec.make(model.parameters(), **spec.hyper, seed=3)
+    ref_opt = spec.make(ref.parameters(), **spec.hyper, seed=3)
+    batches = [(torch.randn(8, 6, dtype=torch.bfloat16), torch.randn(8, 3, dtype=torch.bfloat16)) for _ in range(4)]
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend="aot_eager")
+    def first_step():
+        opt.step()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        opt.step()
+
+    train(model, opt, batches[:1], first_step)
+    train(model, opt, batches[1:], compiled_step)
+    train(ref, ref_opt, batches, ref_opt.step)
+    assert_params_close(model, ref, rtol=0, atol=0)
+    assert opt.param_groups[0]["rounding_state"].tolist() == [3, 4, 0]
+    assert counter.frame_count >= 1 and "optimizer_step" in "\n".join(str(g.graph) for g in counter.graphs)
+
+
 @pytest.mark.slow
 @specs
 def test_inductor_compiled_train_step(spec):
