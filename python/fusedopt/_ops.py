@@ -7,8 +7,8 @@ dynamo and AOTAutograd see one opaque call that mutates the params and states
 in place (``mutates_args``), and its implementation calls the same functional
 entry eagerly. Stochastic rounding travels as its device seed words (an int64
 tensor the op reads; a host int seed is refused while compiling), so a compiled
-step with it needs no graph break. Custom-op schemas have no string lists, so the names of the
-state lists and of the options travel as comma-separated strings.
+step with it needs no graph break. Custom-op schemas have no string lists, so
+the names of the state lists and of the options travel as comma-separated strings.
 """
 from __future__ import annotations
 
