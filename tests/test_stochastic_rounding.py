@@ -341,14 +341,8 @@ def test_step_is_within_one_ulp_of_the_fp32_reference(spec_name, dtype, seed):
 
 # ---- refusals leave everything as it was --------------------------------------------------
 
-@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
-@pytest.mark.parametrize("change,exc,match", [
-    ({"master_weights": True}, ValueError, r"param_groups\[1\]: stochastic_rounding=True and master_weights=True"),
-    ({"stochastic_rounding": 1}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
-    ({"stochastic_rounding": None}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
-])
-def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, exc, match, seed):
-    spec = BY_NAME[spec_name]
+def _stepped_two_groups(spec):
+    """An optimizer of two bf16 params in two groups after one step, with new grads."""
     params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (50, 70)]
     opt = spec.make([{"params": params[:1]}, {"params": params[1:]}], **spec.hyper)
     for p in params:
@@ -356,6 +350,17 @@ def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, 
     opt.step()
     for p in params:
         p.grad = torch.randn_like(p)
+    return opt
+
+
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
+@pytest.mark.parametrize("change,exc,match", [
+    ({"master_weights": True}, ValueError, r"param_groups\[1\]: stochastic_rounding=True and master_weights=True"),
+    ({"stochastic_rounding": 1}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
+    ({"stochastic_rounding": None}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
+])
+def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, exc, match, seed):
+    opt = _stepped_two_groups(BY_NAME[spec_name])
     opt.param_groups[1].update(change)
     before = snapshot(opt)
     with pytest.raises(exc, match=match):
@@ -602,15 +607,8 @@ def test_functional_bad_seed_tensor_writes_nothing(what, bad, seed):
 def test_bad_rounding_state_leaves_everything_unchanged(spec_name, what, bad, seed):
     """A replaced group['rounding_state'] of the wrong kind is refused at step() and at
     load_state_dict(), naming it, before anything is written."""
-    spec = BY_NAME[spec_name]
-    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (50, 70)]
-    opt = spec.make([{"params": params[:1]}, {"params": params[1:]}], **spec.hyper)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
+    opt = _stepped_two_groups(BY_NAME[spec_name])
     saved = _state_dict_copy(opt)
-    for p in params:
-        p.grad = torch.randn_like(p)
     good = opt.param_groups[1]["rounding_state"]
     opt.param_groups[1]["rounding_state"] = bad()
     before = snapshot(opt)
