@@ -133,6 +133,7 @@ def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_s
     out: Dict[torch.device, DeviceScalars] = {}
     words = rounding_seed if isinstance(rounding_seed, torch.Tensor) else None
     host_seed = None if words is not None else rounding_seed
+    rounded = {b.table.device for b in plan.batches if b.table.dtype in _SIXTEEN_BIT}  # devices that need the words
     for b in plan.batches:
         dev = b.table.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -148,7 +149,8 @@ def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_s
             lr_value, lr_tensor = _lr_scalars(lr, dev, capturing)
             out[dev] = DeviceScalars(lr_value, lr_tensor, _amp_scalar(grad_scale, dev, amp_names[0]),
                                      _amp_scalar(found_inf, dev, amp_names[1]), host_seed,
-                                     None if words is None else _rounding_words(words, dev, capturing))
+                                     _rounding_words(words, dev, capturing) if words is not None and dev in rounded
+                                     else None)
     return out
 
 

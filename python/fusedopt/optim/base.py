@@ -362,8 +362,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The step as dynamo traces it: one functional call (a custom op) per group.
         The first step, which creates state, runs eagerly (one graph break)."""
         for group in self.param_groups:
-            if group.get("stochastic_rounding") and group.get(ROUNDING_STATE) is None and group["params"]:
-                return _eager_step_outside_compile(self, closure)
+            if group.get("stochastic_rounding") and group["params"]:
+                words = group.get(ROUNDING_STATE)
+                if words is None or words.device != self._group_device(group):
+                    return _eager_step_outside_compile(self, closure)  # makes or moves them
             for p in group["params"]:
                 if p.grad is not None and self._needs_new_state(group, p):
                     return _eager_step_outside_compile(self, closure)
