@@ -10,7 +10,11 @@
   the param) only, checked against an independent numpy implementation of the
   documented generator, so independent of threads and chunking;
 - every optimizer with it stays within one 16-bit ulp of the fp32 reference step;
-- refused combinations leave everything bit-identical.
+- refused combinations leave everything bit-identical;
+- the seed's device form (int64 words [seed, step, stream] the kernel reads, what the
+  optimizer classes keep in group['rounding_state']): bit-identical to the host-int
+  seed for every optimizer, continued across a state_dict round trip, step 0 for
+  checkpoints without it, and refused (nothing written) when malformed.
 """
 from __future__ import annotations
 

@@ -36,11 +36,9 @@ from .._dtensor import is_dtensor, local_tensor
 from .._kernels.checks import check_param, check_rounding_words
 from ..functional import StepPlan, stochastic_rounding_state
 from . import state as _state
-from .state import TrackedState
+from .state import ROUNDING_STATE, TrackedState
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-# The param-group key of a group's stochastic-rounding words (seed, step, stream).
-ROUNDING_STATE = "rounding_state"
 
 
 def _capturing(device: torch.device) -> bool:

@@ -13,6 +13,10 @@ import torch
 from .._dtensor import is_dtensor, local_tensor
 from .._kernels.checks import check_rounding_words
 
+# The param-group key of a group's stochastic-rounding words (seed, step, stream;
+# base.py FusedOptimizer._new_rounding_state), saved and loaded with the groups.
+ROUNDING_STATE = "rounding_state"
+
 
 class TrackedState(dict):
     """A param's state dict that tells its optimizer when an entry is replaced."""
@@ -114,10 +118,9 @@ def load_state_dict(opt, state_dict: dict) -> None:
 
 
 def _load_rounding_state(opt, group: dict, gi: int) -> None:
-    """A loaded group's stochastic-rounding words (seed, step, stream; base.py
-    ROUNDING_STATE), checked and copied to the group's device: the resumed
-    optimizer continues the saved bit stream (the saved seed included)."""
-    from .base import ROUNDING_STATE
+    """A loaded group's stochastic-rounding words (seed, step, stream), checked and
+    copied to the group's device: the resumed optimizer continues the saved bit
+    stream (the saved seed included)."""
     words = group.get(ROUNDING_STATE)
     if words is None:
         return
