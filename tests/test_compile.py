@@ -84,24 +84,17 @@ def test_compiled_model_trains(spec):
     assert_params_close(model, ref)
 
 
-@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
-@pytest.mark.parametrize("spec", COMPILED, ids=repr)
-def test_compiled_step_uses_custom_op_and_matches_eager(spec, master):
-    torch._dynamo.reset()
-    model = tiny_model()
-    kw = dict(spec.hyper)
-    if master:
-        model = model.bfloat16()
-        kw["master_weights"] = True
+def compile_and_compare(spec, model, kw):
+    """Trains ``model`` with one compiled first step (it creates the state, eagerly,
+    inside the compiled function) and three steps that must trace as one graph
+    (fullgraph=True raises on any graph break), and an eager twin alongside; checks
+    the same bits. Returns the compiled run's optimizer and the graph counter."""
     ref = twin(model)
     opt, ref_opt = spec.make(model.parameters(), **kw), spec.make(ref.parameters(), **kw)
     dtype = next(model.parameters()).dtype
     batches = [(torch.randn(8, 6, dtype=dtype), torch.randn(8, 3, dtype=dtype)) for _ in range(4)]
     counter = CompileCounterWithBackend("aot_eager")
 
-    # The first compiled step creates the state (eagerly, inside the compiled
-    # function); after that the step must trace as one graph: fullgraph=True
-    # raises on any graph break.
     @torch.compile(backend="aot_eager")
     def first_step():
         opt.step()
@@ -119,9 +112,34 @@ def test_compiled_step_uses_custom_op_and_matches_eager(spec, master):
         for k, v in ref_opt.state[q].items():
             assert torch.equal(opt.state[p][k], v), k
     assert counter.frame_count >= 1, "opt.step() was not captured in any graph"
+    assert "optimizer_step" in "\n".join(str(g.graph) for g in counter.graphs)
+    return opt, counter
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("spec", COMPILED, ids=repr)
+def test_compiled_step_uses_custom_op_and_matches_eager(spec, master):
+    torch._dynamo.reset()
+    model = tiny_model()
+    kw = dict(spec.hyper)
+    if master:
+        model = model.bfloat16()
+        kw["master_weights"] = True
+    _, counter = compile_and_compare(spec, model, kw)
     code = "\n".join(str(g.graph) for g in counter.graphs)
-    assert "optimizer_step" in code
     assert ("grad_sq_norms" in code) == spec.clips
+
+
+@pytest.mark.parametrize("spec", [BY_NAME[n] for n in ("SGD-sr", "Adam-sr", "AdamW-sr", "LARS-sr", "LAMB-sr")],
+                         ids=repr)
+def test_compiled_stochastic_rounding_step_has_no_graph_break(spec):
+    """Stochastic rounding under torch.compile: the seed travels as the group's device
+    words (an input of the op) and their advance is an in-place add in the graph, so
+    the step traces as one graph, with the bits of the eager steps and words that
+    count every step (a seed frozen into the graph would repeat its bits)."""
+    torch._dynamo.reset()
+    opt, _ = compile_and_compare(spec, tiny_model().bfloat16(), dict(spec.hyper, seed=3))
+    assert opt.param_groups[0]["rounding_state"].tolist() == [3, 4, 0]
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""GPU-only integration: CUDA-graph capture of a whole training step, GradScaler on
-CUDA, master weights on CUDA. Skipped without a GPU (CI builds but cannot run these)."""
+"""GPU-only integration: CUDA-graph capture of a whole training step (and of steps
+with stochastic rounding), GradScaler on CUDA, master weights on CUDA. Skipped without a GPU (CI builds but cannot run these)."""
 import pytest
 import torch
 
@@ -67,6 +67,93 @@ def test_captured_train_step_replays_like_eager(spec):
         assert_params_close(model, ref, rtol=0, atol=0)
     if "step" in opt.state[next(model.parameters())]:
         assert float(opt.state[next(model.parameters())]["step"]) == 9.0
+
+
+ROUNDING_SPECS = [BY_NAME[n] for n in ("SGD-sr", "Adam-sr", "AdamW-sr", "LARS-sr", "LAMB-sr")]
+
+
+def _bf16_params(gen, shapes):
+    return [torch.randn(s, generator=gen).bfloat16().cuda() for s in shapes]
+
+
+def _bits(ps):
+    return [p.detach().view(torch.int16).clone() for p in ps]
+
+
+@pytest.mark.parametrize("spec", ROUNDING_SPECS, ids=repr)
+def test_captured_stochastic_rounding_replays_like_eager(spec, seed):
+    """A captured step with stochastic rounding reads its group's device words at each
+    replay: every replay is bit for bit the eager step with the same step count, and
+    the words advance once per replay. A seed frozen at capture time would repeat the
+    bits of one step and fail from the second replay on."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3 * 65536 + 5,), (37, 11)]
+    params = _bf16_params(gen, shapes)
+    grads = [_bf16_params(gen, shapes) for _ in range(8)]
+    lr, ref_lr = torch.tensor(spec.hyper["lr"], device="cuda"), torch.tensor(spec.hyper["lr"], device="cuda")
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    qs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = spec.make(ps, **dict(spec.hyper, lr=lr), seed=7)
+    ref = spec.make(qs, **dict(spec.hyper, lr=ref_lr), seed=7)
+    static = [torch.zeros_like(p) for p in ps]
+    for p, g in zip(ps, static):
+        p.grad = g
+
+    def step(k):
+        for g, new in zip(static, grads[k]):
+            g.copy_(new)
+        for q, new in zip(qs, grads[k]):
+            q.grad = new.clone()
+        ref.step()
+
+    s = torch.cuda.Stream()  # warm up on a side stream: creates the state
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for k in range(2):
+            step(k)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    words = opt.param_groups[0]["rounding_state"]
+    assert words.tolist() == [7, 2, 0]  # capture recorded the add, did not run it
+    for k in range(2, 8):
+        step(k)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(_bits(ps), _bits(qs))), f"replay {k - 1}"
+        assert words.tolist() == [7, k + 1, 0] == ref.param_groups[0]["rounding_state"].tolist()
+
+
+def test_captured_rounding_bits_change_every_replay(seed):
+    """Replays of one captured SGD step (no momentum) from the same params with the same
+    grads round differently each time (the step word differs), and each equals the
+    eager step with that step count."""
+    gen = torch.Generator().manual_seed(seed)
+    p0 = _bf16_params(gen, [(65536 + 3,)])[0]
+    g0 = _bf16_params(gen, [(65536 + 3,)])[0] * 1e-3  # far below half an ulp: the rounding decides
+    p = torch.nn.Parameter(p0.clone())
+    p.grad = g0.clone()
+    opt = fusedopt.SGD([p], lr=torch.tensor(1.0, device="cuda"), stochastic_rounding=True, seed=11)
+    opt.step()  # eager: the plan exists before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    results = []
+    for k in range(1, 5):
+        with torch.no_grad():
+            p.copy_(p0)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append(p.detach().view(torch.int16).clone())
+        q = torch.nn.Parameter(p0.clone())
+        q.grad = g0.clone()
+        ref = fusedopt.SGD([q], lr=1.0, stochastic_rounding=True, seed=11)
+        ref.param_groups[0]["rounding_state"][1] = k
+        ref.step()
+        assert torch.equal(results[-1], q.detach().view(torch.int16)), f"replay {k}"
+    assert len({bytes(r.cpu().numpy().tobytes()) for r in results}) == len(results), "replays gave equal bits"
 
 
 def test_state_creation_during_capture_is_refused():

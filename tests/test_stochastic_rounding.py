@@ -10,9 +10,15 @@
   the param) only, checked against an independent numpy implementation of the
   documented generator, so independent of threads and chunking;
 - every optimizer with it stays within one 16-bit ulp of the fp32 reference step;
-- refused combinations leave everything bit-identical.
+- refused combinations leave everything bit-identical;
+- the seed's device form (int64 words [seed, step, stream] the kernel reads, what the
+  optimizer classes keep in group['rounding_state']): bit-identical to the host-int
+  seed for every optimizer, continued across a state_dict round trip, step 0 for
+  checkpoints without it, and refused (nothing written) when malformed.
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -22,8 +28,7 @@ import fusedopt
 from fusedopt import _C
 from fusedopt import functional as F
 from fusedopt._kernels import DTYPE_CODES
-from helpers import assert_capture_refused
-from optim_registry import BY_NAME, snapshot
+from optim_registry import BY_NAME, snapshot, value_bits
 
 SIXTEEN = [torch.bfloat16, torch.float16]
 MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
@@ -340,14 +345,8 @@ def test_step_is_within_one_ulp_of_the_fp32_reference(spec_name, dtype, seed):
 
 # ---- refusals leave everything as it was --------------------------------------------------
 
-@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
-@pytest.mark.parametrize("change,exc,match", [
-    ({"master_weights": True}, ValueError, r"param_groups\[1\]: stochastic_rounding=True and master_weights=True"),
-    ({"stochastic_rounding": 1}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
-    ({"stochastic_rounding": None}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
-])
-def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, exc, match, seed):
-    spec = BY_NAME[spec_name]
+def _stepped_two_groups(spec):
+    """An optimizer of two bf16 params in two groups after one step, with new grads."""
     params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (50, 70)]
     opt = spec.make([{"params": params[:1]}, {"params": params[1:]}], **spec.hyper)
     for p in params:
@@ -355,6 +354,17 @@ def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, 
     opt.step()
     for p in params:
         p.grad = torch.randn_like(p)
+    return opt
+
+
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
+@pytest.mark.parametrize("change,exc,match", [
+    ({"master_weights": True}, ValueError, r"param_groups\[1\]: stochastic_rounding=True and master_weights=True"),
+    ({"stochastic_rounding": 1}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
+    ({"stochastic_rounding": None}, TypeError, r"param_groups\[1\]\['stochastic_rounding'\] must be a bool"),
+])
+def test_bad_group_between_steps_leaves_everything_unchanged(spec_name, change, exc, match, seed):
+    opt = _stepped_two_groups(BY_NAME[spec_name])
     opt.param_groups[1].update(change)
     before = snapshot(opt)
     with pytest.raises(exc, match=match):
@@ -392,25 +402,268 @@ def test_constructor_refusals():
         fusedopt.Muon([{"params": [p], "use_muon": False, "stochastic_rounding": True}])
 
 
+# ---- the device form of the seed: words (seed, step, stream) the kernel reads --------------
+
+def _draw_words(gen):
+    """(seed, step, stream) with the high bit of seed and step set half the time (the
+    words are int64 two's complement; the kernel reads them as uint64)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) | (int(torch.randint(0, 2, (1,), generator=gen)) << 63)
+    step = int(torch.randint(0, 2**40, (1,), generator=gen)) | (int(torch.randint(0, 2, (1,), generator=gen)) << 63)
+    return seed, step, int(torch.randint(0, 8, (1,), generator=gen))
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=dtype_id)
+def test_functional_tensor_seed_equals_int_seed(dtype, seed):
+    """rounding_seed=stochastic_rounding_state(s, k, g) rounds with the bits of
+    rounding_seed=stochastic_rounding_seed(s, k, g) (and of the numpy model), and the
+    call leaves the words as they were (advancing them is the caller's)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        words = _draw_words(gen)
+        inputs = [exact_inputs(n, dtype, gen) for n in (2 * CHUNK + 9, 300)]
+        by_int = [p.clone() for p, _ in inputs]
+        by_tensor = [p.clone() for p, _ in inputs]
+        state = F.stochastic_rounding_state(*words)
+        kept = state.clone()
+        sgd_sr(by_int, [g for _, g in inputs], F.stochastic_rounding_seed(*words))
+        sgd_sr(by_tensor, [g for _, g in inputs], state)
+        call_seed = F.stochastic_rounding_seed(*words)
+        for pos, ((p, g), a, b) in enumerate(zip(inputs, by_int, by_tensor)):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"param {pos}, words {words}"
+            want = round_with(p.float() - g.float(), np_bits(call_seed, pos, p.numel()), dtype)
+            assert torch.equal(b.double(), want)
+        assert torch.equal(state, kept)
+
+
+def _host_int_seed(opt, user_seed: int):
+    """Makes ``opt`` pass the host-int seed stochastic_rounding_seed(user_seed, step, group)
+    to its functional entry instead of its device words (the path of a functional caller)."""
+    step = [0]
+
+    def kwargs(group, gi, pending):
+        if not group.get("stochastic_rounding"):
+            return {}
+        return dict(stochastic_rounding=True, rounding_seed=F.stochastic_rounding_seed(user_seed, step[0], gi))
+
+    opt._rounding_kwargs = kwargs
+    opt._advance_rounding = lambda: step.__setitem__(0, step[0] + 1)
+
+
+def _two_groups(ps):
+    return [{"params": ps[:2]}, {"params": ps[2:]}]
+
+
+def _inputs(dtype, gen, steps):
+    """Params of two groups (a 16-bit one spanning chunks, one small 16-bit and an fp32
+    one in the second group) and ``steps`` rounds of grads, all freshly drawn."""
+    shapes = [(2 * CHUNK + 5,), (31, 7), (501,), (64,)]
+    dtypes = [dtype, dtype, dtype, torch.float32]
+    params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [[torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)] for _ in range(steps)]
+    return params, grads
+
+
+def _run(spec_name, ps, grads, opt):
+    for step_grads in grads:
+        for p, g in zip(ps, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().view(torch.int16 if p.element_size() == 2 else torch.int32).clone() for p in ps]
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN, ids=dtype_id)
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
+def test_optimizer_device_words_equal_host_int_seeds(spec_name, dtype, seed):
+    """Each optimizer's steps with its device words (the default: what CUDA graphs
+    capture) are bit-identical, params and state, to the same steps with the host-int
+    seeds stochastic_rounding_seed(seed, step, group); the words end at [seed, steps, group]."""
+    spec = BY_NAME[spec_name]
+    gen = torch.Generator().manual_seed(seed)
+    user_seed = _draw_words(gen)[0] % 2**64
+    params, grads = _inputs(dtype, gen, 3)
+    runs = []
+    for host in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = spec.make(_two_groups(ps), **spec.hyper, seed=user_seed)
+        if host:
+            _host_int_seed(opt, user_seed)
+        runs.append((_run(spec_name, ps, grads, opt), opt, ps))
+    (a, opt_a, ps_a), (b, opt_b, ps_b) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for p, q in zip(ps_a, ps_b):
+        assert value_bits(dict(opt_a.state[p])) == value_bits(dict(opt_b.state[q]))
+    for gi, group in enumerate(opt_a.param_groups):
+        want = F.stochastic_rounding_state(user_seed, 3, gi)
+        assert torch.equal(group["rounding_state"], want), group["rounding_state"]
+
+
+def _state_dict_copy(opt) -> dict:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("spec_name", ROUNDING_SPECS)
+def test_state_dict_round_trip_continues_the_bit_stream(spec_name, seed):
+    """Saved after 2 steps and loaded into a new optimizer (built with another seed: the
+    saved one wins), 3 more steps give the bits of 5 uninterrupted steps."""
+    spec = BY_NAME[spec_name]
+    gen = torch.Generator().manual_seed(seed)
+    user_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    params, grads = _inputs(torch.bfloat16, gen, 5)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    whole = _run(spec_name, ps, grads, spec.make(_two_groups(ps), **spec.hyper, seed=user_seed))
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    first = spec.make(_two_groups(ps), **spec.hyper, seed=user_seed)
+    _run(spec_name, ps, grads[:2], first)
+    saved = _state_dict_copy(first)
+    resumed_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    resumed = spec.make(_two_groups(resumed_ps), **spec.hyper, seed=user_seed + 1)
+    resumed.load_state_dict(saved)
+    for gi, group in enumerate(resumed.param_groups):
+        assert torch.equal(group["rounding_state"], F.stochastic_rounding_state(user_seed, 2, gi))
+        assert group["rounding_state"] is not saved["param_groups"][gi]["rounding_state"]
+    got = _run(spec_name, resumed_ps, grads[2:], resumed)
+    assert all(torch.equal(x, y) for x, y in zip(whole, got))
+    # another seed at the resume would have given other bits: the check above can fail
+    other_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    other = spec.make(_two_groups(other_ps), **spec.hyper, seed=user_seed + 1)
+    without = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "rounding_state"}
+                                         for g in saved["param_groups"]]}
+    other.load_state_dict(without)
+    assert not torch.equal(_run(spec_name, other_ps, grads[2:], other)[0], whole[0])
+
+
+@pytest.mark.parametrize("spec_name", ["SGD-sr", "LAMB-sr"])
+def test_checkpoint_without_rounding_state_starts_at_step_0(spec_name, seed):
+    """A checkpoint of an older fusedopt (or of torch.optim) has no 'rounding_state':
+    the loaded optimizer counts from 0 with its own seed (the old behaviour), bit for
+    bit the host-int seeds of steps 0, 1, ..."""
+    spec = BY_NAME[spec_name]
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _inputs(torch.float16, gen, 4)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    first = spec.make(_two_groups(ps), **spec.hyper, seed=11)
+    _run(spec_name, ps, grads[:2], first)
+    old = _state_dict_copy(first)
+    for g in old["param_groups"]:
+        del g["rounding_state"]
+    runs = []
+    for host in (False, True):
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt = spec.make(_two_groups(qs), **spec.hyper, seed=29)
+        opt.load_state_dict(old)
+        if host:
+            _host_int_seed(opt, 29)
+        else:
+            for gi, group in enumerate(opt.param_groups):
+                assert torch.equal(group["rounding_state"], F.stochastic_rounding_state(29, 0, gi))
+        runs.append(_run(spec_name, qs, grads[2:], opt))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_rounding_switched_on_later_starts_its_words(seed):
+    """A group that turns stochastic_rounding on after some steps gets words [seed, 0,
+    group] at its first step with it (committed with the step), then counts on."""
+    gen = torch.Generator().manual_seed(seed)
+    params, grads = _inputs(torch.bfloat16, gen, 3)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = fusedopt.SGD(_two_groups(ps), lr=0.1, seed=5)
+    _run("SGD", ps, grads[:1], opt)
+    assert "rounding_state" not in opt.param_groups[1]
+    opt.param_groups[1]["stochastic_rounding"] = True
+    _run("SGD", ps, grads[1:], opt)
+    assert torch.equal(opt.param_groups[1]["rounding_state"], F.stochastic_rounding_state(5, 2, 1))
+    assert "rounding_state" not in opt.param_groups[0]
+
+
+BAD_WORDS = [
+    ("int32", lambda: torch.zeros(3, dtype=torch.int32)),
+    ("float", lambda: torch.zeros(3)),
+    ("shape [2]", lambda: torch.zeros(2, dtype=torch.int64)),
+    ("shape [1, 3]", lambda: torch.zeros(1, 3, dtype=torch.int64)),
+    ("strided", lambda: torch.arange(6, dtype=torch.int64)[::2]),
+    ("list", lambda: [1, 2, 3]),
+]
+BAD_WORDS_MSG = r"must be a contiguous int64 tensor of shape \[3\] \(seed, step, stream\)"
+
+
+@pytest.mark.parametrize("what,bad", BAD_WORDS, ids=[w for w, _ in BAD_WORDS])
+def test_functional_bad_seed_tensor_writes_nothing(what, bad, seed):
+    p, g = torch.randn(100).bfloat16(), torch.randn(100).bfloat16()
+    m, v, st = torch.randn(100), torch.rand(100), torch.full((), 3.0)
+    kept = [t.clone() for t in (p, g, m, v, st)]
+    exc = TypeError if what == "list" else ValueError
+    with pytest.raises(exc, match="rounding_seed"):
+        sgd_sr([p], [g], bad())
+    with pytest.raises(exc, match="rounding_seed"):
+        F.adam([p], [g], [m], [v], [], [st], amsgrad=False, beta1=0.9, beta2=0.99, lr=0.1, weight_decay=0.0,
+               eps=1e-8, maximize=False, stochastic_rounding=True, rounding_seed=bad())
+    if exc is ValueError:
+        with pytest.raises(ValueError, match=BAD_WORDS_MSG):
+            sgd_sr([p], [g], bad())
+    assert all(torch.equal(a, b) for a, b in zip((p, g, m, v, st), kept))
+
+
+@pytest.mark.parametrize("what,bad", BAD_WORDS[:5], ids=[w for w, _ in BAD_WORDS[:5]])
+@pytest.mark.parametrize("spec_name", ["Adam-sr", "LARS-sr"])
+def test_bad_rounding_state_leaves_everything_unchanged(spec_name, what, bad, seed):
+    """A replaced group['rounding_state'] of the wrong kind is refused at step() and at
+    load_state_dict(), naming it, before anything is written."""
+    opt = _stepped_two_groups(BY_NAME[spec_name])
+    saved = _state_dict_copy(opt)
+    good = opt.param_groups[1]["rounding_state"]
+    opt.param_groups[1]["rounding_state"] = bad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['rounding_state'\] " + BAD_WORDS_MSG):
+        opt.step()
+    assert snapshot(opt) == before
+    opt.param_groups[1]["rounding_state"] = good
+    saved["param_groups"][0]["rounding_state"] = bad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"loaded param_groups\[0\]\['rounding_state'\] " + BAD_WORDS_MSG):
+        opt.load_state_dict(saved)
+    assert snapshot(opt) == before
+
+
+def test_seed_state_checks_its_arguments():
+    with pytest.raises(TypeError, match="step must be an int"):
+        F.stochastic_rounding_state(1, 2.0)
+    assert F.stochastic_rounding_state(2**64 - 1, 2**63, 5).tolist() == [-1, -2**63, 5]
+
+
 # ---- CUDA (compiled, run only where a GPU is) ----------------------------------------------
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", SIXTEEN, ids=dtype_id)
 def test_cuda_bits_equal_cpu_bits(dtype, seed):
     """The same fp32 results get the same rounding on both devices (exact inputs: the fp32
-    math is the same bits on both), in CUDA's vector and scalar paths."""
+    math is the same bits on both), in CUDA's vector and scalar paths, with the seed as an
+    int and as device words."""
     gen = torch.Generator().manual_seed(seed)
     inputs = [exact_inputs(n, dtype, gen) for n in (3 * 65536 + 13, 1001, 8)]
+    words = _draw_words(gen)
     cpu = [p.clone() for p, _ in inputs]
     gpu = [p.cuda() for p, _ in inputs]
-    sgd_sr(cpu, [g for _, g in inputs], 12345)
-    sgd_sr(gpu, [g.cuda() for _, g in inputs], 12345)
-    for a, b in zip(cpu, gpu):
+    gpu_words = [p.cuda() for p, _ in inputs]
+    sgd_sr(cpu, [g for _, g in inputs], F.stochastic_rounding_seed(*words))
+    sgd_sr(gpu, [g.cuda() for _, g in inputs], F.stochastic_rounding_seed(*words))
+    sgd_sr(gpu_words, [g.cuda() for _, g in inputs], F.stochastic_rounding_state(*words, device="cuda"))
+    for a, b, c in zip(cpu, gpu, gpu_words):
         assert torch.equal(a.view(torch.int16), b.cpu().view(torch.int16))
+        assert torch.equal(a.view(torch.int16), c.cpu().view(torch.int16))
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture_is_refused():
-    p = torch.nn.Parameter(torch.randn(1000, device="cuda").bfloat16())
-    assert_capture_refused(fusedopt.SGD([p], lr=0.1, stochastic_rounding=True), p,
-                           "stochastic_rounding=True cannot be captured")
+def test_cuda_graph_capture_of_an_int_seed_is_refused():
+    """The functional form with a host-int seed under capture: refused, naming the fix;
+    nothing written (the optimizer classes pass device words: tests/test_cuda_integration.py)."""
+    p = torch.randn(1000, device="cuda").bfloat16()
+    g = torch.randn_like(p)
+    before = p.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="pass rounding_seed as a device tensor"):
+        with torch.cuda.graph(graph):
+            sgd_sr([p], [g], 12345, lr=torch.tensor(0.1, device="cuda"))
+    assert torch.equal(p, before)

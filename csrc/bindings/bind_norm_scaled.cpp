@@ -47,9 +47,10 @@ void register_norm_scaled(py::module_& m) {
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr, int64_t grad_scale_ptr,
          int64_t found_inf_ptr, int64_t stream, int64_t workspace, double lr, double momentum, double dampening,
          double weight_decay, double trust_coeff, double eps, int flags, bool stochastic_rounding,
-         uint64_t rounding_seed) {
+         uint64_t rounding_seed, int64_t rounding_words) {
         const OptimCall call = make_call(rows, param_dtype, state_dtype, device, lr_ptr, grad_scale_ptr,
-                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed);
+                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed,
+                                         rounding_words);
         const LarsHyper h{lr, momentum, dampening, weight_decay, trust_coeff, eps, flags};
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_lars(call, h) : cuda::multi_tensor_lars(call, h, ptr<double>(workspace));
@@ -60,9 +61,10 @@ void register_norm_scaled(py::module_& m) {
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr, int64_t grad_scale_ptr,
          int64_t found_inf_ptr, int64_t stream, int64_t workspace, int64_t grad_sq_ptr, int64_t n_grad_sq, double lr,
          double beta1, double beta2, double eps, double weight_decay, double max_grad_norm, int flags,
-         bool stochastic_rounding, uint64_t rounding_seed) {
+         bool stochastic_rounding, uint64_t rounding_seed, int64_t rounding_words) {
         const OptimCall call = make_call(rows, param_dtype, state_dtype, device, lr_ptr, grad_scale_ptr,
-                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed);
+                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed,
+                                         rounding_words);
         const LambHyper h{lr, beta1, beta2, eps, weight_decay, max_grad_norm, flags};
         const double* grad_sq = ptr<const double>(grad_sq_ptr);
         py::gil_scoped_release release;

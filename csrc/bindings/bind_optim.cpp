@@ -73,9 +73,10 @@ void register_optim(py::module_& m) {
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr,
          int64_t grad_scale_ptr, int64_t found_inf_ptr, int64_t stream, double lr, double beta1,
          double beta2, double eps, double weight_decay, int flags, bool stochastic_rounding,
-         uint64_t rounding_seed) {
+         uint64_t rounding_seed, int64_t rounding_words) {
         const OptimCall call = make_call(rows, param_dtype, state_dtype, device, lr_ptr, grad_scale_ptr,
-                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed);
+                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed,
+                                         rounding_words);
         const AdamHyper h{lr, beta1, beta2, eps, weight_decay, flags};
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_adam(call, h) : cuda::multi_tensor_adam(call, h);
@@ -85,9 +86,11 @@ void register_optim(py::module_& m) {
       "multi_tensor_sgd",
       [](const RowArray& rows, int param_dtype, int state_dtype, int device, int64_t lr_ptr,
          int64_t grad_scale_ptr, int64_t found_inf_ptr, int64_t stream, double lr, double momentum,
-         double dampening, double weight_decay, int flags, bool stochastic_rounding, uint64_t rounding_seed) {
+         double dampening, double weight_decay, int flags, bool stochastic_rounding, uint64_t rounding_seed,
+         int64_t rounding_words) {
         const OptimCall call = make_call(rows, param_dtype, state_dtype, device, lr_ptr, grad_scale_ptr,
-                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed);
+                                         found_inf_ptr, stream, stochastic_rounding, rounding_seed,
+                                         rounding_words);
         const SgdHyper h{lr, momentum, dampening, weight_decay, flags};
         py::gil_scoped_release release;
         device < 0 ? cpu::multi_tensor_sgd(call, h) : cuda::multi_tensor_sgd(call, h);

@@ -25,7 +25,8 @@ template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address
 // Builds the OptimCall shared by all optimizer entry points.
 inline OptimCall make_call(const RowArray& rows, int param_dtype, int state_dtype, int device,
                            int64_t lr_ptr, int64_t grad_scale_ptr, int64_t found_inf_ptr,
-                           int64_t stream, bool stochastic_rounding = false, uint64_t rounding_seed = 0) {
+                           int64_t stream, bool stochastic_rounding = false, uint64_t rounding_seed = 0,
+                           int64_t rounding_words = 0) {
   OptimCall c{};
   c.rows = rows_of(rows, &c.n_rows);
   c.param_dtype = param_dtype;
@@ -35,7 +36,7 @@ inline OptimCall make_call(const RowArray& rows, int param_dtype, int state_dtyp
   c.grad_scale = ptr<const float>(grad_scale_ptr);
   c.found_inf = ptr<const float>(found_inf_ptr);
   c.stream = ptr<void>(stream);
-  c.rounding = StochasticRounding{stochastic_rounding, rounding_seed};
+  c.rounding = StochasticRounding{stochastic_rounding, rounding_seed, ptr<const int64_t>(rounding_words)};
   return c;
 }
 

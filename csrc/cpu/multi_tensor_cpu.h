@@ -85,7 +85,7 @@ struct ParamIO {
   uint64_t key;  // kStoreStochastic: the row's rounding key
   ParamIO(const TensorRow& r, int param_column, int master_column, StochasticRounding sr = {})
       : p(col<P>(r, param_column)), master(col<float>(r, master_column)),
-        key(kStore == kStoreStochastic ? rounding_row_key(sr.seed, r) : 0) {}
+        key(kStore == kStoreStochastic ? rounding_row_key(call_seed_of(sr), r) : 0) {}
   C load(int64_t i) const { return kMaster ? static_cast<C>(master[i]) : load_as<P, C>(p[i]); }
   void store(int64_t i, C v) const {
     if (kMaster) master[i] = static_cast<float>(v);

@@ -244,7 +244,7 @@ __device__ __forceinline__ void store_param(const TensorRow& r, int param_column
   if (r.ptr[master_column]) store_elems<V>(col<float>(r, master_column), i, p);
   if constexpr (IsSixteenBit<P>::value) {
     if (sr.on && !r.ptr[master_column]) {
-      const uint64_t key = rounding_row_key(sr.seed, r);
+      const uint64_t key = rounding_row_key(call_seed_of(sr), r);
       P* base = col<P>(r, param_column);
       P raw[V];
 #pragma unroll

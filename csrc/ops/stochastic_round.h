@@ -6,10 +6,10 @@
 // An element's random bits are a pure function of (call seed, row salt, the
 // element's index in its param tensor): no generator state, nothing per thread
 // or per chunk, so results are the same for any thread count, any chunking and
-// on either device. The call seed changes every step (the optimizer classes
-// derive it with rounding_call_seed); the row salt is the row's position in the
-// functional call (python/fusedopt/_kernels/rows.py), so two params of a call
-// get different bits.
+// on either device. The call seed changes every step (rounding_call_seed of a
+// user seed, a step count and the param group; call_seed_of); the row salt is
+// the row's position in the functional call (python/fusedopt/_kernels/rows.py),
+// so two params of a call get different bits.
 //
 // The generator is splitmix64's output function (a 64-bit bijection with full
 // avalanche: two xor-shift-multiply rounds) applied to a Weyl sequence keyed by
@@ -35,9 +35,19 @@ FO_HD uint64_t mix64(uint64_t z) {
 }
 
 // The seed of one call from a user seed, a step count and a stream (the param
-// group): what an optimizer class passes each step (host side, no device read).
+// group). Host callers pass its result (fusedopt.functional.stochastic_rounding_seed);
+// the optimizer classes pass the three words in device memory instead (call_seed_of).
 FO_HD uint64_t rounding_call_seed(uint64_t seed, uint64_t step, uint64_t stream) {
   return mix64(mix64(mix64(seed) ^ step) + stream * kWeylStep);
+}
+
+// The call seed a kernel rounds with: the host number, or rounding_call_seed of
+// the words (read here, on the device the kernel runs on; two's complement int64
+// words are the uint64 values mod 2^64, so both forms give the same bits).
+FO_HD uint64_t call_seed_of(const StochasticRounding& sr) {
+  if (!sr.words) return sr.seed;
+  return rounding_call_seed(static_cast<uint64_t>(sr.words[0]), static_cast<uint64_t>(sr.words[1]),
+                            static_cast<uint64_t>(sr.words[2]));
 }
 
 // The salt of a row: its position in the call, in the high bits of its flags.

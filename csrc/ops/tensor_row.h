@@ -25,10 +25,14 @@ enum RowFlag : int64_t {
 constexpr int kRowSaltShift = 32;
 
 // Stochastic rounding of 16-bit params without a master copy (ops/stochastic_round.h):
-// off, or on with the call's seed.
+// off, or on with the call's seed. The seed is a host number (`seed`), or, where
+// `words` is set, derived where the kernel runs from three int64 words in the
+// kernel's memory (user seed, step, stream; call_seed_of): a CUDA graph replay then
+// rounds with the step the words hold at replay time, not at capture time.
 struct StochasticRounding {
   bool on;
   uint64_t seed;
+  const int64_t* words;  // nullptr: use `seed`
 };
 
 // What every multi-tensor optimizer call shares besides its hyperparameters.

@@ -5,8 +5,10 @@ called while compiling (``fusedopt.functional.adam`` and the others, directly
 or from an optimizer's step) becomes one ``fusedopt::optimizer_step`` op:
 dynamo and AOTAutograd see one opaque call that mutates the params and states
 in place (``mutates_args``), and its implementation calls the same functional
-entry eagerly. Custom-op schemas have no string lists, so the names of the
-state lists and of the options travel as comma-separated strings.
+entry eagerly. Stochastic rounding travels as its device seed words (an int64
+tensor the op reads; a host int seed is refused while compiling), so a compiled
+step with it needs no graph break. Custom-op schemas have no string lists, so
+the names of the state lists and of the options travel as comma-separated strings.
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ def _decode_options(names: str, values: Sequence[float]) -> Dict[str, object]:
 
 
 def compiled_step(name: str, params, grads, lists: Dict[str, Optional[List[torch.Tensor]]],
-                  options: Dict[str, object], lr, grad_scale, found_inf, clip_grad_sq=None) -> None:
-    """What a functional entry does while compiling: one custom-op call."""
+                  options: Dict[str, object], lr, grad_scale, found_inf, clip_grad_sq=None,
+                  rounding_seed: Optional[torch.Tensor] = None) -> None:
+    """What a functional entry does while compiling: one custom-op call.
+    ``rounding_seed``: the checked seed words of stochastic rounding (None: off)."""
     n = len(params)
     used = {k: v for k, v in lists.items() if v is not None and len(v) > 0}
     for key, lst in used.items():
@@ -64,7 +68,7 @@ def compiled_step(name: str, params, grads, lists: Dict[str, Optional[List[torch
             raise ValueError("under torch.compile a LAMB call with clip_grad_sq must have its params on one device")
         clip_grad_sq = clip_grad_sq[devices.pop()]
     optimizer_step(name, ",".join(used), list(params), list(grads), states, opt_names, opt_values, lr_tensor,
-                   grad_scale, found_inf, clip_grad_sq)
+                   grad_scale, found_inf, clip_grad_sq, rounding_seed)
 
 
 _MUON_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
@@ -94,7 +98,8 @@ def _decode_muon(kwargs: Dict[str, object]) -> Dict[str, object]:
 def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grads: List[torch.Tensor],
                    states: List[torch.Tensor], option_names: str, option_values: List[float],
                    lr_tensor: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
-                   found_inf: Optional[torch.Tensor], clip_grad_sq: Optional[torch.Tensor]) -> None:
+                   found_inf: Optional[torch.Tensor], clip_grad_sq: Optional[torch.Tensor],
+                   rounding_seed: Optional[torch.Tensor]) -> None:
     from . import functional
     n = len(params)
     keys = [k for k in state_lists.split(",") if k]
@@ -104,6 +109,8 @@ def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grad
         kwargs["lr"] = lr_tensor
     if clip_grad_sq is not None:
         kwargs["clip_grad_sq"] = clip_grad_sq
+    if rounding_seed is not None:
+        kwargs.update(stochastic_rounding=True, rounding_seed=rounding_seed)
     if name == "adam":
         lists.setdefault("max_exp_avg_sqs", [])
     if name in ("sgd", "lars"):
@@ -115,7 +122,7 @@ def optimizer_step(name: str, state_lists: str, params: List[torch.Tensor], grad
 
 @optimizer_step.register_fake
 def _(name, state_lists, params, grads, states, option_names, option_values, lr_tensor, grad_scale, found_inf,
-      clip_grad_sq) -> None:
+      clip_grad_sq, rounding_seed) -> None:
     return None
 
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._dtensor import is_dtensor
 from .layout import DTYPE_CODES
 
 
@@ -121,6 +122,17 @@ def check_scalar_tensor(t, what: str) -> None:
     if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
         got = shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{what} must be a one-element floating-point tensor; got {got}")
+
+
+def check_rounding_words(t, what: str) -> None:
+    """The device form of a stochastic-rounding seed: a contiguous int64 tensor of
+    three words (user seed, step, stream) that the kernel reads (README
+    "Stochastic rounding"); not a DTensor (every rank rounds with its own copy)."""
+    if not isinstance(t, torch.Tensor) or is_dtensor(t) or t.dtype is not torch.int64 or t.shape != (3,) \
+            or not t.is_contiguous():
+        got = shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} must be a contiguous int64 tensor of shape [3] (seed, step, stream), e.g. "
+                         f"fusedopt.functional.stochastic_rounding_state(seed, step, stream, device); got {got}")
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

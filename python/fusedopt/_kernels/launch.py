@@ -20,12 +20,15 @@ from .rows import RowTable
 class DeviceScalars(NamedTuple):
     """The per-call scalars of one device: lr (a float, or a one-element fp32
     tensor the kernel reads), AMP's grad_scale (a divisor) and found_inf; and
-    the call's stochastic-rounding seed (None: round to nearest)."""
+    the call's stochastic-rounding seed: a host int, or the three int64 words
+    (seed, step, stream) on this device that the kernel derives it from (both
+    None: round to nearest)."""
     lr: float
     lr_tensor: Optional[torch.Tensor]
     grad_scale: Optional[torch.Tensor]
     found_inf: Optional[torch.Tensor]
     rounding_seed: Optional[int] = None
+    rounding_words: Optional[torch.Tensor] = None
 
 
 def device_index(device: torch.device) -> int:
@@ -60,11 +63,22 @@ def _head(table: RowTable, state_dtype: torch.dtype, s: DeviceScalars) -> tuple:
 
 
 def _rounding(table: RowTable, s: DeviceScalars) -> tuple:
-    """The trailing (stochastic_rounding, rounding_seed) arguments of sgd, adam,
-    lars and lamb: on for 16-bit params when the call has a seed (rows with a
-    master are refused above; fp32/fp64 params have nothing to round)."""
-    on = s.rounding_seed is not None and table.dtype in (torch.float16, torch.bfloat16)
-    return on, int(s.rounding_seed) if on else 0
+    """The trailing (stochastic_rounding, rounding_seed, rounding_words) arguments
+    of sgd, adam, lars and lamb: on for 16-bit params when the call has a seed
+    (rows with a master are refused above; fp32/fp64 params have nothing to
+    round); the seed as a host int, or the pointer of its words on the table's device."""
+    on = (s.rounding_seed is not None or s.rounding_words is not None) and table.dtype in (torch.float16,
+                                                                                        torch.bfloat16)
+    if not on:
+        return False, 0, 0
+    words = s.rounding_words
+    if words is None:
+        return True, int(s.rounding_seed), 0
+    if words.dtype is not torch.int64 or words.shape != (3,) or not words.is_contiguous() \
+            or words.device != table.device:
+        raise ValueError(f"rounding_seed must be a contiguous int64 tensor of shape [3] on {table.device}; "
+                         f"got {shape_str(words)}")
+    return True, 0, words.data_ptr()
 
 
 def launch_elementwise(table: RowTable, state_dtype: torch.dtype, scalars: DeviceScalars,

@@ -13,11 +13,12 @@ torch.compile each call is one ``fusedopt::optimizer_step`` custom op.
 The optimizer classes (fusedopt.SGD, ...) are thin layers over these functions.
 """
 from .._kernels import StepPlan
-from ._step import PreparedStep, stochastic_rounding_seed
+from ._step import PreparedStep, stochastic_rounding_seed, stochastic_rounding_state
 from .elementwise import adam, adamw, sgd
 from .muon import muon
 from .norm_scaled import lamb, lamb_clip_sums, lars
 from .norms import grad_sq_norms, tensor_norms
 
 __all__ = ["sgd", "adam", "adamw", "muon", "lars", "lamb", "lamb_clip_sums", "tensor_norms", "grad_sq_norms",
-           "StepPlan", "PreparedStep", "stochastic_rounding_seed"]
+           "StepPlan", "PreparedStep", "stochastic_rounding_seed",
+           "stochastic_rounding_state"]

@@ -3,14 +3,14 @@ the two phases of a step (``prepare`` checks everything and returns a
 ``PreparedStep``; ``launch`` writes)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .. import _C, _hyper
 from .._kernels import Column, DeviceScalars, StepPlan
 from .._kernels.rows import check_tables_apart
-from .._kernels.checks import check_scalar_tensor
+from .._kernels.checks import check_rounding_words, check_scalar_tensor
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -51,57 +51,107 @@ def _lr_scalars(lr, device: torch.device, capturing: bool = False):
 
 def stochastic_rounding_seed(seed: int, step: int, stream: int = 0) -> int:
     """The per-call ``rounding_seed`` of a functional call from a fixed user seed,
-    the step count and a stream number (e.g. the param group): what the optimizer
-    classes pass (csrc/ops/stochastic_round.h rounding_call_seed). Host only."""
+    the step count and a stream number (e.g. the param group), computed on the
+    host (csrc/ops/stochastic_round.h rounding_call_seed). The same bits as
+    passing ``stochastic_rounding_state(seed, step, stream)`` instead."""
     return _C.rounding_call_seed(int(seed) % 2**64, int(step) % 2**64, int(stream) % 2**64)
 
 
-def checked_rounding_seed(stochastic_rounding, rounding_seed, master_params) -> Optional[int]:
+def _int64_word(v: int) -> int:
+    """v mod 2**64 as the int64 with the same bits (the kernel reads the words as uint64)."""
+    v = int(v) % 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+def stochastic_rounding_state(seed: int, step: int = 0, stream: int = 0, device=None) -> torch.Tensor:
+    """The device form of ``rounding_seed``: an int64 tensor ``[seed, step, stream]``
+    (each mod 2**64) from which the kernel derives the call seed where it runs,
+    with the same function as :func:`stochastic_rounding_seed` (same bits). Advance
+    ``t[1]`` in place between steps (``t[1:2].add_(1)``, capturable): a CUDA graph
+    that captured a call with it rounds with the step the tensor holds at replay."""
+    for v, what in ((seed, "seed"), (step, "step"), (stream, "stream")):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"stochastic_rounding_state: {what} must be an int; got {v!r}")
+    return torch.tensor([_int64_word(seed), _int64_word(step), _int64_word(stream)], dtype=torch.int64,
+                        device=device)
+
+
+RoundingSeed = Union[int, torch.Tensor]
+
+
+def checked_rounding_seed(stochastic_rounding, rounding_seed, master_params) -> Optional[RoundingSeed]:
     """The call's stochastic-rounding seed after its checks; None: round to nearest.
 
     Stochastic rounding stores the 16-bit params of the call (fp16/bf16; fp32 and
     fp64 params have nothing to round) rounded up or down at random; it replaces
-    master weights, so a call with both is refused. Under torch.compile the seed
-    would be fixed into the graph, so it is refused there (the optimizer classes
-    run such a step eagerly)."""
+    master weights, so a call with both is refused. The seed is an int in
+    [0, 2**64) or its device form (``stochastic_rounding_state``: three int64
+    words the kernel reads; device checked per batch by ``device_scalars``).
+    Under torch.compile an int seed would be fixed into the graph, so only the
+    tensor form is accepted there."""
     _hyper.check_bool(stochastic_rounding, "stochastic_rounding")
     if not stochastic_rounding:
         return None
     if master_params is not None:
         raise ValueError("stochastic_rounding=True with master_params: stochastic rounding is for float16/bfloat16 "
                          "params without master weights (pass one or the other)")
+    if isinstance(rounding_seed, torch.Tensor):
+        check_rounding_words(rounding_seed, "rounding_seed")
+        return rounding_seed
     if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
         raise TypeError("stochastic_rounding=True needs rounding_seed, an int in [0, 2**64) that changes every step "
-                        f"(e.g. fusedopt.functional.stochastic_rounding_seed(seed, step)); got {rounding_seed!r}")
+                        "(e.g. fusedopt.functional.stochastic_rounding_seed(seed, step)) or an int64 tensor "
+                        f"[seed, step, stream] (fusedopt.functional.stochastic_rounding_state); got {rounding_seed!r}")
     if not 0 <= rounding_seed < 2**64:
         raise ValueError(f"rounding_seed must be in [0, 2**64); got {rounding_seed}")
     if compiling():
-        raise RuntimeError("stochastic_rounding=True is not supported under torch.compile (the seed of each step "
-                           "would be fixed into the graph); call it eagerly (the optimizer classes do)")
+        raise RuntimeError("stochastic_rounding=True under torch.compile needs rounding_seed as a tensor "
+                           "(fusedopt.functional.stochastic_rounding_state(seed, step, stream, device), advanced "
+                           "in place each step): an int seed would be fixed into the graph")
     return rounding_seed
 
 
+def _rounding_words(words: torch.Tensor, dev: torch.device, capturing: bool) -> torch.Tensor:
+    """The seed words on the batch's device: a view when already there (the
+    optimizer classes keep them on the group's device); else a copy, refused under
+    capture (a copy made at capture time would replay with its captured step).
+    A copy to the CPU waits for the words (the CPU kernel reads them at once)."""
+    if words.device == dev:
+        return words
+    if capturing:
+        raise RuntimeError(f"under CUDA graph capture the rounding_seed tensor must be on {dev}, the device of "
+                           f"the params it rounds; it is on {words.device}")
+    return words.to(dev, non_blocking=dev.type == "cuda")
+
+
 def device_scalars(plan: StepPlan, lr, grad_scale, found_inf, amp_names=("grad_scale", "found_inf"),
-                   rounding_seed: Optional[int] = None) -> Dict[torch.device, DeviceScalars]:
-    """The scalars of a call for each device its batches are on. ``rounding_seed``
-    (from ``checked_rounding_seed``) is refused under CUDA graph capture for
-    16-bit batches: a host seed would be fixed into the graph, and every replay
-    would round with the same bits."""
+                   rounding_seed: Optional[RoundingSeed] = None) -> Dict[torch.device, DeviceScalars]:
+    """The scalars of a call for each device its batches are on. An int
+    ``rounding_seed`` (from ``checked_rounding_seed``) is refused under CUDA graph
+    capture for 16-bit batches: a host seed would be fixed into the graph, and
+    every replay would round with the same bits; the tensor form is read by
+    the kernel at replay."""
     out: Dict[torch.device, DeviceScalars] = {}
+    words = rounding_seed if isinstance(rounding_seed, torch.Tensor) else None
+    host_seed = None if words is not None else rounding_seed
+    rounded = {b.table.device for b in plan.batches if b.table.dtype in _SIXTEEN_BIT}  # devices that need the words
     for b in plan.batches:
         dev = b.table.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing and rounding_seed is not None and b.table.dtype in _SIXTEEN_BIT:
+        if capturing and host_seed is not None and b.table.dtype in _SIXTEEN_BIT:
             raise RuntimeError(
-                "stochastic_rounding=True cannot be captured in a CUDA graph: its per-step seed is a host "
-                "number that would be fixed into the graph (every replay would round with the same bits); "
-                "use master_weights=True for captured steps, or run them eagerly")
+                "stochastic_rounding=True with an int rounding_seed cannot be captured in a CUDA graph: the host "
+                "number would be fixed into the graph (every replay would round with the same bits); pass "
+                "rounding_seed as a device tensor instead (fusedopt.functional.stochastic_rounding_state(seed, "
+                "step, stream, device='cuda'), advanced in place each step), as the optimizer classes do")
         if dev not in out:
             if capturing:
                 plan.captured = True  # its buffers may now be used by a graph: keep them alive
             lr_value, lr_tensor = _lr_scalars(lr, dev, capturing)
             out[dev] = DeviceScalars(lr_value, lr_tensor, _amp_scalar(grad_scale, dev, amp_names[0]),
-                                     _amp_scalar(found_inf, dev, amp_names[1]), rounding_seed)
+                                     _amp_scalar(found_inf, dev, amp_names[1]), host_seed,
+                                     _rounding_words(words, dev, capturing) if words is not None and dev in rounded
+                                     else None)
     return out
 
 

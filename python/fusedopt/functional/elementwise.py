@@ -58,7 +58,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         master_params: Optional[List[Optional[torch.Tensor]]] = None, state_dtype: Optional[torch.dtype] = None,
         momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
         momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
-        stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
+        stochastic_rounding: bool = False, rounding_seed=None,
         plan: Optional[StepPlan] = None, launch: bool = True, _names=None):
     r"""SGD with momentum over lists of tensors: ``torch.optim.sgd.sgd``'s arguments and numbers.
 
@@ -90,9 +90,15 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
         stochastic_rounding: store float16/bfloat16 params (no master_params)
             rounded up or down at random, with probability proportional to the
             distance, instead of to nearest; fp32/fp64 params are unaffected.
-            Needs ``rounding_seed``: an int in [0, 2**64) that must change every
-            step (:func:`stochastic_rounding_seed`); each element's bits are a
-            function of (rounding_seed, its param's position in the call, its
+            Needs ``rounding_seed``, the call seed, which must change every step:
+            an int in [0, 2**64) (:func:`stochastic_rounding_seed` of a user
+            seed, the step and a stream), or the same as an int64 tensor
+            ``[seed, step, stream]`` on the params' device
+            (:func:`stochastic_rounding_state`) from which the kernel derives
+            the call seed where it runs (the same bits as the int; no host
+            read), advanced in place between steps. Only the tensor form can
+            be captured in a CUDA graph or compiled. Each element's bits are a
+            function of (call seed, its param's position in the call, its
             index in the param) only. README "Stochastic rounding".
         plan: a ``fusedopt.functional.StepPlan`` kept by the caller; calls with the
             same tensors reuse its checks and row tables (only grads are re-checked).
@@ -112,7 +118,7 @@ def sgd(params: List[torch.Tensor], d_p_list: List[torch.Tensor], momentum_buffe
                                                                 master_params=master_params),
                                   dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                                        nesterov=bool(nesterov), maximize=bool(maximize), state_dtype=state_dtype),
-                                  lr, grad_scale, found_inf)
+                                  lr, grad_scale, found_inf, rounding_seed=seed)
     columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages, momentum_buffer_absmaxes) \
         + _master_column(master_params)
     plan = prepare(_SGD, params, d_p_list, columns, labels=Labels(_names), state_dtype=state_dtype,
@@ -130,7 +136,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          *, amsgrad: bool, beta1, beta2, lr, weight_decay: float, eps: float, maximize: bool,
          eps_inside_sqrt: bool = False, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, absmaxes: Optional[List[torch.Tensor]] = None,
-         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None, plan: Optional[StepPlan] = None,
+         stochastic_rounding: bool = False, rounding_seed=None, plan: Optional[StepPlan] = None,
          launch: bool = True, _names=None):
     r"""Adam over lists of tensors: ``torch.optim.adam.adam``'s arguments and numbers.
 
@@ -178,7 +184,7 @@ def adam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
                                        eps=eps, maximize=bool(maximize), eps_inside_sqrt=bool(eps_inside_sqrt),
                                        decoupled_weight_decay=bool(decoupled_weight_decay),
                                        state_dtype=state_dtype),
-                                  lr, grad_scale, found_inf)
+                                  lr, grad_scale, found_inf, rounding_seed=seed)
     columns = [Column("exp_avg", "exp_avgs", STATE, exp_avgs), Column("exp_avg_sq", "exp_avg_sqs", STATE, exp_avg_sqs)]
     if amsgrad:
         columns.append(Column("max_exp_avg_sq", "max_exp_avg_sqs", STATE, max_exp_avg_sqs))

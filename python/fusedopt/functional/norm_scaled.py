@@ -101,7 +101,7 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
          trust_clip: bool, always_adapt: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, momentum_buffer_ages: Optional[List[Optional[torch.Tensor]]] = None,
          momentum_buffer_absmaxes: Optional[List[Optional[torch.Tensor]]] = None,
-         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
+         stochastic_rounding: bool = False, rounding_seed=None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LARS over lists of tensors (the formulas of :class:`fusedopt.LARS`), in the
     shape of :func:`sgd`: momentum buffers None on the first step are created and
@@ -126,7 +126,8 @@ def lars(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer_
                                                               momentum_buffer_ages=momentum_buffer_ages,
                                                               momentum_buffer_absmaxes=momentum_buffer_absmaxes,
                                                               master_params=master_params),
-                                  {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf)
+                                  {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf,
+                                  rounding_seed=seed)
     columns = momentum_columns(momentum, momentum_buffer_list, momentum_buffer_ages, momentum_buffer_absmaxes)
     if master_params is not None:
         columns.append(Column("master", "master_params", MASTER, master_params))
@@ -147,7 +148,7 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
          always_adapt: bool, decoupled_decay: bool, master_params: Optional[List[Optional[torch.Tensor]]] = None,
          state_dtype: Optional[torch.dtype] = None, clip_grad_sq: Optional[ClipSums] = None,
          absmaxes: Optional[List[torch.Tensor]] = None,
-         stochastic_rounding: bool = False, rounding_seed: Optional[int] = None,
+         stochastic_rounding: bool = False, rounding_seed=None,
          plan: Optional[StepPlan] = None, launch: bool = True, _names=None, _split: bool = False):
     r"""LAMB over lists of tensors (the formulas of :class:`fusedopt.LAMB`), in the
     shape of :func:`adam` without amsgrad.
@@ -174,7 +175,7 @@ def lamb(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[t
                                                               state_steps=state_steps, master_params=master_params,
                                                               absmaxes=absmaxes),
                                   {k: v for k, v in h.items() if k != "lr"}, lr, grad_scale, found_inf,
-                                  clip_grad_sq=clip_grad_sq)
+                                  clip_grad_sq=clip_grad_sq, rounding_seed=seed)
     columns = [Column("exp_avg", "exp_avgs", STATE, exp_avgs), Column("exp_avg_sq", "exp_avg_sqs", STATE, exp_avg_sqs),
                Column("step", "state_steps", STEP, state_steps)]
     if master_params is not None:

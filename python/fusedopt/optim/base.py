@@ -18,7 +18,11 @@ Options every subclass gets from here (README "Mixed precision"):
 and ``state_dtype`` (fp32 or bf16 moment/momentum states); and, where the
 class sets ``_supports_stochastic_rounding``, ``stochastic_rounding`` (16-bit
 params without master rounded up or down at random; README "Stochastic
-rounding") with the optimizer's ``seed``. Under
+rounding") with the optimizer's ``seed``: each group with it keeps its seed
+words in ``group["rounding_state"]``, an int64 tensor [seed, steps, group
+index] on its params' device that the kernels read and ``step()`` advances on
+the device (so steps can be captured in a CUDA graph, and it is saved with the
+param groups in ``state_dict()``). Under
 ``torch.compile`` the functional entries become custom ops (python/fusedopt/_ops.py).
 """
 from __future__ import annotations
@@ -29,13 +33,17 @@ import torch
 
 from .. import _C, _hyper
 from .._dtensor import is_dtensor, local_tensor
-from .._kernels.checks import check_param
-from ..functional import StepPlan, stochastic_rounding_seed
+from .._kernels.checks import check_param, check_rounding_words
+from ..functional import StepPlan, stochastic_rounding_state
 from ..functional._step import check_calls_apart
 from . import state as _state
-from .state import TrackedState
+from .state import ROUNDING_STATE, TrackedState
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @torch.compiler.disable
@@ -88,9 +96,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None; got {seed!r}")
         # Stochastic rounding: step s of group g rounds with stochastic_rounding_seed(seed, s, g),
-        # computed on the host (no device read); seed None: torch.initial_seed() now.
+        # derived by the kernel from the group's words (group[ROUNDING_STATE], made by
+        # _ensure_rounding_state); seed None: torch.initial_seed() now.
         self._rounding_seed = torch.initial_seed() if seed is None else seed
-        self._rounding_step = 0
         self._epoch = [0]
         self._group_cache: Dict[int, _GroupLists] = {}
         self._plans: Dict[int, StepPlan] = {}
@@ -160,6 +168,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where}: stochastic_rounding=True and master_weights=True exclude each other "
                                  "(stochastic rounding replaces the fp32 master copy of 16-bit params); "
                                  "turn one off")
+            if group.get(ROUNDING_STATE) is not None:
+                check_rounding_words(group[ROUNDING_STATE], f"{where}['{ROUNDING_STATE}']")
         sd = group.get("state_dtype")
         allowed = (torch.float32, torch.bfloat16) if self._supports_bf16_state else (torch.float32,)
         if self._quantized_states:
@@ -182,12 +192,52 @@ class FusedOptimizer(torch.optim.Optimizer):
             if st.get(key) is None and self._state_key_required_when_loaded(key):
                 raise ValueError(f"state of {name} has no '{key}'; expected it for these hyperparameters")
 
-    def _rounding_kwargs(self, group: dict, gi: int) -> dict:
-        """The functional keywords of a group's stochastic rounding this step (none when off)."""
+    @staticmethod
+    def _group_device(group: dict) -> Optional[torch.device]:
+        """Where a group's rounding words live: the device of its first param."""
+        return local_tensor(group["params"][0]).device if group["params"] else None
+
+    def _new_rounding_state(self, group: dict, gi: int) -> Optional[torch.Tensor]:
+        """A group's stochastic-rounding words at step 0: [seed, 0, gi] on the group's
+        device (None for a group without params). Made eagerly (at construction,
+        add_param_group and load_state_dict): a copy from the host cannot be
+        captured in a CUDA graph."""
+        device = self._group_device(group)
+        if device is None:
+            return None
+        if _capturing(device):
+            raise RuntimeError(
+                f"param_groups[{gi}] has stochastic_rounding=True but no '{ROUNDING_STATE}' (its step counter), "
+                "which cannot be created inside CUDA graph capture: run at least one eager step before capturing")
+        return stochastic_rounding_state(self._rounding_seed, 0, gi, device=device)
+
+    def _ensure_rounding_state(self, group: dict, gi: int) -> None:
+        if group.get("stochastic_rounding") and group.get(ROUNDING_STATE) is None:
+            words = self._new_rounding_state(group, gi)
+            if words is not None:
+                group[ROUNDING_STATE] = words
+
+    def _rounding_kwargs(self, group: dict, gi: int, pending: dict) -> dict:
+        """The functional keywords of a group's stochastic rounding this step (none
+        when off): its device words, the tensor form of the seed, so that no host
+        number is fixed into a captured graph or a compiled one. Words a group
+        lacks (stochastic_rounding switched on later) go to ``pending``."""
         if not group.get("stochastic_rounding"):
             return {}
-        return dict(stochastic_rounding=True,
-                    rounding_seed=stochastic_rounding_seed(self._rounding_seed, self._rounding_step, gi))
+        words, device = group.get(ROUNDING_STATE), self._group_device(group)
+        if words is None:
+            words = pending[gi] = self._new_rounding_state(group, gi)
+        elif device is not None and words.device != device and not _capturing(device):
+            words = pending[gi] = words.to(device)  # the params moved since (module.to): follow them
+        return {} if words is None else dict(stochastic_rounding=True, rounding_seed=words)
+
+    def _advance_rounding(self) -> None:
+        """One more step in every group with stochastic rounding, on the device (an
+        in-place add, so a captured graph advances it at each replay)."""
+        for group in self.param_groups:
+            words = group.get(ROUNDING_STATE) if group.get("stochastic_rounding") else None
+            if words is not None:
+                words[1:2].add_(1)
 
     # ---- step ------------------------------------------------------------------
     @torch.no_grad()
@@ -199,9 +249,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         if torch.compiler.is_compiling():
             if self._eager_for_dtensors_when_compiled and self._any_dtensor_param():
-                return _eager_step_outside_compile(self, closure)
-            if any(group.get("stochastic_rounding") for group in self.param_groups):
-                # the per-step seed is a host number: a graph would fix it (checked_rounding_seed)
                 return _eager_step_outside_compile(self, closure)
             return self._compiled_step(closure)
         return self._eager_step(closure)
@@ -216,9 +263,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _eager_step(self, closure=None):
         loss, grad_scale, found_inf = self._closure_and_amp(closure)
-        prepared, pending = [], {}
+        prepared, pending, rounding = [], {}, {}
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
+            rounding_kw = self._rounding_kwargs(group, gi, rounding)
             entry, grads = self._group_lists(gi, group, pending)
             if entry is None:
                 continue
@@ -227,7 +275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 plan = self._plans[gi] = StepPlan(owned_lists=True)
             call = self._call(group, entry, grads, grad_scale, found_inf, plan=plan, launch=False,
                               _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32,
-                              **self._rounding_kwargs(group, gi))
+                              **rounding_kw)
             prepared.append((group, entry, call))
         check_calls_apart([call for _, _, call in prepared])  # across groups: each checked its own tensors
         # Everything is checked: commit new state, then write.
@@ -238,8 +286,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "capture (the zero fill would replay): run at least one eager step before capturing")
             for p, st in pending.items():
                 self.state[p] = TrackedState(self._epoch, st)
+        for gi, words in rounding.items():
+            self.param_groups[gi][ROUNDING_STATE] = words
         self._launch(prepared)
-        self._rounding_step += 1
+        self._advance_rounding()
         for group, entry, call in prepared:
             if call.created:
                 self._after_launch(group, entry, call.created)
@@ -312,19 +362,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The step as dynamo traces it: one functional call (a custom op) per group.
         The first step, which creates state, runs eagerly (one graph break)."""
         for group in self.param_groups:
+            if group.get("stochastic_rounding") and group["params"]:
+                words = group.get(ROUNDING_STATE)
+                if words is None or words.device != self._group_device(group):
+                    return _eager_step_outside_compile(self, closure)  # makes or moves them
             for p in group["params"]:
                 if p.grad is not None and self._needs_new_state(group, p):
                     return _eager_step_outside_compile(self, closure)
         loss, grad_scale, found_inf = self._closure_and_amp(closure)
         extra = self._compiled_extra()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self.state[p] for p in params]
             master = [st.get("master") for st in states] if any(self._uses_master(group, p) for p in params) else None
             entry = _GroupLists(None, params, None, self._state_lists(group, states), master)
-            self._call(group, entry, [p.grad for p in params], grad_scale, found_inf, **extra(group))
+            self._call(group, entry, [p.grad for p in params], grad_scale, found_inf, **extra(group),
+                       **self._rounding_kwargs(group, gi, {}))
+        self._advance_rounding()
         return loss
 
     def _compiled_extra(self) -> Callable[[dict], dict]:
@@ -348,11 +404,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if hasattr(self, "_epoch"):
             self._epoch[0] += 1
             self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            self._ensure_rounding_state(self.param_groups[-1], len(self.param_groups) - 1)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._rounding_seed = getattr(self, "_rounding_seed", torch.initial_seed())
-        self._rounding_step = getattr(self, "_rounding_step", 0)
         self._epoch = [0]
         self._group_cache = {}
         self._plans = {}

@@ -71,7 +71,8 @@ class LAMB(FusedOptimizer):
             random instead of to nearest, so that steps below half an ulp still move
             them on average: no fp32 master copy (excludes master_weights; ignored for
             fp32/fp64 params). README "Stochastic rounding".
-        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``),
+            kept with the step count in ``group["rounding_state"]`` (device words; in ``state_dict()``).
 
     Passes over memory per step: (1) when any group clips, read every grad once for
     the per-tensor grad norms (one ``_C`` call per (device, dtype) for all groups);

@@ -56,7 +56,8 @@ class LARS(MomentumState, FusedOptimizer):
             random instead of to nearest, so that steps below half an ulp still move
             them on average: no fp32 master copy (excludes master_weights; ignored for
             fp32/fp64 params). README "Stochastic rounding".
-        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``),
+            kept with the step count in ``group["rounding_state"]`` (device words; in ``state_dict()``).
 
     Passes over memory per step, per (device, dtype) batch of a group, all in
     one ``_C`` call: (1) read p and g once for the per-tensor norms (skipped

@@ -119,7 +119,8 @@ class SGD(MomentumState, FusedOptimizer):
             random instead of to nearest, so that steps below half an ulp still move
             them on average: no fp32 master copy (excludes master_weights; ignored for
             fp32/fp64 params). README "Stochastic rounding".
-        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``).
+        seed (int, optional): seed of the rounding bits (default: ``torch.initial_seed()``),
+            kept with the step count in ``group["rounding_state"]`` (device words; in ``state_dict()``).
         foreach, fused: accepted for compatibility; fusedopt is always fused.
 
     One ``_C`` call per (device, dtype) batch of a group per step. State:

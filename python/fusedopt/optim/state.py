@@ -11,6 +11,11 @@ from typing import Any, List
 import torch
 
 from .._dtensor import is_dtensor, local_tensor
+from .._kernels.checks import check_rounding_words
+
+# The param-group key of a group's stochastic-rounding words (seed, step, stream;
+# base.py FusedOptimizer._new_rounding_state), saved and loaded with the groups.
+ROUNDING_STATE = "rounding_state"
 
 
 class TrackedState(dict):
@@ -85,7 +90,9 @@ def load_state_dict(opt, state_dict: dict) -> None:
         ng["params"] = group["params"]
         if "param_names" in group:
             ng["param_names"] = group["param_names"]
+        _load_rounding_state(opt, ng, gi)
         opt._check_group(ng, gi)
+        opt._ensure_rounding_state(ng, gi)  # a checkpoint without one (older fusedopt, torch.optim): step 0
         new_groups.append(ng)
     new_state = {}
     for pid, saved_st in state_dict["state"].items():
@@ -108,6 +115,18 @@ def load_state_dict(opt, state_dict: dict) -> None:
     opt.param_groups[:] = new_groups
     opt._epoch[0] += 1
     opt._group_cache.clear()
+
+
+def _load_rounding_state(opt, group: dict, gi: int) -> None:
+    """A loaded group's stochastic-rounding words (seed, step, stream), checked and
+    copied to the group's device: the resumed optimizer continues the saved bit
+    stream (the saved seed included)."""
+    words = group.get(ROUNDING_STATE)
+    if words is None:
+        return
+    check_rounding_words(words, f"loaded param_groups[{gi}]['{ROUNDING_STATE}']")
+    device = opt._group_device(group)
+    group[ROUNDING_STATE] = words.to(device=device if device is not None else words.device, copy=True)
 
 
 def _like_param(value: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
