@@ -75,13 +75,19 @@ def test_no_host_memory_growth_when_plans_are_rebuilt(spec, seed):
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=repr)
 def test_no_device_memory_growth(spec, seed):
+    # A Muon Newton-Schulz step launches tens of kernels (3 batched matmuls per shape and
+    # iteration; the other optimizers a few): a quarter of the
+    # steps keeps the four Newton-Schulz settings inside tools/gpu_check.sh's 75 s test stage.
+    # Device memory is compared exactly (one leaked step shows); the host side of these
+    # steps is the CPU test's, over the full 10 000.
+    n = STEPS // 4 if spec.matrices else STEPS
     params = small_model("cuda")
     opt = spec.make(params, **spec.hyper)
     steps(opt, 500)
     torch.cuda.synchronize()
     before_dev, before_host = torch.cuda.memory_allocated(), rss_bytes()
-    steps(opt, STEPS)
+    steps(opt, n)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before_dev
     grown = rss_bytes() - before_host
-    assert grown < 4 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over {STEPS} steps"
+    assert grown < 4 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over {n} steps"
