@@ -6,8 +6,8 @@ deliberate defect per case (non-contiguous param, overlapping params, a grad
 aliasing its param, an invalid hyperparameter). Properties:
 
 - a valid case is accepted and matches the reference (torch.optim, foreach=False;
-  16-bit params: the reference runs in fp32 and rounds the param each step,
-  which is what the fused kernels do);
+  16-bit params: the reference runs in fp32; each step is compared from the
+  same start, the reference going on from the fused param);
 - a defective case raises ValueError/TypeError and leaves params, grads and
   state bit-identical;
 - the process never dies by a signal: the fuzz runs in a child process
@@ -50,12 +50,26 @@ def tolerance(spec, dtype, case, dtypes):
     clips = spec.make is fusedopt.LAMB and any(g["hyper"].get("max_grad_norm") is not None for g in case["groups"])
     if dtype is torch.float64 and clips and any(d is not torch.float64 for d in dtypes):
         return TOL[torch.float32]
-    if spec.rounds and dtype in (torch.float16, torch.bfloat16):
-        # stochastic rounding: each step one of the two neighbours of the fp32 result, not
-        # the nearest one the reference takes: up to one more ulp apart per step
-        rtol, atol = TOL[dtype]
-        return rtol * (1 + case["steps"]), atol
+    # 16-bit params, with stochastic rounding too: the stored value is a 16-bit neighbour of
+    # the step's fp32 result (the nearest one, or either one at random): within TOL of it.
     return TOL[dtype]
+
+
+def check_step(i, p, q, before, spec, hyper, tol):
+    """One step of fused param p against the reference q (both from ``before``): within
+    rtol of the step's magnitude (the larger of the param before and after it) plus atol,
+    plus, for settings computed below the param's precision (Muon's lower ns_dtype),
+    spec.update_rtol of the reference's largest update element."""
+    rtol, atol = tol
+    got, want, start = p.detach().double(), q.detach().double(), before.double()
+    bound = atol + rtol * torch.maximum(want.abs(), start.abs())
+    rtol_update = spec.update_rtol(p, hyper)
+    if rtol_update and q.numel():
+        bound = bound + rtol_update * float((want - start).abs().max())
+    ok = (got == want) | (got.isnan() & want.isnan()) | ((got - want).abs() <= bound)
+    assert ok.all(), (f"param {i} ({p.dtype}, shape {list(p.shape)}): {int((~ok).sum())} of {p.numel()} "
+                      f"elements differ beyond {rtol} x magnitude + {atol} in one step; first: got "
+                      f"{got[~ok][:4].tolist()}, want {want[~ok][:4].tolist()}, from {start[~ok][:4].tolist()}")
 
 
 @st.composite
@@ -159,15 +173,7 @@ def run_case(case):
     ref = spec.reference([{"params": ps, **h} for ps, h in zip(ref_groups, hypers)])
     flat, ref_flat = [p for ps in groups for p in ps], [p for ps in ref_groups for p in ps]
     flat_hyper = [h for ps, h in zip(groups, hypers) for _ in ps]
-    # Settings computed below the param's precision (Muon's lower ns_dtype): each step adds
-    # spec.update_rtol of the reference's largest update element to the bound.
-    slack = [0.0] * len(flat)
-
-    # Largest |value| each reference param passed through: a rounding that went the
-    # other way at an earlier step stays as an offset of one ulp *of that step's
-    # magnitude*, even when the param shrinks afterwards (LARS with a large
-    # trust_coeff can nearly cancel a param), so the bound scales with it.
-    peak = [q.detach().abs().double() for q in ref_flat]
+    dtypes = {t.dtype for t in flat}
     for step in range(case["steps"]):
         grads = new_grads(flat, gen, case["none_grad_p"] if step else 0.0, pinned)
         for p, q, g in zip(flat, ref_flat, grads):
@@ -187,21 +193,13 @@ def run_case(case):
         ref.step()
         with torch.no_grad():
             for i, (p, q) in enumerate(zip(flat, ref_flat)):
-                rtol_update = spec.update_rtol(p, flat_hyper[i])
-                if rtol_update and q.numel():
-                    slack[i] += rtol_update * float((q - before[i]).abs().max())
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    q.copy_(q.to(p.dtype).float())  # the fused param is stored rounded each step
-                peak[i] = torch.maximum(peak[i], q.abs().double())
-    for i, (p, q) in enumerate(zip(flat, ref_flat)):
-        rtol, atol = tolerance(spec, p.dtype, case, {t.dtype for t in flat})
-        got, want = p.detach().double(), q.detach().double()
-        same = (got == want) | (got.isnan() & want.isnan())
-        close = (got - want).abs() <= atol + rtol * peak[i] + slack[i]
-        bad = ~(same | close)
-        assert not bad.any(), (f"param {i} ({p.dtype}, shape {list(p.shape)}): {int(bad.sum())} of {p.numel()} "
-                               f"elements differ beyond {rtol} x peak + {atol}; first: got "
-                               f"{got[bad][:4].tolist()}, want {want[bad][:4].tolist()}")
+                check_step(i, p, q, before[i], spec, flat_hyper[i], tolerance(spec, p.dtype, case, dtypes))
+                # The reference goes on from the fused param: each step is compared from the
+                # same start. A rounding difference fed back through the next update can grow
+                # far beyond an ulp: Adam with L2 decay and beta2 = 0 divides by |g + wd p|,
+                # which cancels to near 0 for some elements (found by this fuzz, in fp32 and
+                # with stochastic rounding), so a bound accumulated over steps does not hold.
+                q.copy_(p.detach().to(q.dtype))
     return "accepted"
 
 
