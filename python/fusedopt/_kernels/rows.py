@@ -161,24 +161,23 @@ class RowTable:
 _NONE = np.zeros(0, np.int64)
 
 
-# The last set of tables ``check_tables_apart`` saw, their merged written ranges and
-# their rows' grad sizes, one tuple (read and replaced whole): they change only when a
-# plan is rebuilt, so a kept step merges nothing.
-_LAST_APART: list = [((), _NONE, _NONE, _NONE)]
-
-
-def check_tables_apart(tables: Sequence[RowTable]) -> None:
+def check_tables_apart(tables: Sequence[RowTable], memo: list) -> None:
     """Several tables of one step (an optimizer's param groups, and the dtypes of one):
     no param or state of one shares a byte with a param or state of another, and no
     grad of any shares a byte with any of them. Each table checks its own tensors
     (``check_no_overlap``, the per-step grad check); this compares across them: one
     sorted merge per set of tables, and per step one searchsorted of all their grads.
     A grad aliasing another group's param would be read after, or while, that group
-    writes it."""
+    writes it. ``memo``: the caller's one-slot cache (a list, empty at first) of the
+    last set of tables with their merged written ranges and grad sizes: they change
+    only when a plan is rebuilt, so a kept step merges nothing. The optimizer that
+    owns the tables keeps it (two optimizers stepped in turn do not evict each other's)."""
     if len(tables) < 2:
         return
-    last_tables, starts, ends, nbytes = _LAST_APART[0]
-    if len(last_tables) != len(tables) or not all(a is b for a, b in zip(last_tables, tables)):
+    cached = memo[0] if memo else None
+    if cached is not None and len(cached[0]) == len(tables) and all(a is b for a, b in zip(cached[0], tables)):
+        _, starts, ends, nbytes = cached
+    else:
         starts = np.concatenate([t._written[0] for t in tables])
         ends = np.concatenate([t._written[1] for t in tables])
         owner = np.concatenate([np.full(len(t._written[0]), k, np.int64) for k, t in enumerate(tables)])
@@ -192,7 +191,7 @@ def check_tables_apart(tables: Sequence[RowTable]) -> None:
                              "state of this step (of another param group or dtype); fusedopt needs every parameter "
                              "and state tensor to own its memory")
         nbytes = np.concatenate([t.nbytes for t in tables])
-        _LAST_APART[0] = (tuple(tables), starts, ends, nbytes)
+        memo[:] = [(tuple(tables), starts, ends, nbytes)]
     if starts.size == 0:
         return
     # as RowTable._check_grads_do_not_alias, every table's grads against every table's ranges

@@ -174,10 +174,11 @@ class PreparedStep:
         self.created = self.plan.commit_created(self._columns)
 
 
-def check_calls_apart(calls: Sequence[PreparedStep]) -> None:
+def check_calls_apart(calls: Sequence[PreparedStep], memo: list) -> None:
     """Prepared calls of one step (an optimizer's param groups) write no memory that
-    another reads or writes (each call checked its own tensors). Raises before any runs."""
-    check_tables_apart([b.table for c in calls for b in c.plan.batches])
+    another reads or writes (each call checked its own tensors). Raises before any runs.
+    ``memo``: the caller's cache for ``check_tables_apart``."""
+    check_tables_apart([b.table for c in calls for b in c.plan.batches], memo)
 
 
 def finish(plan: StepPlan, columns: Sequence[Column], run: Callable[..., None], launch: bool):

@@ -62,6 +62,8 @@ class SharpnessTracker:
         seed: the first estimate's random start vector.
     """
 
+    MAX_EXTRAPOLATION = 2.0  # the warm start's factor (s - s1) / (s1 - s0) at most
+
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, data, *, optimizer=None, k: int = 1,
                  tol: float = 1e-3, preconditioned: bool = False, params=None, mode: str = "eval", seed: int = 0,
                  method: str = "auto"):
@@ -105,8 +107,6 @@ class SharpnessTracker:
         # (k = 2 on the test MLP: 9.7 HVPs per warm estimate from the top one alone, 4.8 from the sum).
         start = start.sum(dim=1)
         return start if float(start.norm()) > 0.5 else x1[:, -1]
-
-    MAX_EXTRAPOLATION = 2.0
 
     def update(self, step: Optional[int] = None) -> SharpnessRecord:
         op = precondition(self.op, self.optimizer) if self.preconditioned else self.op

@@ -102,6 +102,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._epoch = [0]
         self._group_cache: Dict[int, _GroupLists] = {}
         self._plans: Dict[int, StepPlan] = {}
+        self._apart_memo: list = []  # check_calls_apart's cache of the groups' merged ranges
         super().__init__(params, defaults)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
@@ -277,7 +278,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                               _names=entry.names, state_dtype=group.get("state_dtype") or torch.float32,
                               **rounding_kw)
             prepared.append((group, entry, call))
-        check_calls_apart([call for _, _, call in prepared])  # across groups: each checked its own tensors
+        check_calls_apart([call for _, _, call in prepared], self._apart_memo)  # across groups: each checked its own tensors
         # Everything is checked: commit new state, then write.
         if pending:
             if any(p.device.type == "cuda" for p in pending) and torch.cuda.is_current_stream_capturing():
@@ -412,6 +413,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._epoch = [0]
         self._group_cache = {}
         self._plans = {}
+        self._apart_memo = []
         for p, st in list(self.state.items()):
             if isinstance(st, dict) and not isinstance(st, TrackedState):
                 self.state[p] = TrackedState(self._epoch, st)
