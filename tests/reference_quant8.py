@@ -35,7 +35,7 @@ def _table(exp_bits: int, mant_bits: int) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float64)
 
 
-SIGNED_MAG = _table(4, 3)  # the 7 bits under the sign bit
+SIGNED_MAG = _table(3, 4)  # the 7 bits under the sign bit
 UNSIGNED = _table(5, 3)
 
 

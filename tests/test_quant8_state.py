@@ -10,6 +10,7 @@ import torch
 import fusedopt
 from fusedopt._kernels import quant8
 from helpers import snapshot, tiny_model, twin
+import reference_quant8
 from reference_quant8 import RefAdamW8bit, RefSGD8bit, dequantize, quantize
 
 CASES = {
@@ -98,6 +99,84 @@ def test_loading_codes_without_their_scales_is_refused(seed):
     with pytest.raises(ValueError, match="holds 8-bit codes but its 'absmax'"):
         target.load_state_dict(sd)
     assert not target.state
+
+
+FP32 = {"AdamW": lambda ps: fusedopt.AdamW(ps, lr=1e-2), "SGD": lambda ps: fusedopt.SGD(ps, lr=0.05, momentum=0.9)}
+LEGACY_SIGNED = reference_quant8._table(4, 3)  # fusedopt's first signed code: sign + e4m3
+
+
+def _legacy_quantize(values):
+    """(codes, absmax) of fp32 values in the first format (written from its definition)."""
+    absmax = reference_quant8.block_absmax(values)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    x = values.reshape(-1) * reference_quant8._per_element(inv, values.reshape(-1))
+    mag = reference_quant8._nearest(LEGACY_SIGNED, x.abs())
+    return ((x < 0).to(torch.int64) * 128 + mag).to(torch.uint8).view(torch.int8).view(values.shape), absmax
+
+
+def _legacy_dequantize(codes, absmax):
+    c = codes.reshape(-1).view(torch.uint8).to(torch.int64)
+    v = LEGACY_SIGNED[c % 128].float()
+    v = torch.where(c >= 128, -v, v)
+    return (v * reference_quant8._per_element(absmax, v)).view(codes.shape)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_checkpoint_in_the_first_code_format_loads(name, seed):
+    """A checkpoint of fusedopt's first 8-bit format (signed codes sign + e4m3; its param
+    groups do not name a format) loads: an int8 optimizer gets the values requantized in
+    today's code, fp32 state gets the values themselves; unsigned codes (unchanged
+    format) stay bit for bit. An unknown format is refused with nothing written."""
+    make, torch_make, keys = CASES[name]
+    model = tiny_model()
+    opt = make(model.parameters())
+    _train(model, opt, 3, torch.Generator().manual_seed(seed))
+    sd = copy.deepcopy(opt.state_dict())
+    assert all(g[quant8.CODES_FORMAT_KEY] == quant8.CODES_FORMAT for g in sd["param_groups"])
+    old = copy.deepcopy(sd)
+    for g in old["param_groups"]:
+        del g[quant8.CODES_FORMAT_KEY]
+    values = {}
+    for pid, st in old["state"].items():
+        fp32 = fusedopt.dequantized_state_dict(opt)["state"][pid]
+        for row, (key, signed) in enumerate(keys):
+            if signed:
+                codes, absmax = _legacy_quantize(fp32[key])
+                st[key], st["absmax"][row] = codes, absmax
+                values[pid, key] = _legacy_dequantize(codes, absmax)
+                assert not torch.equal(codes, sd["state"][pid][key])  # the formats differ
+    fresh = make(twin(model).parameters())
+    fresh.load_state_dict(old)
+    assert all(quant8.CODES_FORMAT_KEY not in g for g in fresh.param_groups)
+    for pid, q in enumerate(fresh.param_groups[0]["params"]):
+        for row, (key, signed) in enumerate(keys):
+            if signed:
+                codes, absmax = quantize(values[pid, key].reshape(-1), True)
+                assert torch.equal(fresh.state[q][key].reshape(-1), codes), key
+                assert torch.equal(fresh.state[q]["absmax"][row], absmax), key
+            else:
+                assert torch.equal(fresh.state[q][key], old["state"][pid][key]), key
+                assert torch.equal(fresh.state[q]["absmax"][row], old["state"][pid]["absmax"][row]), key
+    # into fp32 state (a group without state_dtype): the values themselves
+    plain = FP32[name](twin(model).parameters())
+    as_fp32 = copy.deepcopy(old)
+    for g in as_fp32["param_groups"]:
+        del g["state_dtype"]
+    plain.load_state_dict(as_fp32)
+    for pid, q in enumerate(plain.param_groups[0]["params"]):
+        for row, (key, signed) in enumerate(keys):
+            want = values[pid, key] if signed else dequantize(
+                old["state"][pid][key].reshape(-1), old["state"][pid]["absmax"][row], False).view(q.shape)
+            assert plain.state[q][key].dtype is torch.float32 and torch.equal(plain.state[q][key], want), key
+    # an unknown format: refused, naming the key, with nothing written
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0][quant8.CODES_FORMAT_KEY] = "signed e2m5"
+    target = make(twin(model).parameters())
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in target.param_groups])
+    with pytest.raises(ValueError, match=quant8.CODES_FORMAT_KEY):
+        target.load_state_dict(bad)
+    assert not target.state
+    assert groups == [{k: v for k, v in g.items() if k != "params"} for g in target.param_groups]
 
 
 @pytest.mark.parametrize("name,ref_cls", [("AdamW", RefAdamW8bit), ("SGD", RefSGD8bit)])

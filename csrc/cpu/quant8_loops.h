@@ -46,8 +46,10 @@ inline float block_absmax(const float* __restrict__ in) {
 // The codes are IEEE half bit patterns in disguise, so where the CPU converts
 // halves in hardware (F16C) a block decodes with a few 16-bit integer operations
 // and one conversion per 16 elements, the same values as decode8 (ops/quant8.h):
-// - signed: sign, then the 7 bits e4m3 = a half's exponent (< 16) and top 3
-//   mantissa bits: half bits (c & 0x80) << 8 | (c & 0x7F) << 7, the value itself;
+// - signed: sign, then the 7 bits e3m4 = a half's exponent (< 8) and top 4
+//   mantissa bits: the half with bits (c & 0x80) << 8 | (c & 0x7F) << 6 is the
+//   value times 2^-8 (field 7, the code's 2^0, is the half's 2^-8; field 0 lands on
+//   the halves' subnormals, as the code's subnormals do);
 // - unsigned e5m3: the half with bits c << 7 is the value times 2^16, except in
 //   the top binade (field 31, 2^0), which a half reads as inf: there the half one
 //   binade down ((c << 7) - 0x400) is doubled. (Moving every code down one binade
@@ -64,8 +66,8 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
     __m512 f;
     if constexpr (K == Code8::kSigned) {
       const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
-                                        _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7));
-      f = _mm512_cvtph_ps(h);
+                                        _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 6));
+      f = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
     } else {
       const __m256i h = _mm256_slli_epi16(w, 7);
       const __m256i top = _mm256_cmpgt_epi16(w, _mm256_set1_epi16(247));
@@ -82,8 +84,8 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
     __m256 f;
     if constexpr (K == Code8::kSigned) {
       const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8),
-                                     _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7));
-      f = _mm256_cvtph_ps(h);
+                                     _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 6));
+      f = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
     } else {
       const __m128i h = _mm_slli_epi16(w, 7);
       const __m128i top = _mm_cmpgt_epi16(w, _mm_set1_epi16(247));
@@ -101,14 +103,19 @@ inline int64_t decode_as_halves(const uint8_t* __restrict__ c, int64_t n, float 
 
 // The code of x = in[i] * inv through a half (see decode_as_halves): the
 // conversion truncates (round toward zero), a bit is set where that dropped
-// anything (round to odd, with 7 spare bits), and rounding the half's pattern to
-// nearest even at bit 7 then gives exactly the nearest code, subnormals included.
-// - signed: the half of |x| (NaN -> 0, and -0 is not negative), then the sign;
+// anything (round to odd, with 6 or 7 spare bits), and rounding the half's pattern
+// to nearest even at the code's lowest bit (kCodeShift: 6 or 7) then gives
+// exactly the nearest code, subnormals included.
+// - signed: the half of |x| * 2^-8 (NaN -> 0, and -0 is not negative; exact: a
+//   power of two, and a product that is an fp32 subnormal encodes as 0 either
+//   way), then the sign. x = 1 is the half 2^-8 = 0x1C00, code 0x70;
 // - unsigned: the half of max(x, 0) * 2^16 (exact: a power of two). x = 1 (the
 //   top code, 248) is 2^16, past the largest half, but truncation saturates it
 //   at 65504 = 0x7BFF, inexact, whose rounding at bit 7 carries into 0x7C00 >> 7
 //   = 248, as do the values in (1 - 2^-5, 1] that round to it.
 // Returns how many of the n elements it encoded (a multiple of the vector width).
+template <Code8 K>
+constexpr int kCodeShift = K == Code8::kSigned ? 6 : 7;  // the half's bit that is the code's lowest
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 // 16 lanes: the half patterns and which of them are inexact.
 template <Code8 K>
@@ -118,7 +125,7 @@ inline __m256i truncated_halves(__m512 x, __mmask16& inexact, __mmask16& negativ
   if constexpr (K == Code8::kSigned) {
     negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
     a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
-    a = _mm512_max_ps(a, zero);  // NaN -> 0 (max returns the second operand)
+    a = _mm512_mul_ps(_mm512_max_ps(a, zero), _mm512_set1_ps(1.0f / 256.0f));  // NaN -> 0 (max returns the second operand)
   } else {
     negative = 0;
     a = _mm512_mul_ps(_mm512_max_ps(x, zero), _mm512_set1_ps(65536.0f));  // NaN and -0 -> +0
@@ -140,8 +147,10 @@ inline int64_t encode_as_halves(const float* __restrict__ in, int64_t n, float i
     const __m256i hi = truncated_halves<K>(_mm512_mul_ps(_mm512_loadu_ps(in + i + 16), vinv), inexact_hi, negative_hi);
     __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     h = _mm512_or_si512(h, _mm512_maskz_set1_epi16(_mm512_kunpackw(inexact_hi, inexact_lo), 1));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(1));
-    __m512i code = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(0x3F)), odd), 7);
+    constexpr int shift = kCodeShift<K>;
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, shift), _mm512_set1_epi16(1));
+    const __m512i below_half = _mm512_set1_epi16((1 << (shift - 1)) - 1);
+    __m512i code = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, below_half), odd), shift);
     if constexpr (K == Code8::kSigned)
       code = _mm512_or_si512(code, _mm512_maskz_set1_epi16(_mm512_kunpackw(negative_hi, negative_lo), 0x80));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i), _mm512_cvtepi16_epi8(code));
@@ -153,6 +162,7 @@ inline int64_t encode_as_halves(const float* __restrict__ in, int64_t n, float i
     __m256 a;
     if constexpr (K == Code8::kSigned) {
       a = _mm256_max_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))), zero);
+      a = _mm256_mul_ps(a, _mm256_set1_ps(1.0f / 256.0f));
     } else {
       a = _mm256_mul_ps(_mm256_max_ps(x, zero), _mm256_set1_ps(65536.0f));
     }
@@ -161,8 +171,10 @@ inline int64_t encode_as_halves(const float* __restrict__ in, int64_t n, float i
     const __m256i inexact = _mm256_castps_si256(_mm256_cmp_ps(_mm256_cvtph_ps(h), a, _CMP_NEQ_UQ));
     const __m128i inexact16 = _mm_packs_epi32(_mm256_castsi256_si128(inexact), _mm256_extracti128_si256(inexact, 1));
     h = _mm_or_si128(h, _mm_and_si128(inexact16, _mm_set1_epi16(1)));
-    const __m128i odd = _mm_and_si128(_mm_srli_epi16(h, 7), _mm_set1_epi16(1));
-    __m128i code = _mm_srli_epi16(_mm_add_epi16(_mm_add_epi16(h, _mm_set1_epi16(0x3F)), odd), 7);
+    constexpr int shift = kCodeShift<K>;
+    const __m128i odd = _mm_and_si128(_mm_srli_epi16(h, shift), _mm_set1_epi16(1));
+    const __m128i below_half = _mm_set1_epi16((1 << (shift - 1)) - 1);
+    __m128i code = _mm_srli_epi16(_mm_add_epi16(_mm_add_epi16(h, below_half), odd), shift);
     if constexpr (K == Code8::kSigned) {
       const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_LT_OQ));
       const __m128i neg16 = _mm_packs_epi32(_mm256_castsi256_si128(neg), _mm256_extracti128_si256(neg, 1));

@@ -7,8 +7,8 @@ param's ``absmax`` tensor that holds the state's block scales: float32
 with amsgrad; SGD, LARS: 1), blocks = ceil(numel / BLOCK) over the param's
 elements in memory order. An element's value is ``decode(code) * absmax``; the
 codes are small floats relative to the block's absmax, csrc/ops/quant8.h
-(signed states: sign + 4 exponent + 3 mantissa bits; non-negative states: 5
-exponent + 3 mantissa bits). The kernels update them in place; this module
+(signed states: sign + 3 exponent + 4 mantissa bits; non-negative states: 5
+exponent + 3 mantissa bits; CODES_FORMAT, saved with the param groups). The kernels update them in place; this module
 converts whole states for checkpoints (``quantize``, ``dequantize``) with the
 same C++ code, on the host.
 
@@ -34,6 +34,14 @@ from .._dtensor import is_dtensor, local_tensor
 from .checks import is_flat_run, shape_str
 
 BLOCK: int = _C.LAYOUT["quant_block"]
+
+# The codes' format, saved as param-group key CODES_FORMAT_KEY of every 8-bit group in
+# state_dict() (optim/state.py): a checkpoint names the code its bytes are in. A group
+# saved without the key is in LEGACY_FORMAT, fusedopt's first: its signed codes had 4
+# exponent and 3 mantissa bits; they are decoded with that table when loaded.
+CODES_FORMAT_KEY = "int8_codes"
+CODES_FORMAT = "signed e3m4, unsigned e5m3"
+LEGACY_FORMAT = "signed e4m3, unsigned e5m3"
 
 
 def num_blocks(numel: int) -> int:
@@ -159,4 +167,32 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch
         raise ValueError(f"absmax has {a.numel()} entries; expected {num_blocks(c.numel())} for {c.numel()} codes")
     out = torch.empty_like(c, dtype=torch.float32, memory_format=torch.preserve_format)
     _C.dequantize8(_flat(c).data_ptr(), a.data_ptr(), c.numel(), _flat(out).data_ptr(), bool(signed))
+    return out.to(codes.device)
+
+
+def _legacy_signed_table() -> torch.Tensor:
+    """The values of LEGACY_FORMAT's signed codes 0..255 (fp32, exact): sign bit 0x80
+    over a small float with 4 exponent bits (field 15 is 2^0, field 0 the subnormals
+    in steps of 2^-17) and 3 mantissa bits."""
+    values = []
+    for code in range(256):
+        field, mant = divmod(code & 0x7F, 8)
+        mag = mant * 2.0 ** -17 if field == 0 else (1 + mant / 8) * 2.0 ** (field - 15)
+        values.append(-mag if code & 0x80 else mag)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dequantize_legacy_signed(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 values of signed codes in LEGACY_FORMAT: the table value times the block's
+    absmax in fp32, as fusedopt's first kernels decoded them."""
+    c = codes.detach().to("cpu")
+    if not is_flat_run(c):
+        c = c.contiguous()
+    a = absmax.detach().to("cpu", torch.float32).reshape(-1)
+    if a.numel() != num_blocks(c.numel()):
+        raise ValueError(f"absmax has {a.numel()} entries; expected {num_blocks(c.numel())} for {c.numel()} codes")
+    flat = _legacy_signed_table()[_flat(c).view(torch.uint8).long()]
+    flat = flat * a.repeat_interleave(BLOCK)[:c.numel()]
+    out = torch.empty_like(c, dtype=torch.float32, memory_format=torch.preserve_format)
+    _flat(out).copy_(flat)
     return out.to(codes.device)

@@ -424,7 +424,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        return sd
+        return _state.mark_codes_format(sd)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a fusedopt or torch.optim checkpoint of the same optimizer.

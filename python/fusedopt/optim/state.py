@@ -11,6 +11,7 @@ from typing import Any, List
 import torch
 
 from .._dtensor import is_dtensor, local_tensor
+from .._kernels import quant8
 from .._kernels.checks import check_rounding_words
 
 # The param-group key of a group's stochastic-rounding words (seed, step, stream;
@@ -80,9 +81,10 @@ def load_state_dict(opt, state_dict: dict) -> None:
                              f"this optimizer's has {len(group['params'])}")
         for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
             id_map[pid] = (p, gi, i)
-    new_groups = []
+    new_groups, legacy_codes = [], []
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        ng = {k: v for k, v in saved.items() if k != "params"}
+        legacy_codes.append(_saved_codes_format(saved, gi) == quant8.LEGACY_FORMAT)
+        ng = {k: v for k, v in saved.items() if k not in ("params", quant8.CODES_FORMAT_KEY)}
         for k in ("foreach", "fused", "differentiable"):
             ng.pop(k, None)
         for k, v in opt.defaults.items():
@@ -103,7 +105,10 @@ def load_state_dict(opt, state_dict: dict) -> None:
         name = opt._param_label(group, gi, i)
         if not isinstance(saved_st, dict):
             raise ValueError(f"loaded state of {name} must be a dict; got {type(saved_st).__name__}")
-        st = convert_loaded_state(opt, group, p, dict(saved_st), name)
+        saved_st = dict(saved_st)
+        if legacy_codes[gi]:
+            saved_st = _legacy_codes_as_values(opt, saved_st, name)
+        st = convert_loaded_state(opt, group, p, saved_st, name)
         if st:
             opt._check_state(group, local_tensor(p),
                              {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}, name)
@@ -115,6 +120,50 @@ def load_state_dict(opt, state_dict: dict) -> None:
     opt.param_groups[:] = new_groups
     opt._epoch[0] += 1
     opt._group_cache.clear()
+
+
+def mark_codes_format(state_dict: dict) -> dict:
+    """Names the 8-bit codes' format in every 8-bit group of a state_dict() (in place)."""
+    for group in state_dict["param_groups"]:
+        if group.get("state_dtype") is torch.int8:
+            group[quant8.CODES_FORMAT_KEY] = quant8.CODES_FORMAT
+    return state_dict
+
+
+def _saved_codes_format(saved: dict, gi: int) -> str:
+    """The format of a loaded group's 8-bit codes: LEGACY_FORMAT where the group does
+    not name one (fusedopt before the key; torch.optim checkpoints have no codes)."""
+    fmt = saved.get(quant8.CODES_FORMAT_KEY, quant8.LEGACY_FORMAT)
+    if fmt not in (quant8.CODES_FORMAT, quant8.LEGACY_FORMAT):
+        raise ValueError(f"loaded param_groups[{gi}]['{quant8.CODES_FORMAT_KEY}'] is {fmt!r}; this fusedopt "
+                         f"reads {quant8.CODES_FORMAT!r} and {quant8.LEGACY_FORMAT!r}")
+    return fmt
+
+
+def _legacy_codes_as_values(opt, saved: dict, name: str) -> dict:
+    """A loaded state whose signed 8-bit codes are in LEGACY_FORMAT, with those codes
+    replaced by their fp32 values (quantized again in the current format where the
+    optimizer keeps 8-bit state); unsigned codes, whose format did not change, and
+    'absmax' stay as saved."""
+    out = dict(saved)
+    for row, (key, signed) in enumerate(opt._quantized_states):
+        codes = saved.get(key)
+        if not (signed and isinstance(codes, torch.Tensor) and codes.dtype is torch.int8):
+            continue
+        absmax = saved.get("absmax")
+        if is_dtensor(codes):
+            scales = quant8.local_absmax_rows(absmax, codes, f"loaded state['absmax'] of {name}")
+        elif isinstance(absmax, torch.Tensor) and absmax.dim() == 2:
+            scales = absmax
+        else:
+            got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+            raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
+                             f"[rows, blocks] float32 tensor of block scales")
+        if scales.shape[0] <= row:
+            raise ValueError(f"loaded state['absmax'] of {name} has {scales.shape[0]} rows; expected {row + 1}")
+        values = quant8.dequantize_legacy_signed(local_tensor(codes), scales[row])
+        out[key] = _like_codes(values, codes)
+    return out
 
 
 def _load_rounding_state(opt, group: dict, gi: int) -> None:
@@ -151,7 +200,6 @@ def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
     """The fp32 values of the 8-bit states of a loaded state (codes and absmax
     rows, quant8.py), by key; {} when it has none. Sharded codes give fp32
     DTensors with their sharding."""
-    from .._kernels import quant8
     coded = [(row, key, signed) for row, (key, signed) in enumerate(opt._quantized_states)
              if isinstance(saved.get(key), torch.Tensor) and saved[key].dtype is torch.int8]
     if not coded:
@@ -182,7 +230,6 @@ def _quantized_state(opt, p: torch.Tensor, saved: dict, name: str) -> dict:
     """A loaded state made 8-bit: codes kept as saved (so training continues
     bit-identically), fp32/bf16 states quantized; a fresh 'absmax' of their rows.
     For a sharded p, each rank quantizes its local shard (quant8.py)."""
-    from .._kernels import quant8
     out, rows = {}, []
     lp = local_tensor(p)
     for row, (key, signed) in enumerate(opt._quantized_states):
@@ -268,5 +315,6 @@ def dequantized_state_dict(opt) -> dict:
             any_coded = True
             sd["state"][pid] = {k: fp32.get(k, v) for k, v in st.items() if k != "absmax"}
     if any_coded:
-        sd["param_groups"] = [{k: v for k, v in g.items() if k != "state_dtype"} for g in sd["param_groups"]]
+        sd["param_groups"] = [{k: v for k, v in g.items() if k not in ("state_dtype", quant8.CODES_FORMAT_KEY)}
+                              for g in sd["param_groups"]]
     return sd
