@@ -162,8 +162,14 @@ per_test_timeout() {  # pytest-timeout where installed (the CUDA image has it): 
   "$py" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout=$1"
 }
 
-tests_stage() {  # -v: the test ids that passed stay in the log even when the stage is killed
-  cuda_ready && "$py" -m pytest -v -p no:cacheprovider -m cuda tests --durations=5 $(per_test_timeout 30)
+# -v: the test ids that passed stay in the log even when the stage is killed. The files in
+# alphabetical order, but tests/test_memory.py last: its 24 long-running cases (10 500 steps
+# each) are the likeliest to meet the budget, and the kernels' correctness tests come first.
+tests_stage() {
+  local files=() f
+  for f in tests/test_*.py; do [[ $f == tests/test_memory.py ]] || files+=("$f"); done
+  cuda_ready && "$py" -m pytest -v -p no:cacheprovider -m cuda "${files[@]}" tests/test_memory.py --durations=5 \
+    $(per_test_timeout 30)
 }
 
 large_stage() {  # the >2**31-element test is marked slow, so it is named explicitly (about 35 GB of GPU memory)
