@@ -1,7 +1,7 @@
 """Low-memory optimizer states: 8-bit AdamW (state_dtype=torch.int8) against fusedopt's fp32
 and bf16 AdamW and the 8-bit AdamW of bitsandbytes and torchao, side by side on the same params.
 
-    python benchmarks/bench_low_memory.py [--quick | --full] [--device cpu|cuda|all]
+    python benchmarks/bench_low_memory.py [--quick | --full] [--device cpu|cuda|all] [--quality SEEDS]
 
 Workloads: the ResNet-50 and GPT-2 small parameter shapes (--quick: ResNet-50 at a quarter of
 its size). Peers run when installed (the `bench` extra: pip install --no-deps bitsandbytes
@@ -9,12 +9,20 @@ torchao), every tensor 8-bit (bitsandbytes min_8bit_size=0, torchao block_size 2
 skipped with the reason otherwise. Rows are timed interleaved, repetition by repetition; the
 targets of issue 14 are checked on the medians of the per-repetition ratios. Then a table of
 optimizer-state bytes per parameter for every fusedopt optimizer and state dtype, measured from
-the state tensors after one step (README "8-bit states"). JSON: benchmarks/results/.
+the state tensors after one step (README "8-bit states").
+
+Quality (--quality SEEDS, default 0: skipped; --full: 8): AdamW with fp32, bf16 and 8-bit state
+and the peers' 8-bit AdamW train the two tasks of fusedopt.benchmarking.training_tasks (a
+language-model-like task and a small CNN; CPU, one thread, seeds 0 .. SEEDS-1, the same seed and
+hyperparameters for every row); each row's final loss (mean of the last 25 steps) as a ratio to
+fp32's and to bitsandbytes' on the same seed, mean and standard error over the seeds. Issue 14's
+"no worse than bitsandbytes" is counted met when the mean ratio exceeds 1 by less than two
+standard errors (single CNN runs scatter by about +-1.5%). JSON: benchmarks/results/.
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -106,6 +114,96 @@ def state_bytes_table(device: torch.device) -> List[dict]:
     return out
 
 
+QUALITY_LR = 3e-3  # tests/test_quant8_training.py's
+QUALITY_IMPLS: Dict[str, Callable] = {
+    "fusedopt fp32": lambda ps: fusedopt.AdamW(ps, lr=QUALITY_LR),
+    "fusedopt bf16": lambda ps: fusedopt.AdamW(ps, lr=QUALITY_LR, state_dtype=torch.bfloat16),
+    "fusedopt int8": lambda ps: fusedopt.AdamW(ps, lr=QUALITY_LR, state_dtype=torch.int8),
+    "bitsandbytes AdamW8bit": lambda ps: import_peer("bitsandbytes", "bitsandbytes").optim.AdamW8bit(
+        ps, lr=QUALITY_LR, weight_decay=1e-2, min_8bit_size=0),
+    "torchao AdamW8bit": lambda ps: import_peer("torchao.optim", "torchao").AdamW8bit(
+        ps, lr=QUALITY_LR, weight_decay=1e-2, block_size=256),
+}
+
+
+def _mean_and_error(values: List[float]) -> Tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (var / len(values)) ** 0.5
+
+
+def quality_rows(seeds: int, bar) -> List[dict]:
+    """Final losses of every quality row on each task and seed, and their ratios (module doc)."""
+    from fusedopt.benchmarking.training_tasks import TASKS, train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tasks are tiny: one thread, and bits that do not depend on the machine
+    try:
+        out = []
+        for task, (build, steps) in TASKS.items():
+            losses: Dict[str, List[float]] = {}
+            skipped: Dict[str, str] = {}
+            for seed in range(seeds):
+                for name, make in QUALITY_IMPLS.items():
+                    if name in skipped:
+                        continue
+                    try:
+                        losses.setdefault(name, []).append(train(build, make, seed, steps))
+                    except Unavailable as exc:
+                        skipped[name] = str(exc)
+                    except Exception as exc:  # a peer that does not run here is skipped, ours must work
+                        if name.startswith("fusedopt"):
+                            raise
+                        skipped[name] = f"{type(exc).__name__}: {exc}"
+                bar.update(task)
+            for name in QUALITY_IMPLS:
+                if name in skipped:
+                    out.append(dict(task=task, impl=name, status="skipped", note=skipped[name][:120]))
+                    continue
+                row = dict(task=task, impl=name, status="ok", seeds=seeds, final_losses=losses[name])
+                for ref in ("fusedopt fp32", "bitsandbytes AdamW8bit"):
+                    if ref in losses and ref not in skipped:
+                        mean, err = _mean_and_error([a / b - 1 for a, b in zip(losses[name], losses[ref])])
+                        row[f"vs {ref}"] = dict(mean=mean, standard_error=err)
+                out.append(row)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quality_targets(rows: List[dict]) -> List[dict]:
+    """Issue 14's quality targets, from quality_rows."""
+    out = []
+    for r in rows:
+        if r["impl"] != "fusedopt int8" or r["status"] != "ok":
+            continue
+        vs = r["vs fusedopt fp32"]
+        out.append(dict(task=r["task"], target="8-bit final loss within 3% of fp32", mean=vs["mean"],
+                        standard_error=vs["standard_error"], met=abs(vs["mean"]) <= 0.03))
+        peer = r.get("vs bitsandbytes AdamW8bit")
+        if peer is not None:
+            err = peer["standard_error"]
+            out.append(dict(task=r["task"], target="8-bit no worse than bitsandbytes", mean=peer["mean"],
+                            standard_error=err, met=peer["mean"] < 2 * (0.0 if err != err else err)))
+    return out
+
+
+def print_quality(rows: List[dict], targets: List[dict]) -> None:
+    def cell(r, ref):
+        vs = r.get(f"vs {ref}")
+        return "" if vs is None else f"{vs['mean']:+.2%} +- {vs['standard_error']:.2%}"
+    table = [[r["task"], r["impl"], str(r.get("seeds", "")),
+              "" if r["status"] != "ok" else f"{sum(r['final_losses']) / len(r['final_losses']):.4f}",
+              cell(r, "fusedopt fp32"), cell(r, "bitsandbytes AdamW8bit"), r.get("note", "")] for r in rows]
+    print("\nQuality: AdamW's final loss (mean of the last 25 steps), ratio - 1 to the same seed's run, "
+          "mean +- standard error:")
+    print(report.format_table(["task", "impl", "seeds", "mean loss", "vs fp32", "vs bitsandbytes", "note"], table))
+    for t in targets:
+        print(f"  {t['task']:>4}  {t['target']:<40} {t['mean']:+.2%} +- {t['standard_error']:.2%}  "
+              f"{'met' if t['met'] else 'MISSED'}")
+
+
 def target_lines(workload: str, rows: Dict[str, Row]) -> List[dict]:
     out = []
     for what, num, den, bound, kind in TARGETS:
@@ -117,11 +215,14 @@ def target_lines(workload: str, rows: Dict[str, Row]) -> List[dict]:
 
 def parse_args(argv: Optional[Sequence[str]]):
     ap = cli.benchmark_parser("bench_low_memory.py", __doc__)
+    ap.add_argument("--quality", metavar="SEEDS", type=cli.integer_at_least(0), default=None,
+                    help="train the quality tasks with this many seeds (default 0: skipped; --full: 8)")
     args = cli.parse(ap, argv)
     args.devices = cli.resolve_devices(ap, args.device)
     args.reps = cli.pick(args.reps, args.mode, {"quick": 3, "default": 5, "full": 7})
     args.warmup = 1 if args.warmup is None else args.warmup
     args.seconds_per_rep = {"quick": 0.3, "default": 1.0, "full": 2.0}[args.mode]
+    args.quality = cli.pick(args.quality, args.mode, {"quick": 0, "default": 0, "full": 8})
     return args
 
 
@@ -159,13 +260,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   [[m["optimizer"], m["state_dtype"].replace("torch.", ""),
                                     "" if m["bytes_per_param"] is None else f"{m['bytes_per_param']:.3f}",
                                     m["note"]] for m in memory]))
+        quality, quality_met = [], []
+        if args.quality and device.type == "cpu":  # the tasks run on the CPU; once per run
+            with Progress(2 * args.quality, "quality", enabled=not args.no_progress) as bar:
+                quality = quality_rows(args.quality, bar)
+            quality_met = quality_targets(quality)
+            print_quality(quality, quality_met)
         all_rows = [r for rows in results.values() for r in rows.values()]
         for line in error_summary(all_rows):
             print(line, file=sys.stderr)
         settings = dict(mode=args.mode, reps=args.reps, warmup=args.warmup, iters=args.iters,
-                        seconds_per_rep=args.seconds_per_rep, hyperparameters=HYPER, baseline=BASELINE)
+                        seconds_per_rep=args.seconds_per_rep, hyperparameters=HYPER, baseline=BASELINE,
+                        quality_seeds=args.quality if device.type == "cpu" else 0, quality_lr=QUALITY_LR)
         report.save(report.results_payload("low_memory", env, settings, records, targets=targets,
-                                           state_bytes=memory),
+                                           state_bytes=memory, quality=quality, quality_targets=quality_met),
                     name="low_memory", device=device.type, out=args.out, devices_in_run=len(args.devices))
         failed = failed or any_errors(all_rows)
     return 1 if failed else 0

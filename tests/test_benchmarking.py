@@ -352,3 +352,38 @@ def test_bench_names_a_missing_peer_once_and_runs_the_rest(tmp_path, capsys, mon
     text = capsys.readouterr().out
     assert rc == 0 and text.count("peer ghost skipped") == 1
     assert {r["impl"] for r in json.loads(out.read_text())["rows"]} == {"torch-fused", "fusedopt"}
+
+
+def test_quality_rows_ratios_skips_and_targets(monkeypatch, capsys):
+    """bench_low_memory --quality at a tiny size: each row's ratios are the per-seed ratios of
+    its final losses; a missing peer is skipped with its reason; the targets follow the rows."""
+    import fusedopt
+    from fusedopt.benchmarking import training_tasks
+
+    low = load_script("bench_low_memory")
+    monkeypatch.setattr(training_tasks, "TASKS", {"cnn": (training_tasks.cnn_task, 30)})
+
+    def ghost(ps):
+        raise Unavailable("ghost not installed (pip install ghost)")
+    monkeypatch.setattr(low, "QUALITY_IMPLS", {
+        "fusedopt fp32": lambda ps: fusedopt.AdamW(ps, lr=3e-3),
+        "fusedopt int8": lambda ps: fusedopt.AdamW(ps, lr=3e-3, state_dtype=torch.int8),
+        "bitsandbytes AdamW8bit": ghost})
+    with Progress(2, "quality", enabled=False) as bar:
+        rows = low.quality_rows(2, bar)
+    by = {r["impl"]: r for r in rows}
+    assert by["bitsandbytes AdamW8bit"]["status"] == "skipped" and "pip install ghost" in by[
+        "bitsandbytes AdamW8bit"]["note"]
+    fp32, int8 = by["fusedopt fp32"]["final_losses"], by["fusedopt int8"]["final_losses"]
+    assert len(fp32) == 2 and fp32 != int8
+    ratios = [a / b - 1 for a, b in zip(int8, fp32)]
+    vs = by["fusedopt int8"]["vs fusedopt fp32"]
+    assert vs["mean"] == pytest.approx(sum(ratios) / 2, rel=1e-12)
+    assert vs["standard_error"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2, rel=1e-9)
+    assert by["fusedopt fp32"]["vs fusedopt fp32"]["mean"] == 0.0
+    assert "vs bitsandbytes AdamW8bit" not in by["fusedopt int8"]
+    targets = low.quality_targets(rows)
+    assert [t["target"] for t in targets] == ["8-bit final loss within 3% of fp32"]
+    assert targets[0]["met"] == (abs(vs["mean"]) <= 0.03)
+    low.print_quality(rows, targets)
+    assert "ghost not installed" in capsys.readouterr().out

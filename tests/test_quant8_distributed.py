@@ -150,6 +150,28 @@ def check_rank(rank, name, seed, ckpt_dir):
                 continue
             codes, absmax = quant8.quantize(fp32["state"][i][k].to_local(), p.to_local(), signed)
             assert torch.equal(st[k], codes) and torch.equal(st["absmax"][row], absmax), (name, k, i)
+
+    # A checkpoint in the first 8-bit format (its groups name none; the codes read as if
+    # written in it): signed codes decoded with that format's table shard by shard and
+    # quantized again in today's, unsigned codes and their scales kept as saved.
+    legacy = copy.deepcopy(saved)
+    for g in legacy["param_groups"]:
+        del g[quant8.CODES_FORMAT_KEY]
+    old_format = CASES[name](params)
+    old_format.load_state_dict(legacy)
+    for i, p in enumerate(params):
+        st, was = local_state(old_format, p), saved["state"][i]
+        scales = quant8.local_absmax_rows(was["absmax"], p)
+        for row, (k, signed) in enumerate(old_format._quantized_states):
+            if k not in st:
+                continue
+            codes = was[k].to_local()
+            if signed:
+                values = quant8.dequantize_legacy_signed(codes, scales[row])
+                codes, absmax = quant8.quantize(values, p.to_local(), True)
+            else:
+                absmax = scales[row]
+            assert torch.equal(st[k], codes) and torch.equal(st["absmax"][row], absmax), (name, "legacy", k, i)
     return {"checked": name}
 
 

@@ -1,5 +1,5 @@
 """8-bit AdamW trains as well as fp32 AdamW and bitsandbytes' AdamW8bit: on a
-language-model-like task and a small CNN (tests/quant8_tasks.py), the same seeds
+language-model-like task and a small CNN (fusedopt/benchmarking/training_tasks.py), the same seeds
 and hyperparameters, the mean loss of the last 25 steps.
 
 The default test averages three seeds and asserts within 3% of fp32's and within
@@ -21,9 +21,8 @@ import pytest
 import torch
 
 import fusedopt
-from quant8_tasks import cnn_task, lm_task, train
+from fusedopt.benchmarking.training_tasks import TASKS, train
 
-TASKS = {"lm": (lm_task, 300), "cnn": (cnn_task, 200)}
 LR = 3e-3
 SEEDS = 3
 

@@ -13,10 +13,10 @@
 //   most from 2^-6 up (subnormal steps of 2^-10 below 2^-6). The update is
 //   proportional to the first moment, so its precision near the block's largest
 //   values counts more than range below 1e-3 of them: over 30 seeds of the small
-//   CNN of tests/quant8_tasks.py the final loss is 0.7% below bitsandbytes'
-//   (dynamic code) on average, where sign + 4 exponent + 3 mantissa bits
-//   (fusedopt's first format, still read from checkpoints: optim/state.py) was
-//   0.2% above it;
+//   CNN of python/fusedopt/benchmarking/training_tasks.py the final loss is 0.7%
+//   below bitsandbytes' (dynamic code) on average, where sign + 4 exponent + 3
+//   mantissa bits (fusedopt's first format, still read from checkpoints:
+//   optim/state.py) was 0.2% above it;
 // - non-negative states (exp_avg_sq, max_exp_avg_sq): 5 exponent bits + 3
 //   mantissa bits: x in {0} u [2^-33, 1]. A second moment spans many decades
 //   inside a block, and one rounded to 0 next to a nonzero first moment would

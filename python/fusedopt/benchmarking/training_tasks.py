@@ -1,6 +1,7 @@
 """Two small training tasks for comparing optimizer states (tests/test_quant8_training.py
-and benchmarks/bench_low_memory.py): a language-model-like task (next token of a
-random Markov chain, embedding + MLP) and a small CNN (noisy class templates)."""
+and benchmarks/bench_low_memory.py --quality): a language-model-like task (next token
+of a random Markov chain, embedding + MLP) and a small CNN (noisy class templates).
+Seconds per run on a CPU core: everything is seeded, so a run replays exactly."""
 from __future__ import annotations
 
 import torch
@@ -58,3 +59,6 @@ def train(task, make_opt, seed: int, steps: int, tail: int = 25) -> float:
         opt.step()
         losses.append(float(loss.detach()))
     return sum(losses[-tail:]) / tail
+
+
+TASKS = {"lm": (lm_task, 300), "cnn": (cnn_task, 200)}  # task -> (builder, steps)
