@@ -4,9 +4,10 @@ when installed; then the share of eigsh's time spent outside HVPs on a conv net.
 
     python benchmarks/bench_hessian.py [--quick | --full]
 
-Counts: the MLP 20-32-32-10 of `fusedopt spectrum` (2058 params) trained 100 steps with
-fusedopt.Adam, tol = 1e-3 for every method with a stopping rule; errors against the dense
-spectrum (torch.linalg.eigvalsh of the 2058 x 2058 Hessian). hessian-eigenthings' Lanczos runs a
+Counts: on two models, the MLP 20-32-32-10 of `fusedopt spectrum` (2058 params) trained 100 steps
+with fusedopt.Adam, and a 5-layer tanh conv net of width 4 (2478 params, 64 random 32x32 images
+with random labels) trained 100 steps the same way; tol = 1e-3 for every method with a stopping
+rule; errors against each model's dense spectrum (torch.linalg.eigvalsh of its Hessian). hessian-eigenthings' Lanczos runs a
 fixed number of steps: its count is the smallest of k + 1, k + 2, ..., 64, 128, ... steps within tol
 of the exact values (a budget it could not choose without the answer). Each method also gets its
 wall time (one run, so it is noisy on a busy machine; for hessian-eigenthings that last run) and the
@@ -57,7 +58,7 @@ from fusedopt.benchmarking.peers import eigenthings_top, import_peer, pyhessian_
 from fusedopt.benchmarking.progress import Progress
 from fusedopt.benchmarking.timing import Summary
 from fusedopt.benchmarking.timing import measure_interleaved, ratios
-from fusedopt.benchmarking.workloads import bn_conv_net, tanh_conv_net, trained_mlp
+from fusedopt.benchmarking.workloads import bn_conv_net, tanh_conv_net, trained_mlp, trained_tanh_cnn
 from fusedopt.hessian import EmpiricalFisherOperator, GGNOperator, HessianOperator, eigsh, trace
 
 TOL = 1e-3
@@ -67,6 +68,9 @@ METHOD_NOTES = {"power + deflation": "PyHessian's method, written here",
                 "fusedopt eigsh, fixed HVPs": "eigsh capped at the fewest HVPs within tol (the same oracle as "
                                               "hessian-eigenthings'; no convergence test; that run alone)"}
 TASKS = [("top-1", 1, "LA"), ("top-5", 5, "LA"), ("most negative", 1, "SA")]
+# The models of the count table: name -> () -> (model, X, y); each gets its dense spectrum.
+COUNT_MODELS = {"MLP": trained_mlp, "tanh CNN": trained_tanh_cnn}
+COUNT_STEPS = 2 * len(COUNT_MODELS) + len(COUNT_MODELS) * len(TASKS)  # the count table's progress updates
 # Conv net per mode: (width, batch, HVP cap, repetitions).
 OVERHEAD = {"quick": (16, 8, 20, 3), "default": (24, 16, 30, 3), "full": (96, 32, 40, 3)}
 # BatchNorm CNN of the HVP-method comparison per mode: (width, batch, repetitions).
@@ -175,8 +179,16 @@ def dense_spectrum(model, loss_fn, X, y) -> torch.Tensor:
 
 
 def count_rows(bar) -> List[dict]:
-    model, X, y = trained_mlp()
-    bar.update("trained the MLP")
+    """The count table on every model of COUNT_MODELS, one row per (model, task, method)."""
+    rows = []
+    for name, build in COUNT_MODELS.items():
+        model, X, y = build()
+        bar.update(f"trained the {name}")
+        rows += _count_rows_of(name, model, X, y, bar)
+    return rows
+
+
+def _count_rows_of(model_name, model, X, y, bar) -> List[dict]:
     loss_fn = torch.nn.functional.cross_entropy
     op = HessianOperator(model, loss_fn, (X, y))
     exact = dense_spectrum(model, loss_fn, X, y)
@@ -197,7 +209,7 @@ def count_rows(bar) -> List[dict]:
             methods["pyhessian"] = lambda: pyhessian_top(model, loss_fn, X, y, k, TOL)
             methods["hessian-eigenthings"] = lambda: eigenthings_within_tol(model, loss_fn, X, y, k, ref)
         for method, run in methods.items():
-            row = dict(task=task, method=method, note=METHOD_NOTES.get(method, ""))
+            row = dict(model=model_name, task=task, method=method, note=METHOD_NOTES.get(method, ""))
             try:
                 t0 = time.perf_counter()
                 out = run()
@@ -418,13 +430,13 @@ def print_count_rows(counts, env) -> None:
     if environment.busy_warning(env):
         print(environment.busy_warning(env))
     print("HVP counts are deterministic for the seed; errors are relative to the dense spectrum")
-    table = [[r["task"], r["method"], str(r.get("hvps", "")),
+    table = [[r["model"], r["task"], r["method"], str(r.get("hvps", "")),
               f"{r['hvps_vs_eigsh']:.2f}x" if "hvps_vs_eigsh" in r else "",
               f"{r['seconds']:.3f}" if "seconds" in r else "",
               f"{r['seconds_vs_eigsh']:.2f}x" if "seconds_vs_eigsh" in r else "",
               f"{r['max_relative_error']:.1e}" if "max_relative_error" in r else "",
               r["status"] if r["status"] != "ok" else "", (r.get("reason") or r["note"])[:80]] for r in counts]
-    print(report.format_table(["task", "method", "HVPs (fewer is better)", "HVPs vs eigsh", "wall s (one run)",
+    print(report.format_table(["model", "task", "method", "HVPs (fewer is better)", "HVPs vs eigsh", "wall s (one run)",
                                "time vs eigsh", "max rel. error", "status", "note"], table))
 
 
@@ -447,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            blocks=blocks), name="hessian_blocks", device="cpu", out=args.out)
         return 1 if any(r["status"] == "error" for r in blocks["rows"]) else 0
     if args.only_counts:
-        with Progress(2 + len(TASKS), "hessian counts", enabled=not args.no_progress) as bar:
+        with Progress(COUNT_STEPS, "hessian counts", enabled=not args.no_progress) as bar:
             counts = count_rows(bar)
         print(f"\nHessian eigenvalues ({args.mode}) on {environment.headline(env)}")
         print_count_rows(counts, env)
@@ -456,7 +468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1 if any(r["status"] == "error" for r in counts) else 0
     reps = cli.pick(args.reps, args.mode, {mode: sizes[3] for mode, sizes in OVERHEAD.items()})
     method_reps = cli.pick(args.reps, args.mode, {mode: sizes[2] for mode, sizes in HVP_METHODS.items()})
-    with Progress(2 + len(TASKS) + reps + 2 * method_reps + len(THREADS) * BLOCK_OPERATORS * block_reps, "hessian",
+    with Progress(COUNT_STEPS + reps + 2 * method_reps + len(THREADS) * BLOCK_OPERATORS * block_reps, "hessian",
                   enabled=not args.no_progress) as bar:
         counts = count_rows(bar)
         overhead = overhead_row(args.mode, reps, bar)

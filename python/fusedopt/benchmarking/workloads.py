@@ -144,6 +144,21 @@ def tanh_conv_net(width: int, batch: int, seed: int = 0):
     return model, X, y
 
 
+def trained_tanh_cnn(steps: int = 100, seed: int = 0, width: int = 4, batch: int = 64):
+    """tanh_conv_net(width, batch) (2478 params at width 4) trained ``steps`` steps with
+    fusedopt.Adam on its random images and labels, so that the spectrum is not that of the
+    init: the Hessian benchmark's second model for HVP counts. Returns (model, X, y)."""
+    import fusedopt
+
+    model, X, y = tanh_conv_net(width, batch, seed)
+    opt = fusedopt.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model, X, y
+
+
 def bn_conv_net(width: int, batch: int, seed: int = 0):
     """A 4-layer ReLU conv net with BatchNorm on random 32x32 images (widths c, 2c, 4c, 4c,
     three stride-2 layers; about 240 * width^2 params): the small CNN on which the Hessian
