@@ -117,10 +117,15 @@ def trained_mlp(steps: int = 100, seed: int = 0):
     """The MLP 20-32-32-10 of ``fusedopt spectrum`` (2058 params) on its 1024 clustered points,
     trained ``steps`` steps with fusedopt.Adam so that the spectrum is not that of the init.
     Returns (model, X, y)."""
-    import fusedopt
     from fusedopt.hessian.cli import synthetic_problem
 
-    model, X, y = synthetic_problem(seed)
+    return _trained_with_adam(*synthetic_problem(seed), steps)
+
+
+def _trained_with_adam(model, X, y, steps: int):
+    """(model, X, y) after ``steps`` full-batch cross-entropy steps of fusedopt.Adam at lr 1e-2."""
+    import fusedopt
+
     opt = fusedopt.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -148,15 +153,7 @@ def trained_tanh_cnn(steps: int = 100, seed: int = 0, width: int = 4, batch: int
     """tanh_conv_net(width, batch) (2478 params at width 4) trained ``steps`` steps with
     fusedopt.Adam on its random images and labels, so that the spectrum is not that of the
     init: the Hessian benchmark's second model for HVP counts. Returns (model, X, y)."""
-    import fusedopt
-
-    model, X, y = tanh_conv_net(width, batch, seed)
-    opt = fusedopt.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    return model, X, y
+    return _trained_with_adam(*tanh_conv_net(width, batch, seed), steps)
 
 
 def bn_conv_net(width: int, batch: int, seed: int = 0):
