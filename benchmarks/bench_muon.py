@@ -7,7 +7,8 @@ Workloads: 20 matrices of transformer shapes (256x768, 768x256, 256x256, 256x102
 of each; 3.9M params, 23.4 GFLOP of Newton-Schulz per step at 5 steps), and with --full GPT-2
 small's 48 hidden matrices. The FLOP count is the iteration's matmuls (2 m n k each: X X^T, G G,
 G X per step on the wide orientation); the matmul rates are one (4, 256, 1024) x (4, 1024, 256)
-batched matmul in fp32 and in bf16, timed in the same repetitions.
+batched matmul in fp32 and in bf16, timed in the same repetitions. pytorch-optimizer's Muon (the
+`bench` extra) runs beside them when installed, and is skipped with the reason otherwise.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import fusedopt
 from fusedopt.benchmarking import cli, environment, report
 from fusedopt.benchmarking.compare import (Candidate, any_errors, error_summary, note_cell, run_candidates,
                                            timing_cells, timing_header)
+from fusedopt.benchmarking.peers import import_peer
 from fusedopt.benchmarking.progress import Progress
 
 Shape = Tuple[int, int]
@@ -28,6 +30,7 @@ GPT2_HIDDEN: List[Shape] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] *
 WORKLOADS = {"transformer-20": TRANSFORMER, "gpt2-small-hidden": GPT2_HIDDEN}
 NS_STEPS = 5
 BASELINE = "torch.optim.Muon"
+PEER = "pytorch-optimizer Muon"  # the other Muon on the package registry that runs on CPU (the bench extra)
 
 
 def ns_flops(shapes: Sequence[Shape], steps: int = NS_STEPS) -> float:
@@ -46,11 +49,18 @@ def candidate(name: str, shapes: Sequence[Shape], device: torch.device) -> Candi
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
         if name == BASELINE:
             opt = torch.optim.Muon(params, lr=0.02)
+        elif name == PEER:
+            # pytorch-optimizer's Muon (batched over same-shape matrices with foreach): torch's
+            # hyperparameters where the two share them (weight decay 0.1, momentum 0.95, nesterov,
+            # 5 steps of the same quintic coefficients); its Newton-Schulz runs in bf16.
+            peer = import_peer("pytorch_optimizer", "pytorch-optimizer")
+            opt = peer.Muon([dict(params=params, use_muon=True)], lr=0.02, weight_decay=0.1, momentum=0.95,
+                            nesterov=True, ns_steps=5)
         else:
             opt = fusedopt.Muon(params, lr=0.02, ns_dtype=torch.float32 if name.endswith("fp32") else torch.bfloat16)
         opt.step()
         return opt.step
-    return Candidate(name, setup, must_work=name != BASELINE)
+    return Candidate(name, setup, must_work=name not in (BASELINE, PEER))
 
 
 def matmul_probe(dtype: torch.dtype, device: torch.device) -> Callable[[], object]:
@@ -71,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warmup = 1 if args.warmup is None else args.warmup
     seconds = {"quick": 0.5, "default": 1.0, "full": 2.0}[args.mode]
     workloads = ["transformer-20"] + (["gpt2-small-hidden"] if args.mode == "full" else [])
-    names = [BASELINE, "fusedopt bf16", "fusedopt fp32"]
+    names = [BASELINE, "fusedopt bf16", "fusedopt fp32", PEER]
     failed = False
     for device in devices:
         env = environment.capture(device)

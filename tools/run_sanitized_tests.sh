@@ -15,6 +15,13 @@ python=${PYTHON:-python3}
 if [[ ! -x "$venv/bin/python" ]]; then
   "$python" -m venv --system-site-packages "$venv"
 fi
+# --no-build-isolation (so the sanitizer flags reach this build dir) builds with what the venv
+# sees: a machine that installed fusedopt with pip's default build isolation has no
+# scikit-build-core outside it, so pyproject's [build-system] requirements are installed here.
+if ! "$venv/bin/python" -c "import scikit_build_core, pybind11" 2>/dev/null; then
+  read -r -a build_requires < <(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')
+  "$venv/bin/python" -m pip install -q "${build_requires[@]}"
+fi
 FUSEDOPT_SANITIZE=ON FUSEDOPT_CUDA=off "$venv/bin/python" -m pip install --no-build-isolation -q \
   --config-settings=build-dir=build/sanitize --config-settings=cmake.build-type=RelWithDebInfo .
 
