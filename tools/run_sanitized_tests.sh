@@ -22,8 +22,12 @@ if ! "$venv/bin/python" -c "import scikit_build_core, pybind11" 2>/dev/null; the
   read -r -a build_requires < <(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')
   "$venv/bin/python" -m pip install -q "${build_requires[@]}"
 fi
+# pybind11's CMake files named outright: not every pybind11 install registers them where
+# scikit-build-core looks (pybind11 3.1 from pip here registered no cmake entry point).
+pybind11_dir=$("$venv/bin/python" -c "import pybind11; print(pybind11.get_cmake_dir())")
 FUSEDOPT_SANITIZE=ON FUSEDOPT_CUDA=off "$venv/bin/python" -m pip install --no-build-isolation -q \
-  --config-settings=build-dir=build/sanitize --config-settings=cmake.build-type=RelWithDebInfo .
+  --config-settings=build-dir=build/sanitize --config-settings=cmake.build-type=RelWithDebInfo \
+  --config-settings=cmake.define.pybind11_DIR="$pybind11_dir" .
 
 libasan=$(g++ -print-file-name=libasan.so)
 libubsan=$(g++ -print-file-name=libubsan.so)
