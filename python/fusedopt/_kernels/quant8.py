@@ -25,6 +25,7 @@ checkpoint to another sharding, go through ``fusedopt.dequantized_state_dict``
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Tuple
 
 import torch
@@ -157,19 +158,26 @@ def quantize(values: torch.Tensor, like: torch.Tensor, signed: bool) -> Tuple[to
     return codes.to(like.device), absmax.to(like.device)
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """fp32 values (codes' shape, layout and device) of one quantized state."""
+def _host_codes_and_scales(codes: torch.Tensor, absmax: torch.Tensor):
+    """(codes on the host as a flat run, their block scales contiguous fp32, an fp32 output like
+    the codes), the scales' count checked."""
     c = codes.detach().to("cpu")
     if not is_flat_run(c):
         c = c.contiguous()
     a = absmax.detach().to("cpu", torch.float32).contiguous()
     if a.numel() != num_blocks(c.numel()):
         raise ValueError(f"absmax has {a.numel()} entries; expected {num_blocks(c.numel())} for {c.numel()} codes")
-    out = torch.empty_like(c, dtype=torch.float32, memory_format=torch.preserve_format)
+    return c, a, torch.empty_like(c, dtype=torch.float32, memory_format=torch.preserve_format)
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """fp32 values (codes' shape, layout and device) of one quantized state."""
+    c, a, out = _host_codes_and_scales(codes, absmax)
     _C.dequantize8(_flat(c).data_ptr(), a.data_ptr(), c.numel(), _flat(out).data_ptr(), bool(signed))
     return out.to(codes.device)
 
 
+@functools.lru_cache(maxsize=None)
 def _legacy_signed_table() -> torch.Tensor:
     """The values of LEGACY_FORMAT's signed codes 0..255 (fp32, exact): sign bit 0x80
     over a small float with 4 exponent bits (field 15 is 2^0, field 0 the subnormals
@@ -185,14 +193,7 @@ def _legacy_signed_table() -> torch.Tensor:
 def dequantize_legacy_signed(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """fp32 values of signed codes in LEGACY_FORMAT: the table value times the block's
     absmax in fp32, as fusedopt's first kernels decoded them."""
-    c = codes.detach().to("cpu")
-    if not is_flat_run(c):
-        c = c.contiguous()
-    a = absmax.detach().to("cpu", torch.float32).reshape(-1)
-    if a.numel() != num_blocks(c.numel()):
-        raise ValueError(f"absmax has {a.numel()} entries; expected {num_blocks(c.numel())} for {c.numel()} codes")
+    c, a, out = _host_codes_and_scales(codes, absmax)
     flat = _legacy_signed_table()[_flat(c).view(torch.uint8).long()]
-    flat = flat * a.repeat_interleave(BLOCK)[:c.numel()]
-    out = torch.empty_like(c, dtype=torch.float32, memory_format=torch.preserve_format)
-    _flat(out).copy_(flat)
+    _flat(out).copy_(flat * a.repeat_interleave(BLOCK)[:c.numel()])
     return out.to(codes.device)

@@ -150,17 +150,7 @@ def _legacy_codes_as_values(opt, saved: dict, name: str) -> dict:
         codes = saved.get(key)
         if not (signed and isinstance(codes, torch.Tensor) and codes.dtype is torch.int8):
             continue
-        absmax = saved.get("absmax")
-        if is_dtensor(codes):
-            scales = quant8.local_absmax_rows(absmax, codes, f"loaded state['absmax'] of {name}")
-        elif isinstance(absmax, torch.Tensor) and absmax.dim() == 2:
-            scales = absmax
-        else:
-            got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
-            raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
-                             f"[rows, blocks] float32 tensor of block scales")
-        if scales.shape[0] <= row:
-            raise ValueError(f"loaded state['absmax'] of {name} has {scales.shape[0]} rows; expected {row + 1}")
+        scales = _saved_scales(saved.get("absmax"), codes, row + 1, name)
         values = quant8.dequantize_legacy_signed(local_tensor(codes), scales[row])
         out[key] = _like_codes(values, codes)
     return out
@@ -204,26 +194,31 @@ def _saved_fp32_values(opt, saved: dict, name: str) -> dict:
              if isinstance(saved.get(key), torch.Tensor) and saved[key].dtype is torch.int8]
     if not coded:
         return {}
-    absmax = saved.get("absmax")
     rows = max(row for row, _, _ in coded) + 1
     out = {}
     for row, key, signed in coded:
         codes = saved[key]
-        if is_dtensor(codes):
-            scales = quant8.local_absmax_rows(absmax, codes, f"loaded state['absmax'] of {name}")
-            if scales.shape[0] < rows:
-                raise ValueError(f"loaded state['absmax'] of {name} has {scales.shape[0]} rows; expected {rows}")
-            out[key] = _like_codes(quant8.dequantize(local_tensor(codes), scales[row], signed), codes)
-            continue
-        if not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or absmax.shape[0] < rows:
-            got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
-            raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
-                             f"[{rows}, blocks] float32 tensor of block scales")
-        if absmax.shape[1] != quant8.num_blocks(codes.numel()):
-            raise ValueError(f"loaded state['absmax'] of {name} has {absmax.shape[1]} blocks; expected "
-                             f"{quant8.num_blocks(codes.numel())} for {codes.numel()} elements")
-        out[key] = quant8.dequantize(codes, absmax[row], signed)
+        scales = _saved_scales(saved.get("absmax"), codes, rows, name)
+        out[key] = _like_codes(quant8.dequantize(local_tensor(codes), scales[row], signed), codes)
     return out
+
+
+def _saved_scales(absmax, codes, rows: int, name: str) -> torch.Tensor:
+    """The [rows, blocks] block scales of a loaded state's 8-bit ``codes`` (a sharded
+    param's: its local rows), checked: at least ``rows`` rows, one scale per block."""
+    if is_dtensor(codes):
+        scales = quant8.local_absmax_rows(absmax, codes, f"loaded state['absmax'] of {name}")
+        if scales.shape[0] < rows:
+            raise ValueError(f"loaded state['absmax'] of {name} has {scales.shape[0]} rows; expected {rows}")
+        return scales
+    if not isinstance(absmax, torch.Tensor) or absmax.dim() != 2 or absmax.shape[0] < rows:
+        got = list(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+        raise ValueError(f"loaded state of {name} holds 8-bit codes but its 'absmax' is {got}; expected a "
+                         f"[{rows}, blocks] float32 tensor of block scales")
+    if absmax.shape[1] != quant8.num_blocks(codes.numel()):
+        raise ValueError(f"loaded state['absmax'] of {name} has {absmax.shape[1]} blocks; expected "
+                         f"{quant8.num_blocks(codes.numel())} for {codes.numel()} elements")
+    return absmax
 
 
 def _quantized_state(opt, p: torch.Tensor, saved: dict, name: str) -> dict:
