@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,35 @@ def test_kernels_cuda_match_cpu():
     n2 = _kernels.lanczos_orthogonalize(V.cuda(), 9, w2, h.cuda())
     torch.testing.assert_close(w2.cpu(), w - V.T @ h, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(n2.cpu()[0], (w - V.T @ h).norm(), rtol=1e-12, atol=0)
+
+
+# LM's last place contested by both ends: -1.02 (low end) against 1.0 (high end). Before each
+# end's next candidate was kept at a restart, ncv = k + 3 converged to 1.0 in ~10% of the start
+# vectors (found by tests/test_fuzz_functional.py).
+CONTESTED_LM = {
+    3: torch.cat([torch.tensor([-3.0, -2.0, -1.02]), torch.linspace(-1.0, 0.0, 25), torch.tensor([1.0])]),
+    4: torch.cat([torch.tensor([-3.0, -2.9, -2.8, -1.02]), torch.linspace(-0.95, 0.0, 25), torch.tensor([1.0])]),
+}
+
+
+@pytest.mark.parametrize("k", sorted(CONTESTED_LM))
+def test_lm_contested_last_place_small_basis(k, seed):
+    evals = CONTESTED_LM[k].double()
+    for i in range(40):
+        g = torch.Generator().manual_seed(seed + i)
+        A = random_symmetric(evals, g)
+        res = eigsh(A, k=k, which="LM", tol=1e-10, ncv=k + 3, generator=g)
+        assert res.all_converged
+        np.testing.assert_allclose(res.eigenvalues.numpy(), expected(evals, k, "LM"), rtol=0, atol=1e-8,
+                                   err_msg=f"start vector {seed + i}")
+
+
+def test_lm_basis_too_small_warns(seed):
+    A = random_symmetric(CONTESTED_LM[3].double(), torch.Generator().manual_seed(seed))
+    with pytest.warns(UserWarning, match="ncv=5 < k \\+ 3"):
+        eigsh(A, k=3, which="LM", tol=1e-8, ncv=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (a RuntimeWarning is not one)
+        eigsh(A, k=3, which="LM", tol=1e-8)  # default basis
+        eigsh(A, k=3, which="LA", tol=1e-8, ncv=4)  # one end only: no contest
+        eigsh(A[:5, :5], k=3, which="LM", ncv=5)  # the whole space
